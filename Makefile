@@ -1,0 +1,47 @@
+# The README's two commands: `make run` and `make test`. Everything else is for developers.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+NUMBALM := $(VENV)/bin/numbalm
+HOST   ?= 127.0.0.1
+PORT   ?= 8080
+MODEL  ?= smollm2-135m-instruct
+
+.PHONY: run test lint bench models install dev clean
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet -e .
+	touch $@
+
+$(VENV)/.dev-installed: $(VENV)/.installed
+	$(PIP) install --quiet -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+dev: $(VENV)/.dev-installed
+
+# Serve the default model on $(HOST):$(PORT), pulling it first if missing.
+run: install
+	$(NUMBALM) model pull $(MODEL)
+	$(NUMBALM) serve -m $(MODEL) --host $(HOST) --port $(PORT)
+
+# Both real models are pulled once into the cache; the tests run on them.
+models: install
+	$(NUMBALM) model pull smollm2-135m-instruct
+	$(NUMBALM) model pull gemma3-270m
+
+lint: dev
+	$(VENV)/bin/ruff check .
+
+test: dev models lint
+	$(PY) -m pytest -q
+
+bench: dev models
+	$(PY) -m pytest bench -q --benchmark-only
+	$(PY) bench/compare.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
