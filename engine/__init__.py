@@ -1,0 +1,1 @@
+"""numbalm's engine: GGUF bytes in, tokens, text and embeddings out."""

@@ -1,0 +1,33 @@
+"""Errors the engine raises for a user's mistake.
+
+Each message is fit to show a user as it is: it names the file, model or value at fault and
+what is wrong with it. The CLI prints it on one line; the server maps it to an HTTP status.
+"""
+
+
+class EngineError(Exception):
+    """Base class: a problem with the user's input, not a bug in numbalm."""
+
+
+class GGUFError(EngineError):
+    """A file is not a usable GGUF model (truncated, corrupt, unsupported, incomplete)."""
+
+
+class ModelNotFoundError(EngineError):
+    """No model by that id, alias or path."""
+
+
+class RegistryError(EngineError):
+    """The model cache or a download went wrong (bad URL, checksum mismatch, lost connection)."""
+
+
+class ContextOverflowError(EngineError):
+    """A prompt (plus the tokens asked for) does not fit the model's context window."""
+
+
+class ChatTemplateError(EngineError):
+    """The chat template failed to render these messages."""
+
+
+class TokenizerError(EngineError):
+    """The tokenizer metadata is unusable or an input cannot be tokenized."""
