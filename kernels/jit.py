@@ -1,0 +1,93 @@
+"""JIT policy for every Numba kernel: one place for njit options, CPU features and threading.
+
+Kernels import `njit`/`pnjit` from here rather than configuring Numba themselves, so the policy
+(caching, fastmath flags, parallelism) is decided once. `ISA` names the instruction-set path the
+quantized matmul dispatches to; force a fallback with `NUMBALM_ISA=generic` (or `avx2`) to test it.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+
+import numba
+
+log = logging.getLogger(__name__)
+
+# Conservative fastmath: allow contraction into FMA and reassociation (vectorized reductions),
+# keep NaN/Inf semantics so a bad activation still shows up as NaN rather than garbage.
+FASTMATH = {"contract", "reassoc", "nsz", "arcp"}
+
+njit = functools.partial(numba.njit, cache=True, fastmath=FASTMATH, nogil=True)
+pnjit = functools.partial(numba.njit, cache=True, fastmath=FASTMATH, nogil=True, parallel=True)
+
+
+def cpu_flags() -> set[str]:
+    """The host CPU's feature flags (from /proc/cpuinfo, else from LLVM's host features)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    try:
+        import llvmlite.binding as llvm
+
+        feats = llvm.get_host_cpu_features()
+        return {name.replace("-", "_") for name, on in feats.items() if on}
+    except Exception:  # pragma: no cover - exotic hosts
+        return set()
+
+
+_FLAGS = cpu_flags()
+HAS_AVX2 = "avx2" in _FLAGS
+HAS_AVX512_VNNI = {"avx512f", "avx512bw", "avx512_vnni"} <= _FLAGS or {
+    "avx512f",
+    "avx512bw",
+    "avx512vnni",
+} <= _FLAGS
+
+ISAS = ("vnni", "avx2", "generic")
+
+
+def _pick_isa() -> str:
+    forced = os.environ.get("NUMBALM_ISA", "").strip().lower()
+    if forced:
+        if forced not in ISAS:
+            raise ValueError(f"NUMBALM_ISA must be one of {ISAS}, not {forced!r}")
+        if forced == "vnni" and not HAS_AVX512_VNNI:
+            raise ValueError("NUMBALM_ISA=vnni but this CPU has no AVX-512 VNNI")
+        return forced
+    if HAS_AVX512_VNNI:
+        return "vnni"
+    return "avx2" if HAS_AVX2 else "generic"
+
+
+# The quantized-matmul path used when a caller does not ask for one (see kernels.qmatmul).
+ISA = _pick_isa()
+
+GOOD_LAYERS = ("omp", "tbb")
+
+
+def check_threading_layer() -> str:
+    """Return Numba's threading layer name; warn (with the cost) when it is not omp/tbb."""
+    # The layer is only chosen once a parallel kernel has run; run a tiny one.
+    _touch_parallel(1)
+    layer = numba.threading_layer()
+    if layer not in GOOD_LAYERS:
+        log.warning(
+            "Numba threading layer is %r: parallel kernels run about 4x slower than with "
+            "'omp' (install an OpenMP runtime, or tbb) and are not safe under concurrent calls",
+            layer,
+        )
+    return layer
+
+
+@pnjit
+def _touch_parallel(n):
+    total = 0
+    for i in numba.prange(n):
+        total += i
+    return total
