@@ -1,0 +1,99 @@
+"""The reference backend: every operation in plain NumPy, float32, on dequantized weights.
+
+This is the oracle the fast backend is tested against, so it favours the obvious
+formulation over speed. Shapes follow docs/internals.md.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from kernels.dequant import dequantize, dequantize_rows
+
+from ..gguf_file import TensorInfo
+
+
+class ReferenceBackend:
+    name = "reference"
+
+    def prepare(self, t: TensorInfo) -> np.ndarray:
+        """Dequantize a tensor once at load time → float32 array of `t.shape`."""
+        return dequantize(t.data, t.qtype, t.shape)
+
+    def prepare_embedding(self, t: TensorInfo):
+        """The token-embedding table stays quantized; rows are dequantized on lookup."""
+        return t
+
+    def embed(self, table: TensorInfo, ids: np.ndarray) -> np.ndarray:
+        """(n,) token ids → (n, dim) float32 rows of the embedding table."""
+        return dequantize_rows(table.data, table.qtype, table.shape, np.asarray(ids))
+
+    def linear(self, x: np.ndarray, w: np.ndarray) -> np.ndarray:
+        """(n, n_in) @ (n_out, n_in).T → (n, n_out). Where the time goes."""
+        return x @ w.T
+
+    def rms_norm(self, x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+        """Normalize the last axis to unit root-mean-square, then scale by `weight`."""
+        mean_square = np.mean(x * x, axis=-1, keepdims=True)
+        return (x / np.sqrt(mean_square + eps)) * weight
+
+    def rope(self, x: np.ndarray, positions: np.ndarray, freq_base: float,
+             neox: bool) -> np.ndarray:
+        """Rotary position embedding. x: (n, heads, head_dim); positions: (n,).
+
+        Dimension pair i rotates by angle pos * base^(-2i/head_dim). `neox=False` pairs
+        elements (2i, 2i+1) (llama in GGUF, whose q/k rows the converter permuted);
+        `neox=True` pairs (i, i + head_dim/2) (gemma3, GPT-NeoX).
+        """
+        head_dim = x.shape[-1]
+        inv_freq = freq_base ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+        angles = positions.astype(np.float64)[:, None] * inv_freq[None, :]  # (n, head_dim/2)
+        cos = np.cos(angles).astype(np.float32)[:, None, :]  # (n, 1, head_dim/2)
+        sin = np.sin(angles).astype(np.float32)[:, None, :]
+        if neox:
+            a, b = x[..., : head_dim // 2], x[..., head_dim // 2:]
+        else:
+            a, b = x[..., 0::2], x[..., 1::2]
+        ra, rb = a * cos - b * sin, a * sin + b * cos
+        out = np.empty_like(x)
+        if neox:
+            out[..., : head_dim // 2], out[..., head_dim // 2:] = ra, rb
+        else:
+            out[..., 0::2], out[..., 1::2] = ra, rb
+        return out
+
+    def attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, pos0: int,
+                  window: int, scale: float) -> np.ndarray:
+        """Causal grouped-query attention over the cache.
+
+        q: (n, n_head, hd) for positions pos0..pos0+n-1; k, v: (n_kv_head, pos0+n, hd).
+        Returns (n, n_head*hd).
+        """
+        n, n_head, hd = q.shape
+        n_kv_head, n_keys, _ = k.shape
+        group = n_head // n_kv_head
+        q_pos = pos0 + np.arange(n)[:, None]  # (n, 1)
+        k_pos = np.arange(n_keys)[None, :]  # (1, n_keys)
+        allowed = k_pos <= q_pos  # causal
+        if window > 0:
+            allowed &= k_pos > q_pos - window  # sliding window: the last `window` positions
+        out = np.empty((n, n_head, hd), dtype=np.float32)
+        for h in range(n_head):
+            kv = h // group
+            scores = (q[:, h, :] @ k[kv].T) * scale  # (n, n_keys)
+            scores = np.where(allowed, scores, -np.inf)
+            scores -= scores.max(axis=-1, keepdims=True)
+            weights = np.exp(scores)
+            weights /= weights.sum(axis=-1, keepdims=True)
+            out[:, h, :] = weights @ v[kv]  # (n, hd)
+        return out.reshape(n, n_head * hd)
+
+    def silu_gate(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+        """SwiGLU: silu(gate) * up."""
+        sigmoid = 0.5 * (1.0 + np.tanh(0.5 * gate))  # = 1/(1+exp(-gate)), without overflow
+        return gate * sigmoid * up
+
+    def gelu_gate(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+        """GeGLU with the tanh approximation of GELU (gemma): gelu_tanh(gate) * up."""
+        c = np.float32(np.sqrt(2.0 / np.pi))
+        return 0.5 * gate * (1.0 + np.tanh(c * (gate + np.float32(0.044715) * gate ** 3))) * up

@@ -1,0 +1,135 @@
+"""Llama: the decoder-only transformer most GGUF models are (SmolLM2 among them).
+
+    x = embed(ids)
+    for each layer:
+        x = x + attn_output(attention(rope(q(norm(x))), rope(k(norm(x))), v(norm(x))))
+        x = x + ffn_down(silu(ffn_gate(norm(x))) * ffn_up(norm(x)))
+    logits = output(norm(x))
+
+References: Touvron et al. 2023, "LLaMA"; llama.cpp's `llm_build_llama`. Attribute names keep
+the GGUF tensor names (`attn_q`, `ffn_gate`, …) so loading is a dictionary lookup.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from kernels.dequant import dequantize
+
+from ..cache import KVCache
+from ..gguf_file import GGUFFile
+
+
+@dataclass
+class ModelArgs:
+    dim: int  # embedding_length
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    ffn_dim: int
+    n_vocab: int
+    n_ctx: int  # context length the model was trained for
+    norm_eps: float
+    rope_base: float
+    rope_neox: bool = False  # llama in GGUF rotates adjacent pairs
+
+    @classmethod
+    def from_gguf(cls, gf: GGUFFile) -> ModelArgs:
+        dim = int(gf.arch("embedding_length"))
+        n_heads = int(gf.arch("attention.head_count"))
+        return cls(
+            dim=dim,
+            n_layers=int(gf.arch("block_count")),
+            n_heads=n_heads,
+            n_kv_heads=int(gf.arch("attention.head_count_kv", n_heads)),
+            head_dim=int(gf.arch("attention.key_length", dim // n_heads)),
+            ffn_dim=int(gf.arch("feed_forward_length")),
+            n_vocab=len(gf.metadata["tokenizer.ggml.tokens"]),
+            n_ctx=int(gf.arch("context_length")),
+            norm_eps=float(gf.arch("attention.layer_norm_rms_epsilon")),
+            rope_base=float(gf.arch("rope.freq_base", 10000.0)),
+        )
+
+
+class Layer:
+    """One transformer block's weights, named as in the GGUF file (`blk.N.<name>.weight`)."""
+
+    def __init__(self, gf: GGUFFile, i: int, backend, matrices: tuple[str, ...],
+                 vectors: tuple[str, ...]):
+        for name in matrices:
+            setattr(self, name, backend.prepare(gf.tensors[f"blk.{i}.{name}.weight"]))
+        for name in vectors:  # norm weights: small float32 vectors
+            t = gf.tensors[f"blk.{i}.{name}.weight"]
+            setattr(self, name, dequantize(t.data, t.qtype, t.shape).reshape(-1))
+
+
+class Model:
+    MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+    VECTORS = ("attn_norm", "ffn_norm")
+
+    def __init__(self, args: ModelArgs, gf: GGUFFile, backend):
+        self.args = args
+        self.backend = backend
+        self.token_embd = backend.prepare_embedding(gf.tensors["token_embd.weight"])
+        self.layers = [Layer(gf, i, backend, self.MATRICES, self.VECTORS)
+                       for i in range(args.n_layers)]
+        norm = gf.tensors["output_norm.weight"]
+        self.output_norm = dequantize(norm.data, norm.qtype, norm.shape).reshape(-1)
+        # Small models tie the output head to the embedding table.
+        head = gf.tensors.get("output.weight", gf.tensors["token_embd.weight"])
+        self.output = backend.prepare(head)
+
+    def new_cache(self, max_len: int | None = None) -> KVCache:
+        a = self.args
+        return KVCache(a.n_layers, a.n_kv_heads, a.head_dim, max_len or a.n_ctx)
+
+    # -- the forward pass, in reading order ------------------------------------------------
+
+    def embed(self, ids: np.ndarray) -> np.ndarray:
+        return self.backend.embed(self.token_embd, ids)  # (n, dim)
+
+    def forward(self, ids: np.ndarray, cache: KVCache) -> np.ndarray:
+        """Run `ids` (n,) at positions cache.length.. → final-normed hidden states (n, dim)."""
+        pos0 = cache.length
+        cache.reserve(pos0 + len(ids))
+        positions = np.arange(pos0, pos0 + len(ids))
+        x = self.embed(np.asarray(ids))  # (n, dim)
+        for i, layer in enumerate(self.layers):
+            x = x + self.attention_block(i, layer, x, positions, cache)
+            x = x + self.ffn_block(layer, x)
+        cache.length = pos0 + len(ids)
+        return self.backend.rms_norm(x, self.output_norm, self.args.norm_eps)
+
+    def logits(self, h: np.ndarray) -> np.ndarray:
+        """(n, dim) hidden states → (n, n_vocab) float32 logits."""
+        return self.backend.linear(h, self.output)
+
+    def qkv(self, layer: Layer, h: np.ndarray):
+        """Project normed input h (n, dim) to q (n, n_heads, hd) and k, v (n, n_kv_heads, hd)."""
+        a, b = self.args, self.backend
+        n = h.shape[0]
+        q = b.linear(h, layer.attn_q).reshape(n, a.n_heads, a.head_dim)
+        k = b.linear(h, layer.attn_k).reshape(n, a.n_kv_heads, a.head_dim)
+        v = b.linear(h, layer.attn_v).reshape(n, a.n_kv_heads, a.head_dim)
+        return q, k, v
+
+    def attention_block(self, i: int, layer: Layer, x: np.ndarray, positions: np.ndarray,
+                        cache: KVCache) -> np.ndarray:
+        a, b = self.args, self.backend
+        h = b.rms_norm(x, layer.attn_norm, a.norm_eps)
+        q, k, v = self.qkv(layer, h)
+        q = b.rope(q, positions, a.rope_base, a.rope_neox)
+        k = b.rope(k, positions, a.rope_base, a.rope_neox)
+        keys, values = cache.update(i, int(positions[0]), k, v)  # (n_kv_heads, T, hd)
+        o = b.attention(q, keys, values, int(positions[0]), 0, 1.0 / math.sqrt(a.head_dim))
+        return b.linear(o, layer.attn_output)  # (n, dim)
+
+    def ffn_block(self, layer: Layer, x: np.ndarray) -> np.ndarray:
+        b = self.backend
+        h = b.rms_norm(x, layer.ffn_norm, self.args.norm_eps)
+        gate, up = b.linear(h, layer.ffn_gate), b.linear(h, layer.ffn_up)  # (n, ffn_dim)
+        return b.linear(b.silu_gate(gate, up), layer.ffn_down)  # (n, dim)
