@@ -1,0 +1,1 @@
+"""Compute kernels: NumPy references beside their Numba twins. Imports no engine or server."""
