@@ -1,0 +1,234 @@
+"""Load-time repacking of GGUF quantized weights into 16-row interleaved groups.
+
+Every integer format we run fast is first written as `W[r, e] = d[r, b] * u[r, e] + m[r, b]`,
+with `u` an unsigned byte (0..255), and `d`, `m` one scale and one offset per block `b` of
+`blk` (32 or 16) elements of a row:
+
+| GGUF type | u                 | blk | d            | m              | layout |
+|-----------|-------------------|-----|--------------|----------------|--------|
+| Q4_0      | q (0..15)         | 32  | d            | -8 d           | nibble |
+| Q4_1      | q (0..15)         | 32  | d            | m              | nibble |
+| Q4_K      | q (0..15)         | 32  | d * sc       | -dmin * m      | nibble |
+| Q5_0      | q (0..31)         | 32  | d            | -16 d          | byte   |
+| Q5_1      | q (0..31)         | 32  | d            | m              | byte   |
+| Q8_0      | q + 128 (0..255)  | 32  | d            | -128 d         | byte   |
+| Q6_K      | q (0..63)         | 16  | d * sc       | -32 d * sc     | byte   |
+
+so one kernel serves them all. Rows are taken 16 at a time (a *group*; the last group is padded
+with zero rows). A group is stored block after block; one block record is
+
+    quants  : blk/4 chunks of 64 bytes. Chunk k holds, for row r = 0..15, 4 bytes at 4r..4r+3:
+              byte layout   u[r, 4k + i]                               (i = 0..3)
+              nibble layout u[r, 4k + i] | u[r, 16 + 4k + i] << 4       (blk = 32, k < 4)
+    d       : 16 x float16 (one per row)
+    m       : 16 x float16
+
+so a 64-byte load is the same 4 elements of 16 rows: the int8 dot product `vpdpbusd` then adds
+4 products into each of 16 int32 lanes, one lane per output row, and no horizontal sum is needed.
+The K-quant products `d * sc` are rounded to float16 here (relative error <= 2^-11, far below
+the activation-quantization error of the matmul); the other formats are stored exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+Q = GGMLQuantizationType
+GROUP = 16  # rows per interleaved group = int32 lanes of a 512-bit register
+LAYOUT_NIBBLE32, LAYOUT_BYTE32, LAYOUT_BYTE16 = 0, 1, 2  # codes passed to the kernels
+LAYOUT_BLK = {LAYOUT_NIBBLE32: 32, LAYOUT_BYTE32: 32, LAYOUT_BYTE16: 16}
+
+
+@dataclass
+class PackedWeight:
+    """A weight matrix ready for `kernels.qmatmul`: `(n_out, n_in)` in NumPy order.
+
+    `data` is the flat uint8 group/block stream described in the module docstring, or None for
+    float weights, which live in `dense` as float32 `(n_out, n_in)`. `raw` keeps the GGUF bytes
+    (for embedding-row lookup).
+    """
+
+    qtype: GGMLQuantizationType
+    n_out: int
+    n_in: int
+    layout: int = -1  # LAYOUT_* code, -1 for dense float
+    data: np.ndarray | None = None  # (n_groups * group_bytes,) uint8
+    dense: np.ndarray | None = None  # (n_out, n_in) float32
+    raw: np.ndarray | None = None
+
+    @property
+    def blk(self) -> int:
+        return LAYOUT_BLK[self.layout]
+
+    @property
+    def block_bytes(self) -> int:
+        """Bytes of one block record of one group (quants + 16 d + 16 m)."""
+        quant = GROUP * self.blk // (2 if self.layout == LAYOUT_NIBBLE32 else 1)
+        return quant + 2 * GROUP * 2
+
+    @property
+    def n_groups(self) -> int:
+        return -(-self.n_out // GROUP)
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.nbytes if self.data is not None else self.dense.nbytes
+
+
+# --- per-format decomposition into (u, d, m) ------------------------------------------------------
+
+
+def _f16(b: np.ndarray) -> np.ndarray:
+    """`(n, 2)` uint8 -> `(n, 1)` float32."""
+    return b.view(np.float16).astype(np.float32)
+
+
+def _nibbles(qs: np.ndarray) -> np.ndarray:
+    """`(..., k)` bytes -> `(..., 2k)`: the k low nibbles, then the k high nibbles."""
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
+
+
+def _q5_high(qh: np.ndarray) -> np.ndarray:
+    """`(n, 4)` little-endian u32 bytes -> `(n, 32)` bit 4 of each element (bit j = element j)."""
+    return np.unpackbits(qh, axis=1, bitorder="little")
+
+
+def _k_scales(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K/Q5_K 12-byte packed 6-bit scales `(n, 12)` -> sc, m `(n, 8)` (see kernels.dequant)."""
+    s0, s1, s2 = s[:, 0:4], s[:, 4:8], s[:, 8:12]
+    sc = np.concatenate([s0 & 0x3F, (s2 & 0x0F) | ((s0 >> 6) << 4)], axis=1)
+    m = np.concatenate([s1 & 0x3F, (s2 >> 4) | ((s1 >> 6) << 4)], axis=1)
+    return sc, m
+
+
+def _split_q4_0(b):
+    d = _f16(b[:, 0:2])
+    return _nibbles(b[:, 2:18]), d, -8 * d
+
+
+def _split_q4_1(b):
+    return _nibbles(b[:, 4:20]), _f16(b[:, 0:2]), _f16(b[:, 2:4])
+
+
+def _split_q5_0(b):
+    d = _f16(b[:, 0:2])
+    return _nibbles(b[:, 6:22]) | (_q5_high(b[:, 2:6]) << 4), d, -16 * d
+
+
+def _split_q5_1(b):
+    return _nibbles(b[:, 8:24]) | (_q5_high(b[:, 4:8]) << 4), _f16(b[:, 0:2]), _f16(b[:, 2:4])
+
+
+def _split_q8_0(b):
+    d = _f16(b[:, 0:2])
+    return b[:, 2:34] ^ np.uint8(0x80), d, -128 * d  # q + 128 as unsigned
+
+
+def _split_q4_k(b):
+    n = b.shape[0]
+    sc, mn = _k_scales(b[:, 4:16])
+    d = _f16(b[:, 0:2]) * sc.astype(np.float32)  # (n, 8)
+    m = -(_f16(b[:, 2:4]) * mn.astype(np.float32))  # (n, 8)
+    u = _nibbles(b[:, 16:144].reshape(n, 4, 32)).reshape(n, 256)  # sub-blocks 2g, 2g+1 per 32 B
+    return u, d, m
+
+
+def _split_q6_k(b):
+    n = b.shape[0]
+    ql = b[:, 0:128].reshape(n, 2, 64)
+    qh = b[:, 128:192].reshape(n, 2, 1, 32)
+    d = _f16(b[:, 208:210]) * b[:, 192:208].view(np.int8).astype(np.float32)  # (n, 16)
+    low = _nibbles(ql).reshape(n, 2, 4, 32)  # (n, half, k, 32)
+    high = (qh >> np.array([0, 2, 4, 6], np.uint8)[:, None]) & 3  # (n, half, k, 32)
+    return (low | (high << 4)).reshape(n, 256), d, -32 * d
+
+
+# qtype -> (decompose, layout)
+SPLIT = {
+    Q.Q4_0: (_split_q4_0, LAYOUT_NIBBLE32),
+    Q.Q4_1: (_split_q4_1, LAYOUT_NIBBLE32),
+    Q.Q4_K: (_split_q4_k, LAYOUT_NIBBLE32),
+    Q.Q5_0: (_split_q5_0, LAYOUT_BYTE32),
+    Q.Q5_1: (_split_q5_1, LAYOUT_BYTE32),
+    Q.Q8_0: (_split_q8_0, LAYOUT_BYTE32),
+    Q.Q6_K: (_split_q6_k, LAYOUT_BYTE16),
+}
+
+
+def decompose(raw: np.ndarray, qtype, shape: tuple) -> tuple[np.ndarray, ...]:
+    """Raw GGUF bytes -> `u (n_out, n_in)` uint8, `d, m (n_out, n_in/blk)` float32, layout."""
+    qtype = Q(qtype)
+    split, layout = SPLIT[qtype]
+    n_out, n_in = shape
+    block_size, type_size = GGML_QUANT_SIZES[qtype]
+    blocks = np.asarray(raw).view(np.uint8).reshape(-1, type_size)  # (n_blocks, type_size)
+    u, d, m = split(blocks)
+    nb = n_in // LAYOUT_BLK[layout]
+    return u.reshape(n_out, n_in), d.reshape(n_out, nb), m.reshape(n_out, nb), layout
+
+
+def _to_f16(a: np.ndarray) -> np.ndarray:
+    h = a.astype(np.float16)
+    if not np.isfinite(h).all():
+        raise OverflowError("a block scale does not fit in float16")
+    return h
+
+
+def pack(u: np.ndarray, d: np.ndarray, m: np.ndarray, layout: int) -> np.ndarray:
+    """`u (n_out, n_in)`, `d, m (n_out, nb)` -> the flat uint8 group stream (module docstring)."""
+    n_out, n_in = u.shape
+    blk = LAYOUT_BLK[layout]
+    nb = n_in // blk
+    n_groups = -(-n_out // GROUP)
+    pad = n_groups * GROUP - n_out
+    if pad:  # zero rows: u = d = m = 0 contribute nothing
+        u = np.concatenate([u, np.zeros((pad, n_in), u.dtype)])
+        d = np.concatenate([d, np.zeros((pad, nb), d.dtype)])
+        m = np.concatenate([m, np.zeros((pad, nb), m.dtype)])
+    u = u.reshape(n_groups, GROUP, nb, blk)  # (g, r, b, e)
+    if layout == LAYOUT_NIBBLE32:
+        u = u[..., :16] | (u[..., 16:] << 4)  # (g, r, b, 16): element e and e+16 in one byte
+    chunks = u.reshape(n_groups, GROUP, nb, -1, 4).transpose(0, 2, 3, 1, 4)  # (g, b, k, r, 4)
+    quants = chunks.reshape(n_groups, nb, -1)  # (g, b, quant bytes)
+    d16 = _to_f16(d).reshape(n_groups, GROUP, nb).transpose(0, 2, 1)  # (g, b, r)
+    m16 = _to_f16(m).reshape(n_groups, GROUP, nb).transpose(0, 2, 1)
+    scales = np.ascontiguousarray(np.concatenate([d16, m16], axis=2)).view(np.uint8)  # (g,b,64)
+    return np.ascontiguousarray(np.concatenate([quants, scales], axis=2)).reshape(-1)
+
+
+def repack(raw: np.ndarray, qtype, shape: tuple) -> PackedWeight:
+    """GGUF tensor bytes -> PackedWeight. Formats without a fast layout become dense float32."""
+    qtype = Q(qtype)
+    n_out, n_in = (1, shape[0]) if len(shape) == 1 else shape
+    raw = np.asarray(raw).view(np.uint8)
+    if qtype in SPLIT:
+        u, d, m, layout = decompose(raw, qtype, (n_out, n_in))
+        try:
+            data = pack(u, d, m, layout)
+            return PackedWeight(qtype, n_out, n_in, layout, data=data, raw=raw)
+        except OverflowError:
+            pass  # rare K-quant scales beyond float16: fall through to the dense path
+    from kernels.dequant import dequantize
+
+    dense = dequantize(raw, qtype, (n_out, n_in))
+    return PackedWeight(qtype, n_out, n_in, dense=np.ascontiguousarray(dense), raw=raw)
+
+
+def unpack_ref(w: PackedWeight) -> np.ndarray:
+    """The float32 `(n_out, n_in)` matrix a PackedWeight stands for (inverse of `pack`)."""
+    if w.data is None:
+        return w.dense
+    blk, nb, G = w.blk, w.n_in // w.blk, w.n_groups
+    recs = w.data.reshape(G, nb, w.block_bytes)  # (g, b, record)
+    quant, scales = recs[..., : -4 * GROUP], recs[..., -4 * GROUP :]
+    q = quant.reshape(G, nb, -1, GROUP, 4).transpose(0, 3, 1, 2, 4).reshape(G, GROUP, nb, -1)
+    if w.layout == LAYOUT_NIBBLE32:
+        q = np.concatenate([q & 0x0F, q >> 4], axis=-1)  # (g, r, b, 32)
+    hs = scales.copy().view(np.float16).astype(np.float32).reshape(G, nb, 2, GROUP)
+    d = hs[:, :, 0].transpose(0, 2, 1)[..., None]  # (g, r, b, 1)
+    m = hs[:, :, 1].transpose(0, 2, 1)[..., None]
+    W = d * q.astype(np.float32) + m  # (g, r, b, blk)
+    return W.reshape(G * GROUP, nb * blk)[: w.n_out]

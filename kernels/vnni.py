@@ -1,0 +1,202 @@
+"""AVX-512 VNNI quantized matmul over the 16-row groups of `kernels.qpack`.
+
+Numba has no vector types, so the inner loop over one group's blocks is written directly in LLVM
+IR (llvmlite) inside a Numba `@intrinsic`; the outer loops (groups in parallel, token tiles) are
+plain Numba in `qmatmul_vnni`. Per block of one group and one token:
+
+    acc_i32[r] = sum_e u[r, e] * xq[e]             vpdpbusd: unsigned weight x signed activation
+    acc_f32[r] += d[r] * xd * acc_i32[r] + m[r] * xsum
+
+which is `sum_e (d u + m)[r, e] * (xd xq)[e]` exactly, with `xsum = xd * sum_e xq[e]`. A tile of
+`nt` tokens shares each 64-byte weight load. Only call these when `jit.HAS_AVX512_VNNI`.
+
+The driver lives in this module too: Numba's `cache=True` would not notice an edit of the IR
+generator if it sat in another file.
+"""
+
+from __future__ import annotations
+
+from llvmlite import ir
+from numba import prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from kernels.jit import pnjit
+from kernels.qpack import LAYOUT_BYTE16, LAYOUT_NIBBLE32
+
+GROUP = 16
+PREFETCH_BYTES = 4096  # how far ahead of the current block the weight stream is prefetched
+
+_i8, _i32, _i64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
+_f32x16 = ir.VectorType(ir.FloatType(), GROUP)
+_i32x16 = ir.VectorType(_i32, GROUP)
+_i8x64 = ir.VectorType(_i8, 64)
+_f16x16 = ir.VectorType(ir.HalfType(), GROUP)
+
+
+def _splat(builder, scalar, vec_type):
+    """Broadcast a scalar to every lane of `vec_type`."""
+    v = builder.insert_element(ir.Constant(vec_type, ir.Undefined), scalar, _i32(0))
+    return builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_i32, vec_type.count), None))
+
+
+def _ptr(builder, base, offset, pointee):
+    """`(pointee*)(base + offset)` for an i8* base and an i64 byte offset."""
+    return builder.bitcast(builder.gep(base, [offset]), pointee.as_pointer())
+
+
+def _make_group_dot(layout: int, nt: int):
+    """An intrinsic computing 16 output rows x `nt` tokens for one group (see module doc).
+
+    Call as `group_dot(w, w_off, xq, xd, xs, t0, n_in, out, out_off, n_out, n_valid)`:
+    w (uint8 flat) from byte w_off; xq int8 (n_tok, n_in); xd float32 (n_tok, n_in/32);
+    xs float32 (n_tok, n_in/16); tokens t0..t0+nt-1; out float32 flat, rows of length n_out,
+    written at out_off + t*n_out for the first n_valid of the 16 lanes.
+    """
+    blk = 16 if layout == LAYOUT_BYTE16 else 32
+    nibble = layout == LAYOUT_NIBBLE32
+    n_chunks = blk // 4 // (2 if nibble else 1)  # 64-byte loads per block
+    block_bytes = 64 * n_chunks + 64
+
+    @intrinsic
+    def group_dot(typingctx, w, w_off, xq, xd, xs, t0, n_in, out, out_off, n_out, n_valid):
+        sig = types.void(w, w_off, xq, xd, xs, t0, n_in, out, out_off, n_out, n_valid)
+
+        def codegen(context, builder, signature, args):
+            tys = signature.args
+            w_, w_off_, xq_, xd_, xs_, t0_, n_in_, out_, out_off_, n_out_, n_valid_ = [
+                context.cast(builder, a, ty, types.int64) if isinstance(ty, types.Integer) else a
+                for a, ty in zip(args, tys, strict=True)
+            ]
+
+            def data(arr, ty, elem):
+                p = context.make_array(ty)(context, builder, arr).data
+                return builder.bitcast(p, elem.as_pointer())
+
+            wp, xqp = data(w_, tys[0], _i8), data(xq_, tys[2], _i8)
+            xdp, xsp = data(xd_, tys[3], ir.FloatType()), data(xs_, tys[4], ir.FloatType())
+            outp = data(out_, tys[7], ir.FloatType())
+            mod = builder.module
+            dpbusd = cgutils.get_or_insert_function(
+                mod, ir.FunctionType(_i32x16, [_i32x16, _i8x64, _i8x64]),
+                "llvm.x86.avx512.vpdpbusd.512",
+            )
+            prefetch = cgutils.get_or_insert_function(
+                mod, ir.FunctionType(ir.VoidType(), [_i8.as_pointer(), _i32, _i32, _i32]),
+                "llvm.prefetch.p0",
+            )
+            n_blocks = builder.sdiv(n_in_, _i64(blk))
+            n_x32 = builder.sdiv(n_in_, _i64(32))
+            n_x16 = builder.sdiv(n_in_, _i64(16))
+            accs = [cgutils.alloca_once_value(builder, ir.Constant(_f32x16, None))
+                    for _ in range(nt)]
+            low4 = _splat(builder, _i8(0x0F), _i8x64)
+            four = _splat(builder, _i8(4), _i8x64)
+            with cgutils.for_range(builder, n_blocks) as loop:
+                b = loop.index
+                base = builder.add(w_off_, builder.mul(b, _i64(block_bytes)))
+                for line in range(block_bytes // 64):
+                    ahead = builder.add(base, _i64(PREFETCH_BYTES + 64 * line))
+                    builder.call(prefetch, [builder.gep(wp, [ahead]), _i32(0), _i32(3), _i32(1)])
+                # weights of this block: n_chunks x <64 x i8>, shared by all nt tokens
+                chunks = [builder.load(_ptr(builder, wp, builder.add(base, _i64(64 * k)),
+                                            _i8x64), align=1) for k in range(n_chunks)]
+                if nibble:
+                    lo = [builder.and_(c, low4) for c in chunks]
+                    hi = [builder.lshr(c, four) for c in chunks]
+                sbase = builder.add(base, _i64(64 * n_chunks))
+                d = builder.fpext(builder.load(_ptr(builder, wp, sbase, _f16x16), align=1),
+                                  _f32x16)
+                m = builder.fpext(builder.load(_ptr(builder, wp, builder.add(sbase, _i64(32)),
+                                                    _f16x16), align=1), _f32x16)
+                e0 = builder.mul(b, _i64(blk))  # first element of the block
+                for t in range(nt):
+                    tok = builder.add(t0_, _i64(t))
+                    xrow = builder.add(builder.mul(tok, n_in_), e0)
+
+                    def xdword(e, xrow=xrow):  # 4 activations broadcast to 16 lanes
+                        v = builder.load(_ptr(builder, xqp, builder.add(xrow, _i64(e)), _i32),
+                                         align=1)
+                        return builder.bitcast(_splat(builder, v, _i32x16), _i8x64)
+
+                    acc = ir.Constant(_i32x16, None)
+                    for k in range(n_chunks):
+                        if nibble:
+                            acc = builder.call(dpbusd, [acc, lo[k], xdword(4 * k)])
+                            acc = builder.call(dpbusd, [acc, hi[k], xdword(16 + 4 * k)])
+                        else:
+                            acc = builder.call(dpbusd, [acc, chunks[k], xdword(4 * k)])
+                    # activation scale of this block and the sum of its dequantized activations
+                    ix = builder.add(builder.mul(tok, n_x32), builder.sdiv(e0, _i64(32)))
+                    xd_t = builder.load(builder.gep(xdp, [ix]))
+                    is16 = builder.add(builder.mul(tok, n_x16), builder.sdiv(e0, _i64(16)))
+                    xsum = builder.load(builder.gep(xsp, [is16]))
+                    if blk == 32:
+                        nxt = builder.load(builder.gep(xsp, [builder.add(is16, _i64(1))]))
+                        xsum = builder.fadd(xsum, nxt)
+                    scale = builder.fmul(d, _splat(builder, xd_t, _f32x16))
+                    total = builder.load(accs[t])
+                    total = builder.fadd(total, builder.fmul(builder.sitofp(acc, _f32x16), scale))
+                    total = builder.fadd(total, builder.fmul(m, _splat(builder, xsum, _f32x16)))
+                    builder.store(total, accs[t])
+            # masked store of the first n_valid lanes
+            lanes = ir.Constant(_i32x16, list(range(GROUP)))
+            mask = builder.icmp_unsigned("<", lanes, _splat(builder, builder.trunc(n_valid_, _i32),
+                                                            _i32x16))
+            mstore = cgutils.get_or_insert_function(
+                mod, ir.FunctionType(ir.VoidType(), [_f32x16, _f32x16.as_pointer(), _i32,
+                                                     ir.VectorType(ir.IntType(1), GROUP)]),
+                "llvm.masked.store.v16f32.p0",
+            )
+            for t in range(nt):
+                o = builder.add(out_off_, builder.mul(_i64(t), n_out_))
+                dst = builder.bitcast(builder.gep(outp, [o]), _f32x16.as_pointer())
+                builder.call(mstore, [builder.load(accs[t]), dst, _i32(4), mask])
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return group_dot
+
+
+TILE = 4  # tokens per weight load in the prefill kernel
+_dot_n32_t1 = _make_group_dot(0, 1)
+_dot_n32_t4 = _make_group_dot(0, TILE)
+_dot_b32_t1 = _make_group_dot(1, 1)
+_dot_b32_t4 = _make_group_dot(1, TILE)
+_dot_b16_t1 = _make_group_dot(2, 1)
+_dot_b16_t4 = _make_group_dot(2, TILE)
+
+
+@pnjit
+def qmatmul_vnni(w, layout, block_bytes, xq, xd, xs, n_out, out):
+    """out (n_tok, n_out) = x @ W.T for a packed W and quantized x (see kernels.qmatmul).
+
+    w: uint8 group stream; xq (n_tok, n_in) int8; xd (n_tok, n_in/32), xs (n_tok, n_in/16).
+    """
+    n_tok, n_in = xq.shape
+    n_groups = (n_out + GROUP - 1) // GROUP
+    group_bytes = block_bytes * (n_in // (16 if layout == 2 else 32))
+    outf = out.reshape(-1)
+    for g in prange(n_groups):
+        w_off = g * group_bytes
+        n_valid = min(GROUP, n_out - g * GROUP)
+        t = 0
+        while t + TILE <= n_tok:
+            o = t * n_out + g * GROUP
+            if layout == 0:
+                _dot_n32_t4(w, w_off, xq, xd, xs, t, n_in, outf, o, n_out, n_valid)
+            elif layout == 1:
+                _dot_b32_t4(w, w_off, xq, xd, xs, t, n_in, outf, o, n_out, n_valid)
+            else:
+                _dot_b16_t4(w, w_off, xq, xd, xs, t, n_in, outf, o, n_out, n_valid)
+            t += TILE
+        while t < n_tok:
+            o = t * n_out + g * GROUP
+            if layout == 0:
+                _dot_n32_t1(w, w_off, xq, xd, xs, t, n_in, outf, o, n_out, n_valid)
+            elif layout == 1:
+                _dot_b32_t1(w, w_off, xq, xd, xs, t, n_in, outf, o, n_out, n_valid)
+            else:
+                _dot_b16_t1(w, w_off, xq, xd, xs, t, n_in, outf, o, n_out, n_valid)
+            t += 1

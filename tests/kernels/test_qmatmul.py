@@ -1,0 +1,135 @@
+"""Quantized linear kernels against `gguf.quants.dequantize(W) @ x` (the oracle).
+
+Weights are random GGUF blocks (random bytes with sane float16 scales), so every format's layout
+is exercised without a model file; odd row counts test the padded last group, 1 and 6 tokens
+test the single-token path, the 4-token tile and its remainder.
+"""
+
+import numpy as np
+import pytest
+from gguf.constants import GGML_QUANT_SIZES
+from gguf.constants import GGMLQuantizationType as Q
+from gguf.quants import dequantize
+
+from kernels import jit, qmatmul
+from kernels.qpack import SPLIT, repack, unpack_ref
+
+PACKED = [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q6_K]
+DENSE = [Q.F32, Q.F16, Q.Q5_K, Q.Q2_K, Q.Q3_K]
+ISAS = ["generic"] + (["vnni"] if jit.HAS_AVX512_VNNI else [])
+
+# byte offsets of the float16 scale fields in each block (d, dmin, m)
+F16_FIELDS = {
+    Q.Q4_0: [0], Q.Q4_1: [0, 2], Q.Q5_0: [0], Q.Q5_1: [0, 2], Q.Q8_0: [0],
+    Q.Q2_K: [80, 82], Q.Q3_K: [108], Q.Q4_K: [0, 2], Q.Q5_K: [0, 2], Q.Q6_K: [208],
+}
+
+
+def random_tensor(qtype, shape, seed=0):
+    """Random raw bytes of a GGUF tensor `shape` (NumPy order) with scales in [1e-3, 2e-2]."""
+    rng = np.random.default_rng(seed)
+    if qtype == Q.F32:
+        return rng.standard_normal(shape).astype(np.float32).view(np.uint8).reshape(-1)
+    if qtype == Q.F16:
+        return rng.standard_normal(shape).astype(np.float16).view(np.uint8).reshape(-1)
+    block, size = GGML_QUANT_SIZES[qtype]
+    blocks = rng.integers(0, 256, (int(np.prod(shape)) // block, size), dtype=np.uint8)
+    for off in F16_FIELDS[qtype]:
+        scale = rng.uniform(1e-3, 2e-2, blocks.shape[0]).astype(np.float16)
+        blocks[:, off : off + 2] = scale.view(np.uint8).reshape(-1, 2)
+    return blocks.reshape(-1)
+
+
+def oracle(raw, qtype, shape):
+    return dequantize(raw, qtype).reshape(shape).astype(np.float32)
+
+
+def act_bound(x, W):
+    """Max error from 8-bit activations: sum_e |W[r, e]| * xd[e // 32] / 2, shape (n, n_out)."""
+    _, xd, _ = qmatmul.quantize_activations_ref(x)
+    return (np.repeat(xd, 32, axis=1) / 2) @ np.abs(W).T
+
+
+@pytest.mark.parametrize("qtype", PACKED + DENSE, ids=lambda q: q.name)
+def test_unpack_matches_oracle(qtype):
+    shape = (37, 512)
+    raw = random_tensor(qtype, shape)
+    W = oracle(raw, qtype, shape)
+    got = unpack_ref(repack(raw, qtype, shape))
+    # K-quant scales d*sc are rounded to float16 at repack; the rest is exact
+    tol = 2.0**-10 * np.abs(W).max() if qtype in (Q.Q4_K, Q.Q6_K) else 0
+    np.testing.assert_allclose(got, W, rtol=0, atol=tol)
+    assert (qtype in SPLIT) == (repack(raw, qtype, shape).data is not None)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("n_tok", [1, 6])
+@pytest.mark.parametrize("shape", [(37, 256), (64, 512)])
+@pytest.mark.parametrize("qtype", PACKED + DENSE[:2], ids=lambda q: q.name)
+def test_matmul_against_oracle(qtype, shape, n_tok, isa):
+    raw = random_tensor(qtype, shape, seed=shape[0] + n_tok)
+    w = repack(raw, qtype, shape)
+    x = np.random.default_rng(n_tok).standard_normal((n_tok, shape[1])).astype(np.float32)
+    got = qmatmul.matmul(x, w, isa=isa)
+    assert got.shape == (n_tok, shape[0]) and got.dtype == np.float32
+
+    # 1. same maths as the NumPy twin (only float summation order differs)
+    scale = np.abs(x) @ np.abs(unpack_ref(w)).T  # (n, n_out)
+    np.testing.assert_array_less(np.abs(got - qmatmul.matmul_ref(x, w)), 1e-5 * scale + 1e-6)
+
+    # 2. against the float product of the oracle weights: within the activation-rounding bound
+    W = oracle(raw, qtype, shape)
+    exact = x.astype(np.float64) @ W.T.astype(np.float64)
+    bound = act_bound(x, W) * 1.01 + 1e-5 * scale + 2.0**-10 * scale
+    if w.data is None:
+        bound = 1e-5 * scale + 1e-6
+    np.testing.assert_array_less(np.abs(got - exact), bound)
+    rel = np.abs(got - exact).max() / np.abs(exact).max()
+    assert rel < 0.02  # typical activation-quantization error is ~0.5 %
+
+
+@pytest.mark.skipif(not jit.HAS_AVX512_VNNI, reason="needs AVX-512 VNNI")
+@pytest.mark.parametrize("qtype", PACKED, ids=lambda q: q.name)
+def test_vnni_equals_generic(qtype):
+    """Both paths do the same integer maths; only the float accumulation order may differ."""
+    shape = (50, 768)
+    w = repack(random_tensor(qtype, shape, seed=3), qtype, shape)
+    x = np.random.default_rng(1).standard_normal((9, shape[1])).astype(np.float32)
+    scale = np.abs(x) @ np.abs(unpack_ref(w)).T  # (n, n_out)
+    diff = qmatmul.matmul(x, w, isa="vnni") - qmatmul.matmul(x, w, isa="generic")
+    np.testing.assert_array_less(np.abs(diff), 1e-5 * scale)
+
+
+def test_matvec_writes_into_out():
+    shape = (40, 256)
+    w = repack(random_tensor(Q.Q4_1, shape), Q.Q4_1, shape)
+    x = np.random.default_rng(0).standard_normal(shape[1]).astype(np.float32)
+    out = np.full(shape[0], np.nan, np.float32)
+    res = qmatmul.matvec(x, w, out)
+    assert np.shares_memory(res, out) and np.isfinite(out).all()
+    np.testing.assert_allclose(out, qmatmul.matmul_ref(x[None], w)[0], rtol=1e-4, atol=1e-4)
+
+
+def test_quantize_activations_matches_ref():
+    x = np.random.default_rng(0).standard_normal((3, 96)).astype(np.float32) * 5
+    x[1, :32] = 0  # an all-zero block has scale 0
+    xq, xd, xs = (np.empty((3, 96), np.int8), np.empty((3, 3), np.float32),
+                  np.empty((3, 6), np.float32))
+    qmatmul.quantize_activations(x, xq, xd, xs)
+    rq, rd, rs = qmatmul.quantize_activations_ref(x)
+    np.testing.assert_array_equal(xq, rq)
+    np.testing.assert_array_equal(xd, rd)
+    np.testing.assert_allclose(xs, rs, rtol=1e-6)
+    assert np.abs(xq).max() <= 127 and xd[1, 0] == 0
+
+
+def test_isa_override(monkeypatch):
+    monkeypatch.setenv("NUMBALM_ISA", "generic")
+    assert jit._pick_isa() == "generic"
+    monkeypatch.setenv("NUMBALM_ISA", "bogus")
+    with pytest.raises(ValueError):
+        jit._pick_isa()
+
+
+def test_threading_layer_reported():
+    assert jit.check_threading_layer() in ("omp", "tbb", "workqueue")
