@@ -78,18 +78,21 @@ def _make_group_dot(layout: int, nt: int):
             outp = data(out_, tys[7], ir.FloatType())
             mod = builder.module
             dpbusd = cgutils.get_or_insert_function(
-                mod, ir.FunctionType(_i32x16, [_i32x16, _i8x64, _i8x64]),
+                mod,
+                ir.FunctionType(_i32x16, [_i32x16, _i8x64, _i8x64]),
                 "llvm.x86.avx512.vpdpbusd.512",
             )
             prefetch = cgutils.get_or_insert_function(
-                mod, ir.FunctionType(ir.VoidType(), [_i8.as_pointer(), _i32, _i32, _i32]),
+                mod,
+                ir.FunctionType(ir.VoidType(), [_i8.as_pointer(), _i32, _i32, _i32]),
                 "llvm.prefetch.p0",
             )
             n_blocks = builder.sdiv(n_in_, _i64(blk))
             n_x32 = builder.sdiv(n_in_, _i64(32))
             n_x16 = builder.sdiv(n_in_, _i64(16))
-            accs = [cgutils.alloca_once_value(builder, ir.Constant(_f32x16, None))
-                    for _ in range(nt)]
+            accs = [
+                cgutils.alloca_once_value(builder, ir.Constant(_f32x16, None)) for _ in range(nt)
+            ]
             low4 = _splat(builder, _i8(0x0F), _i8x64)
             four = _splat(builder, _i8(4), _i8x64)
             with cgutils.for_range(builder, n_blocks) as loop:
@@ -99,24 +102,30 @@ def _make_group_dot(layout: int, nt: int):
                     ahead = builder.add(base, _i64(PREFETCH_BYTES + 64 * line))
                     builder.call(prefetch, [builder.gep(wp, [ahead]), _i32(0), _i32(3), _i32(1)])
                 # weights of this block: n_chunks x <64 x i8>, shared by all nt tokens
-                chunks = [builder.load(_ptr(builder, wp, builder.add(base, _i64(64 * k)),
-                                            _i8x64), align=1) for k in range(n_chunks)]
+                chunks = [
+                    builder.load(
+                        _ptr(builder, wp, builder.add(base, _i64(64 * k)), _i8x64), align=1
+                    )
+                    for k in range(n_chunks)
+                ]
                 if nibble:
                     lo = [builder.and_(c, low4) for c in chunks]
                     hi = [builder.lshr(c, four) for c in chunks]
                 sbase = builder.add(base, _i64(64 * n_chunks))
-                d = builder.fpext(builder.load(_ptr(builder, wp, sbase, _f16x16), align=1),
-                                  _f32x16)
-                m = builder.fpext(builder.load(_ptr(builder, wp, builder.add(sbase, _i64(32)),
-                                                    _f16x16), align=1), _f32x16)
+                d = builder.fpext(builder.load(_ptr(builder, wp, sbase, _f16x16), align=1), _f32x16)
+                m = builder.fpext(
+                    builder.load(_ptr(builder, wp, builder.add(sbase, _i64(32)), _f16x16), align=1),
+                    _f32x16,
+                )
                 e0 = builder.mul(b, _i64(blk))  # first element of the block
                 for t in range(nt):
                     tok = builder.add(t0_, _i64(t))
                     xrow = builder.add(builder.mul(tok, n_in_), e0)
 
                     def xdword(e, xrow=xrow):  # 4 activations broadcast to 16 lanes
-                        v = builder.load(_ptr(builder, xqp, builder.add(xrow, _i64(e)), _i32),
-                                         align=1)
+                        v = builder.load(
+                            _ptr(builder, xqp, builder.add(xrow, _i64(e)), _i32), align=1
+                        )
                         return builder.bitcast(_splat(builder, v, _i32x16), _i8x64)
 
                     acc = ir.Constant(_i32x16, None)
@@ -141,11 +150,15 @@ def _make_group_dot(layout: int, nt: int):
                     builder.store(total, accs[t])
             # masked store of the first n_valid lanes
             lanes = ir.Constant(_i32x16, list(range(GROUP)))
-            mask = builder.icmp_unsigned("<", lanes, _splat(builder, builder.trunc(n_valid_, _i32),
-                                                            _i32x16))
+            mask = builder.icmp_unsigned(
+                "<", lanes, _splat(builder, builder.trunc(n_valid_, _i32), _i32x16)
+            )
             mstore = cgutils.get_or_insert_function(
-                mod, ir.FunctionType(ir.VoidType(), [_f32x16, _f32x16.as_pointer(), _i32,
-                                                     ir.VectorType(ir.IntType(1), GROUP)]),
+                mod,
+                ir.FunctionType(
+                    ir.VoidType(),
+                    [_f32x16, _f32x16.as_pointer(), _i32, ir.VectorType(ir.IntType(1), GROUP)],
+                ),
                 "llvm.masked.store.v16f32.p0",
             )
             for t in range(nt):

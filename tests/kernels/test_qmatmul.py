@@ -20,8 +20,16 @@ ISAS = ["generic"] + (["vnni"] if jit.HAS_AVX512_VNNI else [])
 
 # byte offsets of the float16 scale fields in each block (d, dmin, m)
 F16_FIELDS = {
-    Q.Q4_0: [0], Q.Q4_1: [0, 2], Q.Q5_0: [0], Q.Q5_1: [0, 2], Q.Q8_0: [0],
-    Q.Q2_K: [80, 82], Q.Q3_K: [108], Q.Q4_K: [0, 2], Q.Q5_K: [0, 2], Q.Q6_K: [208],
+    Q.Q4_0: [0],
+    Q.Q4_1: [0, 2],
+    Q.Q5_0: [0],
+    Q.Q5_1: [0, 2],
+    Q.Q8_0: [0],
+    Q.Q2_K: [80, 82],
+    Q.Q3_K: [108],
+    Q.Q4_K: [0, 2],
+    Q.Q5_K: [0, 2],
+    Q.Q6_K: [208],
 }
 
 
@@ -113,8 +121,11 @@ def test_matvec_writes_into_out():
 def test_quantize_activations_matches_ref():
     x = np.random.default_rng(0).standard_normal((3, 96)).astype(np.float32) * 5
     x[1, :32] = 0  # an all-zero block has scale 0
-    xq, xd, xs = (np.empty((3, 96), np.int8), np.empty((3, 3), np.float32),
-                  np.empty((3, 6), np.float32))
+    xq, xd, xs = (
+        np.empty((3, 96), np.int8),
+        np.empty((3, 3), np.float32),
+        np.empty((3, 6), np.float32),
+    )
     qmatmul.quantize_activations(x, xq, xd, xs)
     rq, rd, rs = qmatmul.quantize_activations_ref(x)
     np.testing.assert_array_equal(xq, rq)
