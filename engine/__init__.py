@@ -1,1 +1,19 @@
-"""numbalm's engine: GGUF bytes in, tokens, text and embeddings out."""
+"""numbalm's engine: GGUF bytes in, tokens, text and embeddings out.
+
+    import engine
+    model = engine.load_model("smollm2-135m-instruct")   # registry id, alias or .gguf path
+    ids = model.tokenizer.encode("The capital of France is")
+    for tok in model.generate(ids, max_tokens=8, temperature=0.0):
+        print(tok.text, end="")
+"""
+
+__all__ = ["load_model", "LLM"]
+
+
+def __getattr__(name):
+    # Imported on first use so that `import engine.gguf_file` stays light.
+    if name in __all__:
+        from . import llm
+
+        return getattr(llm, name)
+    raise AttributeError(f"module 'engine' has no attribute {name!r}")

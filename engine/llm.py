@@ -1,0 +1,95 @@
+"""`load_model`: a GGUF file (or registry id) → a ready model with tokenizer and generate().
+
+This is the public face of the engine (see docs/internals.md); the server and the CLI reach
+the engine only through it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+
+import numpy as np
+
+from . import chat
+from .backends import get_backend
+from .generate import GeneratedToken, check_prompt, generate
+from .gguf_file import GGUFFile, open_gguf
+from .models import architecture_module
+from .sampling import SamplingParams
+from .tokenizer import Tokenizer
+
+
+class LLM:
+    """A loaded model: tokenizer, forward pass, generation, embeddings."""
+
+    def __init__(self, gf: GGUFFile, backend: str | None = None, model_id: str | None = None,
+                 n_ctx: int | None = None):
+        started = time.perf_counter()
+        self.id = model_id or os.path.splitext(os.path.basename(gf.path))[0]
+        self.path = gf.path
+        self.architecture = gf.architecture
+        self.metadata = gf.metadata
+        self.tokenizer = Tokenizer.from_metadata(gf.metadata)
+        module = architecture_module(gf.architecture, gf.path)
+        self.args = module.ModelArgs.from_gguf(gf)
+        self.backend = get_backend(backend)
+        self.model = module.Model(self.args, gf, self.backend)
+        self.n_ctx = min(n_ctx or self.args.n_ctx, self.args.n_ctx)
+        self.n_vocab = self.args.n_vocab
+        self.dim = self.args.dim
+        self.chat_template = gf.get("tokenizer.chat_template")
+        self.load_seconds = time.perf_counter() - started
+
+    def __repr__(self) -> str:
+        return f"LLM({self.id!r}, {self.architecture}, backend={self.backend.name})"
+
+    def logits(self, ids: list[int]) -> np.ndarray:
+        """Logits at every position of `ids`, from a fresh context: (len(ids), n_vocab) f32."""
+        ids = [int(t) for t in ids]
+        check_prompt(ids, self.n_ctx + 1, self.n_vocab)
+        cache = self.model.new_cache(len(ids))
+        return self.model.logits(self.model.forward(np.asarray(ids), cache)).astype(np.float32)
+
+    def generate(self, prompt_ids: list[int], *, max_tokens: int = 256, stop=(),
+                 should_stop=None, **sampling) -> Iterator[GeneratedToken]:
+        """Yield one GeneratedToken per sampled token; see engine/generate.py."""
+        params = SamplingParams(**sampling)
+        return generate(self.model, self.tokenizer, list(prompt_ids), n_ctx=self.n_ctx,
+                        max_tokens=max_tokens, stop=stop, should_stop=should_stop,
+                        params=params)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tools=None) -> str:
+        """Render messages with the model's chat template (or the documented fallback)."""
+        tokens = self.metadata["tokenizer.ggml.tokens"]
+        template = self.chat_template or chat.fallback_template(set(tokens))
+        tok = self.tokenizer
+        return chat.render_chat(
+            template, messages,
+            bos_token=tokens[tok.bos_id] if tok.bos_id is not None else "",
+            eos_token=tokens[tok.eos_id] if tok.eos_id is not None else "",
+            add_generation_prompt=add_generation_prompt, tools=tools,
+        )
+
+    def chat_prompt_ids(self, messages: list[dict], tools=None) -> list[int]:
+        """Messages → prompt token ids, control tokens parsed, BOS as the metadata says.
+
+        A template that already starts with the BOS text does not get a second one.
+        """
+        text = self.apply_chat_template(messages, tools=tools)
+        ids = self.tokenizer.encode(text, add_bos=None, special=True)
+        bos = self.tokenizer.bos_id
+        if len(ids) > 1 and ids[0] == bos and ids[1] == bos:
+            ids = ids[1:]
+        return ids
+
+
+def load_model(name_or_path: str, backend: str | None = None, n_ctx: int | None = None) -> LLM:
+    """A registry id, alias or path to a .gguf file → a loaded model."""
+    from .registry import canonical_id, resolve_model_path
+
+    path = resolve_model_path(name_or_path)
+    model_id = None if os.path.exists(name_or_path) else canonical_id(name_or_path)
+    return LLM(open_gguf(path), backend=backend, model_id=model_id, n_ctx=n_ctx)

@@ -1,0 +1,134 @@
+"""Logits → next token: penalties, bias, truncation, temperature, a seeded draw.
+
+The order follows llama.cpp's default chain:
+
+    raw logits ─ repetition/presence/frequency penalties ─ logit bias ─→ (log-probs reported)
+               ─ top-k ─ top-p ─ min-p ─ temperature ─ draw (or argmax when temperature = 0)
+
+Each request gets its own `numpy.random.Generator`, so a seed reproduces a request whatever
+else the process is doing.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import EngineError
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 1.0  # 0 → greedy
+    top_k: int = 0  # 0 → off
+    top_p: float = 1.0  # 1 → off
+    min_p: float = 0.0  # 0 → off
+    repetition_penalty: float = 1.0  # 1 → off (llama.cpp / CTRL style: divide positive logits)
+    presence_penalty: float = 0.0  # OpenAI: minus this once a token has appeared
+    frequency_penalty: float = 0.0  # OpenAI: minus this × the token's count so far
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    seed: int | None = None
+    logprobs: int | None = None  # report the chosen token's log-prob and this many top ones
+
+    def validate(self, n_vocab: int) -> None:
+        if self.temperature < 0:
+            raise EngineError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise EngineError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise EngineError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.min_p <= 1:
+            raise EngineError(f"min_p must be in [0, 1], got {self.min_p}")
+        if self.repetition_penalty <= 0:
+            raise EngineError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        for token in self.logit_bias:
+            if not 0 <= int(token) < n_vocab:
+                raise EngineError(f"logit_bias names token {token}, outside 0..{n_vocab - 1}")
+
+
+@dataclass
+class Choice:
+    token: int
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits.astype(np.float64) - np.max(logits)
+    return shifted - np.log(np.sum(np.exp(shifted)))
+
+
+def apply_penalties(logits: np.ndarray, history: list[int], p: SamplingParams) -> np.ndarray:
+    """Penalize tokens already in `history` (prompt and output so far)."""
+    if not history or (p.repetition_penalty == 1.0 and p.presence_penalty == 0.0
+                       and p.frequency_penalty == 0.0):
+        return logits
+    logits = logits.copy()
+    counts = Counter(history)
+    ids = np.fromiter(counts.keys(), dtype=np.int64)
+    n = np.fromiter(counts.values(), dtype=np.float32)
+    seen = logits[ids]
+    if p.repetition_penalty != 1.0:
+        seen = np.where(seen > 0, seen / p.repetition_penalty, seen * p.repetition_penalty)
+    seen = seen - p.presence_penalty - p.frequency_penalty * n
+    logits[ids] = seen
+    return logits
+
+
+def apply_bias(logits: np.ndarray, bias: dict[int, float]) -> np.ndarray:
+    if not bias:
+        return logits
+    logits = logits.copy()
+    for token, value in bias.items():
+        logits[int(token)] += value
+    return logits
+
+
+def truncate(probs: np.ndarray, p: SamplingParams) -> np.ndarray:
+    """Zero the probabilities top-k, top-p and min-p rule out; probs sorted descending in."""
+    keep = len(probs)
+    if p.top_k > 0:
+        keep = min(keep, p.top_k)
+    if p.top_p < 1.0:
+        cumulative = np.cumsum(probs[:keep])
+        keep = min(keep, int(np.searchsorted(cumulative, p.top_p * cumulative[-1])) + 1)
+    if p.min_p > 0.0:
+        keep = min(keep, max(1, int(np.sum(probs[:keep] >= p.min_p * probs[0]))))
+    return probs[:keep]
+
+
+class Sampler:
+    """Draws tokens for one request; holds that request's random generator."""
+
+    def __init__(self, params: SamplingParams):
+        self.params = params
+        self.rng = np.random.default_rng(params.seed)
+
+    def __call__(self, logits: np.ndarray, history: list[int]) -> Choice:
+        """logits (n_vocab,) float32 → the next token, with log-probs when asked."""
+        p = self.params
+        logits = apply_bias(apply_penalties(logits, history, p), p.logit_bias)
+        token = self.draw(logits)
+        if p.logprobs is None:
+            return Choice(token)
+        logprobs = log_softmax(logits)
+        top = np.argsort(-logprobs)[: p.logprobs] if p.logprobs > 0 else []
+        return Choice(token, float(logprobs[token]),
+                      [(int(i), float(logprobs[i])) for i in top])
+
+    def draw(self, logits: np.ndarray) -> int:
+        p = self.params
+        if p.temperature == 0.0:
+            return int(np.argmax(logits))
+        # Truncation rules look at the distribution before temperature, as llama.cpp does.
+        order = np.argsort(-logits, kind="stable")
+        if p.top_k > 0:
+            order = order[: max(p.top_k, 1)]
+        probs = np.exp((logits[order] - logits[order[0]]).astype(np.float64))
+        probs /= probs.sum()
+        kept = truncate(probs, p)
+        scaled = np.log(kept) / p.temperature
+        weights = np.exp(scaled - scaled.max())
+        return int(order[self.rng.choice(len(weights), p=weights / weights.sum())])

@@ -1,0 +1,104 @@
+"""`numbalm generate` and `numbalm chat`: the engine on a terminal, tokens streamed as made."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from engine.registry import DEFAULT_MODEL
+
+
+def _env(name: str, default):
+    return os.environ.get(f"NUMBALM_{name}", default)
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-m", "--model", default=_env("MODEL", DEFAULT_MODEL),
+                   help="registry id, alias or .gguf path (env NUMBALM_MODEL)")
+    p.add_argument("--backend", choices=("fast", "reference"), default=_env("BACKEND", None),
+                   help="fast (Numba, default) or reference (NumPy) (env NUMBALM_BACKEND)")
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-k", type=int, default=40)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--min-p", type=float, default=0.05)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop sequence (repeatable)")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("generate", help="continue a prompt, streaming to the terminal")
+    _add_common(p)
+    p.add_argument("prompt", help="the text to continue")
+    p.add_argument("--chat", action="store_true",
+                   help="wrap the prompt as one user message in the chat template")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="an interactive chat; Ctrl-C stops a reply, Ctrl-D quits")
+    _add_common(p)
+    p.add_argument("--system", default=None, help="system prompt")
+    p.set_defaults(func=cmd_chat)
+
+
+def _sampling(args) -> dict:
+    return dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                top_p=args.top_p, min_p=args.min_p,
+                repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop)
+
+
+def _load(args):
+    import engine
+
+    return engine.load_model(args.model, backend=args.backend)
+
+
+def _stream(model, ids, args, out=sys.stdout) -> str:
+    """Print tokens as they come; return the whole reply."""
+    pieces = []
+    for tok in model.generate(ids, **_sampling(args)):
+        out.write(tok.text)
+        out.flush()
+        pieces.append(tok.text)
+    return "".join(pieces)
+
+
+def cmd_generate(args) -> int:
+    model = _load(args)
+    if args.chat:
+        ids = model.chat_prompt_ids([{"role": "user", "content": args.prompt}])
+    else:
+        ids = model.tokenizer.encode(args.prompt, add_bos=None, special=False)
+    _stream(model, ids, args)
+    sys.stdout.write("\n")
+    return 0
+
+
+def cmd_chat(args) -> int:
+    model = _load(args)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    print(f"numbalm chat with {model.id} — Ctrl-C stops a reply, Ctrl-D quits.",
+          file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        except KeyboardInterrupt:  # Ctrl-C at the prompt clears the line
+            print(file=sys.stderr)
+            continue
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        reply = []
+        try:
+            for tok in model.generate(model.chat_prompt_ids(messages), **_sampling(args)):
+                sys.stdout.write(tok.text)
+                sys.stdout.flush()
+                reply.append(tok.text)
+        except KeyboardInterrupt:  # stops this reply; the session goes on
+            sys.stdout.write(" [stopped]")
+        sys.stdout.write("\n")
+        messages.append({"role": "assistant", "content": "".join(reply)})
