@@ -229,7 +229,7 @@ def _mb(n: float) -> str:
 
 
 def download(url: str, part: Path, *, progress: Progress | None = None,
-             chunk_size: int = CHUNK, timeout: float = 60.0) -> str:
+             timeout: float = 60.0) -> str:
     """Stream `url` into `part`, resuming from its current size; return the file's sha256.
 
     A server that answers a Range request with 206 continues the file; one that answers 200
@@ -252,7 +252,7 @@ def download(url: str, part: Path, *, progress: Progress | None = None,
         if progress:
             progress.start(done, total)
         with open(part, "ab" if done else "wb") as out:
-            done = _copy_stream(url, resp, out, h, done, total, progress, chunk_size)
+            done = _copy_stream(url, resp, out, h, done, total, progress)
     if total is not None and done != total:
         raise RegistryError(f"{url}: connection closed after {done} of {total} bytes; "
                             f"run the same command again to resume")
@@ -294,10 +294,10 @@ def _expected_total(resp, done: int) -> int | None:
     return int(length) if length and length.isdigit() else None
 
 
-def _copy_stream(url, resp, out, h, done, total, progress, chunk_size) -> int:
+def _copy_stream(url, resp, out, h, done, total, progress) -> int:
     """Copy the response body to `out`, hashing it; return the bytes now in the file."""
     try:
-        while chunk := resp.read(chunk_size):
+        while chunk := resp.read(CHUNK):
             out.write(chunk)
             h.update(chunk)
             done += len(chunk)
