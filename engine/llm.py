@@ -14,6 +14,7 @@ import numpy as np
 
 from . import chat
 from .backends import get_backend
+from .errors import EngineError
 from .generate import GeneratedToken, check_prompt, generate
 from .gguf_file import GGUFFile, open_gguf
 from .models import architecture_module
@@ -60,6 +61,28 @@ class LLM:
                         max_tokens=max_tokens, stop=stop, should_stop=should_stop,
                         params=params)
 
+    def embed(self, inputs, pooling: str = "mean", normalize: bool = True,
+              truncate: bool = False) -> np.ndarray:
+        """Texts or token-id lists → (len(inputs), dim) float32 sentence vectors.
+
+        The final hidden states (after the output norm) are pooled over the sequence:
+        `mean`, `last`, or `cls`/`first`; then L2-normalized unless `normalize=False`.
+        An input longer than the context is an error unless `truncate=True`.
+        """
+        if isinstance(inputs, str) or (inputs and isinstance(inputs[0], int)):
+            inputs = [inputs]
+        out = np.empty((len(inputs), self.dim), dtype=np.float32)
+        for row, item in enumerate(inputs):
+            ids = self.tokenizer.encode(item) if isinstance(item, str) else list(item)
+            if truncate:
+                ids = ids[: self.n_ctx]
+            check_prompt(ids, self.n_ctx + 1, self.n_vocab)
+            hidden = self.model.forward(np.asarray(ids), self.model.new_cache(len(ids)))
+            out[row] = pool(hidden, pooling)
+        if normalize:
+            out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+        return out
+
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
                             tools=None) -> str:
         """Render messages with the model's chat template (or the documented fallback)."""
@@ -84,6 +107,17 @@ class LLM:
         if len(ids) > 1 and ids[0] == bos and ids[1] == bos:
             ids = ids[1:]
         return ids
+
+
+def pool(hidden: np.ndarray, pooling: str) -> np.ndarray:
+    """(n, dim) hidden states → (dim,) one vector for the sequence."""
+    if pooling == "mean":
+        return hidden.mean(axis=0)
+    if pooling == "last":
+        return hidden[-1]
+    if pooling in ("cls", "first"):
+        return hidden[0]
+    raise EngineError(f"unknown pooling {pooling!r} (choose mean, last or cls)")
 
 
 def load_model(name_or_path: str, backend: str | None = None, n_ctx: int | None = None) -> LLM:
