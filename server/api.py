@@ -1,0 +1,154 @@
+"""The `/v1` Blueprint: OpenAI's models, chat completions and completions routes."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from flask import Blueprint, Response, current_app, g, jsonify, request
+
+from server.errors import APIError
+from server.generation import ChoiceResult, Stats, StopCheck, collect, plan, run_choice
+from server.responses import Shaper, sse
+from server.runtime import Runtime
+from server.schema import parse_chat, parse_completion, parse_json
+
+log = logging.getLogger("numbalm.server")
+bp = Blueprint("v1", __name__, url_prefix="/v1")
+
+
+def runtime() -> Runtime:
+    return current_app.extensions["numbalm"]
+
+
+def _model_object(served) -> dict:
+    return {"id": served.id, "object": "model", "created": served.created, "owned_by": "numbalm"}
+
+
+@bp.get("/models")
+def list_models():
+    rt = runtime()
+    return jsonify({"object": "list", "data": [_model_object(s) for s in rt.pool.list()]})
+
+
+@bp.get("/models/<path:model_id>")
+def get_model(model_id: str):
+    return jsonify(_model_object(runtime().pool.get(model_id)))
+
+
+@bp.post("/chat/completions")
+def chat_completions():
+    return _generate(parse_chat)
+
+
+@bp.post("/completions")
+def completions():
+    return _generate(parse_completion)
+
+
+def _generate(parse):
+    rt = runtime()
+    cfg = rt.config
+    req = parse(parse_json(request.get_data(cache=False)), cfg.max_tokens_cap, cfg.max_n)
+    served = rt.pool.get(req.model)
+    the_plan = plan(req, served, cfg.max_tokens_cap)
+    stats = Stats(start=g.start)
+    g.access.update(model=served.id, stream=req.stream, stats=stats,
+                    prompt_tokens=the_plan.prompt_tokens)
+    rt.admit()
+    stats.admitted = time.perf_counter()
+    check = StopCheck(request.environ.get("waitress.client_disconnected"), cfg.request_timeout,
+                      rt.shutdown)
+
+    def finish():
+        rt.release()
+        rt.observe(served.id, the_plan.prompt_tokens, stats)
+        if check.reason:
+            rt.metrics.cancelled.labels(check.reason).inc()
+
+    if req.stream:
+        events = _chat_events if req.kind == "chat" else _text_events
+        body = EventStream(_sse(events(the_plan, Shaper(the_plan), check, stats), check), finish)
+        return Response(body, mimetype="text/event-stream",
+                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    try:
+        results = collect(the_plan, check, stats)
+    finally:
+        finish()
+    if check.reason:
+        raise check.error()
+    return jsonify(Shaper(the_plan).completion(results, stats.completion_tokens))
+
+
+# --- streaming --------------------------------------------------------------------------------
+
+class EventStream:
+    """The body of a streamed response; it holds the admission slot until the server closes it
+    (after the last chunk, or when the client has gone and a write failed)."""
+
+    def __init__(self, chunks, on_close):
+        self.chunks = chunks
+        self.on_close = on_close
+        self.closed = False
+
+    def __iter__(self):
+        return self.chunks
+
+    def close(self):
+        if not self.closed:
+            self.closed = True
+            self.chunks.close()  # stops the engine's generator where it is
+            self.on_close()
+
+
+def _sse(events, check: StopCheck):
+    """Chunks as SSE lines, an error event if the stream breaks off, then `[DONE]`."""
+    try:
+        for event in events:
+            yield sse(event)
+        if check.reason in ("timeout", "shutdown"):
+            yield sse(check.error().body())
+    except APIError as e:
+        yield sse(e.body())
+    except Exception:  # noqa: BLE001 - the status line is gone; tell the client in-band
+        log.exception("error while streaming")
+        yield sse(APIError(500, "Internal server error while streaming.").body())
+    if check.reason != "disconnect":
+        yield sse("[DONE]")
+
+
+def _chat_events(plan, shaper: Shaper, check: StopCheck, stats: Stats):
+    for choice, prompt in plan.jobs():
+        yield shaper.chat_chunk(choice, {"role": "assistant", "content": ""})
+        result = ChoiceResult(choice, prompt)
+        for tok in run_choice(plan, result, check, stats):
+            logprobs = shaper.chat_logprobs([tok]) if tok.id is not None else None
+            if tok.text or (logprobs and logprobs["content"]):
+                yield shaper.chat_chunk(choice, {"content": tok.text}, logprobs=logprobs)
+        if check.reason or result.finish_reason == "cancelled":
+            return
+        yield shaper.chat_chunk(choice, {}, finish=result.finish_reason)
+    if plan.req.include_usage:
+        yield shaper.usage_chunk(stats.completion_tokens)
+
+
+def _text_events(plan, shaper: Shaper, check: StopCheck, stats: Stats):
+    for choice, prompt in plan.jobs():
+        offset = 0
+        if plan.req.echo:
+            entries = shaper.echo_entries(prompt)
+            yield shaper.text_chunk(choice, prompt.text,
+                                    logprobs=shaper.legacy_logprobs(entries, 0))
+            offset = len(prompt.text)
+        result = ChoiceResult(choice, prompt)
+        for tok in run_choice(plan, result, check, stats):
+            entries = [(tok.id, tok.logprob, tok.top_logprobs)] if tok.id is not None else []
+            logprobs = shaper.legacy_logprobs(entries, offset)
+            if tok.text or (logprobs and logprobs["tokens"]):
+                yield shaper.text_chunk(choice, tok.text, logprobs=logprobs)
+            offset += len(tok.text or "")
+        if check.reason or result.finish_reason == "cancelled":
+            return
+        yield shaper.text_chunk(choice, "", finish=result.finish_reason)
+    if plan.req.include_usage:
+        yield shaper.usage_chunk(stats.completion_tokens)

@@ -1,0 +1,66 @@
+"""The few engine names the server needs, imported lazily.
+
+The server depends on `engine` only through `load_model`, `GeneratedToken` and the error
+classes in `engine.errors` (docs/internals.md). Importing them here, with stand-ins when the
+engine package is not importable, keeps `import server` working on its own (for example in
+tests that drive the server with a fake model).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+try:  # pragma: no cover - which branch runs depends on the checkout
+    from engine.errors import (
+        ChatTemplateError,
+        ContextOverflowError,
+        EngineError,
+        ModelNotFoundError,
+    )
+except ImportError:  # the engine is not there (yet): same names, same hierarchy
+
+    class EngineError(Exception):
+        """Base engine error; its message is fit to show a user."""
+
+    class ModelNotFoundError(EngineError):
+        pass
+
+    class ContextOverflowError(EngineError):
+        pass
+
+    class ChatTemplateError(EngineError):
+        pass
+
+
+try:  # pragma: no cover
+    from engine.generate import GeneratedToken
+except ImportError:
+
+    @dataclass
+    class GeneratedToken:
+        """One sampled token, as `Model.generate` yields it."""
+
+        id: int
+        text: str
+        logprob: float | None = None
+        top_logprobs: list[tuple[int, float]] | None = field(default=None)
+        finish_reason: str | None = None
+
+
+def load_model(name_or_path: str, backend: str = "fast"):
+    """`engine.load_model`, imported on first use so the server starts without the engine."""
+    try:
+        from engine import load_model as _load_model
+    except ImportError as e:
+        raise EngineError(f"the numbalm engine is not importable: {e}") from e
+    return _load_model(name_or_path, backend=backend)
+
+
+__all__ = [
+    "ChatTemplateError",
+    "ContextOverflowError",
+    "EngineError",
+    "GeneratedToken",
+    "ModelNotFoundError",
+    "load_model",
+]

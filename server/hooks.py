@@ -1,0 +1,111 @@
+"""Per-request plumbing: request ids, API keys, CORS, access logs and HTTP metrics."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import re
+import secrets
+import time
+
+from flask import Flask, current_app, g, request
+
+from server.errors import APIError
+from server.logs import request_id
+
+access_log = logging.getLogger("numbalm.access")
+REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+OPEN_ROUTES = ("/healthz", "/readyz", "/metrics")
+
+
+def _start_request():
+    incoming = request.headers.get("X-Request-Id", "")
+    g.request_id = incoming if REQUEST_ID.match(incoming) else "req_" + secrets.token_hex(12)
+    request_id.set(g.request_id)
+    g.start = time.perf_counter()
+    g.access = {}
+    current_app.extensions["numbalm"].metrics.in_flight.inc()
+
+
+def _check_api_key():
+    keys = current_app.extensions["numbalm"].config.api_keys
+    if not keys or request.method == "OPTIONS" or request.path in OPEN_ROUTES:
+        return
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not given.strip():
+        raise APIError(401, "You didn't provide an API key. Send it as 'Authorization: Bearer "
+                       "YOUR_KEY'.", code="missing_api_key")
+    given_bytes = given.strip().encode()
+    # Compare against every key, each in constant time, so timing says nothing about which.
+    matches = [hmac.compare_digest(given_bytes, k.encode()) for k in keys]
+    if not any(matches):
+        raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
+
+
+def _allowed_origin() -> str | None:
+    origins = current_app.extensions["numbalm"].config.cors_origins
+    origin = request.headers.get("Origin")
+    if not origin or not origins:
+        return None
+    if "*" in origins:
+        return "*"
+    return origin if origin in origins else None
+
+
+def _preflight():
+    """Answer a CORS preflight before auth (browsers send no credentials with it)."""
+    if request.method != "OPTIONS" or "Access-Control-Request-Method" not in request.headers:
+        return None
+    response = current_app.make_default_options_response()
+    response.status_code = 204
+    if _allowed_origin():
+        response.headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
+        response.headers["Access-Control-Allow-Headers"] = request.headers.get(
+            "Access-Control-Request-Headers", "Authorization, Content-Type")
+        response.headers["Access-Control-Max-Age"] = "600"
+    return response
+
+
+def _finish_response(response):
+    response.headers["X-Request-Id"] = g.request_id
+    origin = _allowed_origin()
+    if origin:
+        response.headers["Access-Control-Allow-Origin"] = origin
+        response.headers["Access-Control-Expose-Headers"] = "X-Request-Id, Retry-After"
+        response.vary.add("Origin")
+    record = dict(request_id=g.request_id, method=request.method, path=request.path,
+                  route=request.url_rule.rule if request.url_rule else "unmatched",
+                  status=response.status_code, remote=request.remote_addr, start=g.start,
+                  access=g.access)
+    metrics = current_app.extensions["numbalm"].metrics
+    response.call_on_close(lambda: _log_request(metrics, record))
+    return response
+
+
+def _log_request(metrics, r: dict) -> None:
+    """Runs when the response is closed, i.e. after the last byte of a stream too."""
+    elapsed = time.perf_counter() - r["start"]
+    metrics.in_flight.dec()
+    metrics.requests.labels(r["method"], r["route"], str(r["status"])).inc()
+    metrics.latency.labels(r["route"]).observe(elapsed)
+    fields = {"method": r["method"], "path": r["path"], "status": r["status"],
+              "duration_ms": round(elapsed * 1000, 1), "remote": r["remote"]}
+    access = r["access"]
+    stats = access.get("stats")
+    if stats is not None:
+        fields.update(model=access["model"], stream=access["stream"],
+                      prompt_tokens=access["prompt_tokens"],
+                      completion_tokens=stats.completion_tokens)
+    token = request_id.set(r["request_id"])
+    try:
+        access_log.info("%s %s %s", r["method"], r["path"], r["status"],
+                        extra={"fields": fields})
+    finally:
+        request_id.reset(token)
+
+
+def init_app(app: Flask) -> None:
+    app.before_request(_start_request)
+    app.before_request(_preflight)
+    app.before_request(_check_api_key)
+    app.after_request(_finish_response)

@@ -1,0 +1,43 @@
+"""Prometheus metrics, in a registry of the app's own so several apps can share a process."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+RATE_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000)
+
+
+class Metrics:
+    def __init__(self, admission):
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("numbalm_http_requests", "HTTP requests by route and status",
+                                ["method", "route", "status"], registry=r)
+        self.latency = Histogram("numbalm_http_request_duration_seconds",
+                                 "Time to the last byte of a response", ["route"],
+                                 buckets=LATENCY_BUCKETS, registry=r)
+        self.in_flight = Gauge("numbalm_http_requests_in_flight", "Requests being served",
+                               registry=r)
+        generations = Gauge("numbalm_generations_in_flight", "Generations holding a slot",
+                            registry=r)
+        generations.set_function(lambda: admission.active)
+        depth = Gauge("numbalm_queue_depth", "Requests waiting for a slot", registry=r)
+        depth.set_function(lambda: admission.waiting)
+        self.rejected = Counter("numbalm_admission_rejected",
+                                "Requests refused by admission (queue_full: 429, "
+                                "queue_timeout: 503)", ["reason"], registry=r)
+        self.ttft = Histogram("numbalm_time_to_first_token_seconds",
+                              "From request arrival to the first generated token", ["model"],
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.tokens_per_second = Histogram("numbalm_tokens_per_second",
+                                           "Completion tokens per second of one generation",
+                                           ["model"], buckets=RATE_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("numbalm_prompt_tokens", "Prompt tokens processed",
+                                     ["model"], registry=r)
+        self.completion_tokens = Counter("numbalm_completion_tokens",
+                                         "Completion tokens generated", ["model"], registry=r)
+        self.cancelled = Counter("numbalm_generations_cancelled",
+                                 "Generations stopped early (disconnect, timeout, shutdown)",
+                                 ["reason"], registry=r)
+        self.ready = Gauge("numbalm_ready", "1 when models are loaded and warmed up",
+                           registry=r)

@@ -1,0 +1,139 @@
+"""The model pool: the one object through which the server reaches the engine.
+
+It loads the configured models by id (`engine.load_model`), warms each up (one greedy token,
+which compiles the Numba kernels), and resolves a request's `model` (an id or an alias) to a
+loaded model. Tests build one with `ModelPool.from_models([...])` around fake models.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+from server import engine_api
+from server.config import ConfigError
+from server.errors import APIError
+
+log = logging.getLogger("numbalm.server")
+
+
+@dataclass
+class ServedModel:
+    id: str          # the name clients use; also what responses report as `model`
+    model: object    # an engine Model (or a test double with the same contract)
+    created: int     # unix time it was loaded
+
+
+def parse_model_spec(spec: str) -> tuple[str | None, str]:
+    """`"REF"` or `"NAME=REF"` -> (NAME or None, REF)."""
+    name, sep, ref = spec.partition("=")
+    if not sep:
+        return None, spec
+    if not name or not ref:
+        raise ConfigError(f"invalid model spec {spec!r}; use REF or NAME=REF")
+    return name, ref
+
+
+class ModelPool:
+    def __init__(self, specs=(), aliases=None, backend="fast", warmup=True, loader=None):
+        self.specs = [parse_model_spec(s) for s in specs]
+        self.aliases = dict(aliases or {})
+        self.backend = backend
+        self.warmup = warmup
+        self.loader = loader or engine_api.load_model
+        self.models: dict[str, ServedModel] = {}
+        self.error: str | None = None
+        self._ready = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @classmethod
+    def from_models(cls, models, aliases=None, warmup=False) -> ModelPool:
+        """A pool around already-loaded models (served under their `.id`), ready at once."""
+        pool = cls(aliases=aliases, warmup=warmup)
+        for model in models:
+            pool._add(model.id, model)
+        pool._finish()
+        return pool
+
+    # --- loading ----------------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set()
+
+    @property
+    def status(self) -> str:
+        if self.error:
+            return f"failed: {self.error}"
+        return "ready" if self.ready else "loading"
+
+    def start(self, on_error=None) -> None:
+        """Load the models in a background thread; /readyz says 503 until it is done."""
+        if self.ready or self._thread:
+            return
+        self._thread = threading.Thread(target=self._load_all, args=(on_error,),
+                                        name="numbalm-load", daemon=True)
+        self._thread.start()
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        self._ready.wait(timeout)
+        return self.ready
+
+    def _load_all(self, on_error=None) -> None:
+        try:
+            for name, ref in self.specs:
+                t0 = time.perf_counter()
+                model = self.loader(ref, backend=self.backend)
+                served = name or getattr(model, "id", None) or ref
+                self._add(served, model)
+                log.info("loaded model %s (%s) in %.1f s", served, ref, time.perf_counter() - t0)
+            self._finish()
+        except Exception as e:  # noqa: BLE001 - any load failure is reported, not raised
+            self.error = str(e) or type(e).__name__
+            log.error("model loading failed: %s", self.error)
+            if on_error:
+                on_error(self.error)
+
+    def _add(self, name: str, model) -> None:
+        if name in self.models:
+            raise ConfigError(f"two models are served as {name!r}; name one with NAME=REF")
+        self.models[name] = ServedModel(name, model, int(time.time()))
+
+    def _finish(self) -> None:
+        for alias, target in self.aliases.items():
+            if target not in self.models:
+                raise ConfigError(f"alias {alias!r} points to {target!r}, which is not served")
+        if self.warmup:
+            for served in self.models.values():
+                self._warm(served)
+        self._ready.set()
+
+    def _warm(self, served: ServedModel) -> None:
+        """One greedy token: compiles the kernels before the first request pays for it."""
+        t0 = time.perf_counter()
+        ids = served.model.tokenizer.encode("Hello", add_bos=None)
+        for _ in served.model.generate(ids, max_tokens=1, temperature=0.0):
+            pass
+        log.info("warmed up %s in %.1f s", served.id, time.perf_counter() - t0)
+
+    # --- lookup -----------------------------------------------------------------------------
+
+    def list(self) -> list[ServedModel]:
+        return list(self.models.values())
+
+    def get(self, name: str | None) -> ServedModel:
+        """The model a request names (id or alias; None: the first one) or a 404/503."""
+        if not self.ready:
+            raise APIError(503, f"Models are not ready ({self.status}); retry shortly.",
+                           code="model_not_ready", headers={"Retry-After": "5"})
+        if name is None:
+            if not self.models:
+                raise APIError(404, "No model is loaded.", code="model_not_found")
+            return next(iter(self.models.values()))
+        served = self.models.get(self.aliases.get(name, name))
+        if served is None:
+            raise APIError(404, f"The model '{name}' does not exist; see /v1/models.",
+                           param="model", code="model_not_found")
+        return served

@@ -1,0 +1,136 @@
+"""OpenAI response shapes: completion objects, stream chunks, usage and logprobs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import string
+import time
+
+from server.generation import ChoiceResult, Plan, prompt_logprobs
+
+ALPHABET = string.ascii_letters + string.digits
+VERSION = "0.1.0"
+
+
+def new_id(prefix: str) -> str:
+    return prefix + "".join(secrets.choice(ALPHABET) for _ in range(29))
+
+
+def fingerprint(model_id: str, backend: str = "") -> str:
+    digest = hashlib.sha256(f"numbalm {VERSION} {model_id} {backend}".encode()).hexdigest()
+    return "fp_" + digest[:10]
+
+
+def sse(payload) -> bytes:
+    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
+    return f"data: {data}\n\n".encode()
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+class Shaper:
+    """Builds one request's response objects; id, created and fingerprint are shared."""
+
+    def __init__(self, plan: Plan):
+        self.plan = plan
+        self.chat = plan.req.kind == "chat"
+        self.id = new_id("chatcmpl-" if self.chat else "cmpl-")
+        self.created = int(time.time())
+        self.model = plan.served.id
+        self.tokenizer = plan.served.model.tokenizer
+        self.fingerprint = fingerprint(self.model, getattr(plan.served.model, "backend", ""))
+
+    def _envelope(self, obj: str, choices: list) -> dict:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
+                "system_fingerprint": self.fingerprint, "choices": choices}
+
+    # --- token text -------------------------------------------------------------------------
+
+    def token_text(self, id: int) -> tuple[str, list[int]]:
+        raw = bytes(self.tokenizer.token_bytes(id))
+        try:
+            return raw.decode("utf-8"), list(raw)
+        except UnicodeDecodeError:  # part of a multi-byte character, shown as OpenAI does
+            return "bytes:" + "".join(f"\\x{b:02x}" for b in raw), list(raw)
+
+    def chat_logprob(self, id: int, logprob: float, top) -> dict:
+        text, raw = self.token_text(id)
+        alts = []
+        for alt_id, alt_lp in top or []:
+            alt_text, alt_raw = self.token_text(alt_id)
+            alts.append({"token": alt_text, "logprob": alt_lp, "bytes": alt_raw})
+        return {"token": text, "logprob": logprob, "bytes": raw, "top_logprobs": alts}
+
+    def chat_logprobs(self, tokens) -> dict | None:
+        if self.plan.req.logprobs is None:
+            return None
+        return {"content": [self.chat_logprob(t.id, t.logprob, t.top_logprobs) for t in tokens],
+                "refusal": None}
+
+    def legacy_logprobs(self, entries, offset: int) -> dict | None:
+        """entries: [(id, logprob, top)]; text_offset counts characters from `offset`."""
+        if self.plan.req.logprobs is None:
+            return None
+        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for id, logprob, top in entries:
+            text, _ = self.token_text(id)
+            out["tokens"].append(text)
+            out["token_logprobs"].append(logprob)
+            out["top_logprobs"].append(
+                None if logprob is None else {self.token_text(a)[0]: lp for a, lp in top or []})
+            out["text_offset"].append(offset)
+            offset += len(text)
+        return out
+
+    def echo_entries(self, prompt) -> list:
+        if self.plan.req.logprobs is None:
+            return []
+        lps = prompt_logprobs(self.plan.served.model, prompt.ids, self.plan.req.logprobs)
+        return [(id, lp, top) for id, (lp, top) in zip(prompt.ids, lps, strict=True)]
+
+    # --- whole responses --------------------------------------------------------------------
+
+    def completion(self, results: list[ChoiceResult], completion_tokens: int) -> dict:
+        choices = [self._chat_choice(r) if self.chat else self._text_choice(r) for r in results]
+        body = self._envelope("chat.completion" if self.chat else "text_completion", choices)
+        body["usage"] = usage(self.plan.prompt_tokens, completion_tokens)
+        return body
+
+    def _chat_choice(self, r: ChoiceResult) -> dict:
+        return {"index": r.index,
+                "message": {"role": "assistant", "content": r.text, "refusal": None},
+                "logprobs": self.chat_logprobs(r.tokens), "finish_reason": r.finish_reason}
+
+    def _text_choice(self, r: ChoiceResult) -> dict:
+        echo = r.prompt.text if self.plan.req.echo else ""
+        entries = self.echo_entries(r.prompt) if echo else []
+        entries += [(t.id, t.logprob, t.top_logprobs) for t in r.tokens]
+        return {"index": r.index, "text": echo + r.text, "finish_reason": r.finish_reason,
+                "logprobs": self.legacy_logprobs(entries, 0)}
+
+    # --- stream chunks ----------------------------------------------------------------------
+
+    def chat_chunk(self, index: int, delta: dict, finish=None, logprobs=None) -> dict:
+        chunk = self._envelope("chat.completion.chunk", [
+            {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}])
+        if self.plan.req.include_usage:
+            chunk["usage"] = None
+        return chunk
+
+    def text_chunk(self, index: int, text: str, finish=None, logprobs=None) -> dict:
+        chunk = self._envelope("text_completion", [
+            {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}])
+        if self.plan.req.include_usage:
+            chunk["usage"] = None
+        return chunk
+
+    def usage_chunk(self, completion_tokens: int) -> dict:
+        obj = "chat.completion.chunk" if self.chat else "text_completion"
+        chunk = self._envelope(obj, [])
+        chunk["usage"] = usage(self.plan.prompt_tokens, completion_tokens)
+        return chunk

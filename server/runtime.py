@@ -1,0 +1,59 @@
+"""The one object on the app (`app.extensions["numbalm"]`) that holds everything the routes use."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from server.admission import Admission, QueueFull, QueueTimeout
+from server.config import ServerConfig
+from server.errors import APIError
+from server.metrics import Metrics
+from server.models import ModelPool
+
+
+class Runtime:
+    def __init__(self, config: ServerConfig, pool: ModelPool):
+        self.config = config
+        self.pool = pool
+        self.admission = Admission(config.max_concurrent, config.queue_size, config.queue_timeout)
+        self.metrics = Metrics(self.admission)
+        self.metrics.ready.set_function(lambda: 1 if self.ready else 0)
+        self.shutdown = threading.Event()   # set: cancel every running generation
+        self.draining = False               # set on SIGTERM: refuse new work, finish the rest
+
+    @property
+    def ready(self) -> bool:
+        return self.pool.ready and not self.draining
+
+    def admit(self) -> None:
+        """Take a generation slot or raise the 429/503 the client should see."""
+        if self.draining:
+            raise APIError(503, "The server is shutting down.", code="server_shutting_down")
+        try:
+            self.admission.acquire()
+        except QueueFull:
+            self.metrics.rejected.labels("queue_full").inc()
+            retry = self.admission.retry_after()
+            raise APIError(429, f"The server is busy ({self.admission.max_active} running, "
+                           f"{self.admission.max_waiting} waiting); retry in {retry} s.",
+                           code="queue_full", headers={"Retry-After": str(retry)}) from None
+        except QueueTimeout:
+            self.metrics.rejected.labels("queue_timeout").inc()
+            raise APIError(503, f"No generation slot became free within "
+                           f"{self.admission.timeout:g} s; retry later.", code="queue_timeout",
+                           headers={"Retry-After": str(self.admission.retry_after())}) from None
+
+    def release(self) -> None:
+        self.admission.release()
+
+    def observe(self, model_id: str, prompt_tokens: int, stats) -> None:
+        """Token and latency metrics of one finished generation."""
+        m = self.metrics
+        m.prompt_tokens.labels(model_id).inc(prompt_tokens)
+        m.completion_tokens.labels(model_id).inc(stats.completion_tokens)
+        if stats.first_token is not None:
+            m.ttft.labels(model_id).observe(stats.first_token - stats.start)
+            elapsed = time.perf_counter() - stats.admitted
+            if stats.completion_tokens and elapsed > 0:
+                m.tokens_per_second.labels(model_id).observe(stats.completion_tokens / elapsed)

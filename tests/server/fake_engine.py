@@ -1,0 +1,181 @@
+"""A small deterministic stand-in for `engine.Model`, following docs/internals.md.
+
+Byte-level tokenizer (ids 0..255 are bytes) plus four control tokens; a ChatML chat template;
+`generate` writes a fixed script when greedy and seeded random words when sampling, honouring
+max_tokens, stop (held back, never emitted), seed, logit_bias, logprobs and should_stop, with an
+optional per-token delay so admission and disconnect tests exercise real timing.
+"""
+
+from __future__ import annotations
+
+import codecs
+import random
+import threading
+import time
+
+import numpy as np
+
+from server.engine_api import ChatTemplateError, ContextOverflowError, GeneratedToken
+
+BOS, EOS, IM_START, IM_END = 256, 257, 258, 259
+SPECIALS = {"<s>": BOS, "</s>": EOS, "<|im_start|>": IM_START, "<|im_end|>": IM_END}
+SPECIAL_TEXT = {v: k for k, v in SPECIALS.items()}
+
+# Greedy output: multi-byte characters check that text deltas stay UTF-8 safe.
+SCRIPT = "Hello there, caf\u00e9 \U0001f642 friend. The quick brown fox jumps over the lazy dog."
+WORDS = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india"]
+
+
+class FakeTokenizer:
+    n_vocab = 260
+    bos_id = BOS
+    eos_id = EOS
+    eot_ids = (EOS, IM_END)
+
+    def encode(self, text: str, add_bos: bool | None = None, special: bool = False) -> list[int]:
+        ids = [BOS] if add_bos else []
+        while text:
+            hit = special and next((s for s in SPECIALS if text.startswith(s)), None)
+            if hit:
+                ids.append(SPECIALS[hit])
+                text = text[len(hit) :]
+            else:
+                ids.extend(text[0].encode("utf-8"))
+                text = text[1:]
+        return ids
+
+    def token_bytes(self, id: int) -> bytes:
+        return bytes([id]) if id < 256 else SPECIAL_TEXT[id].encode()
+
+    def decode(self, ids) -> str:
+        return b"".join(self.token_bytes(i) for i in ids).decode("utf-8", errors="replace")
+
+    def decoder(self):
+        return IncrementalDecoder(self)
+
+
+class IncrementalDecoder:
+    def __init__(self, tokenizer: FakeTokenizer):
+        self.tokenizer = tokenizer
+        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, id: int) -> str:
+        return self.utf8.decode(self.tokenizer.token_bytes(id))
+
+
+class StopMatcher:
+    """Holds back text that could still become a stop sequence; drops the stop itself."""
+
+    def __init__(self, stop):
+        self.stop = [s for s in stop if s]
+        self.pending = ""
+
+    def push(self, text: str) -> tuple[str, bool]:
+        self.pending += text
+        for s in self.stop:
+            at = self.pending.find(s)
+            if at >= 0:
+                out, self.pending = self.pending[:at], ""
+                return out, True
+        keep = max((k for s in self.stop for k in range(1, len(s)) if self.pending.endswith(s[:k])),
+                   default=0)
+        cut = len(self.pending) - keep
+        out, self.pending = self.pending[:cut], self.pending[cut:]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+class FakeModel:
+    architecture = "fake"
+    dim = 8
+
+    def __init__(self, id: str = "fake-model", n_ctx: int = 512, delay: float = 0.0,
+                 chat_template: bool = True):
+        self.id = id
+        self.n_ctx = n_ctx
+        self.delay = delay
+        self.has_chat_template = chat_template
+        self.tokenizer = FakeTokenizer()
+        self.n_vocab = self.tokenizer.n_vocab
+        self.calls: list[dict] = []        # the options of every generate call, for assertions
+        self.active = 0                    # generations running right now
+        self.max_active = 0
+        self.cancelled = 0
+        self._lock = threading.Lock()
+
+    def apply_chat_template(self, messages, add_generation_prompt=True, tools=None) -> str:
+        if not self.has_chat_template:
+            raise ChatTemplateError(f"model {self.id} has no chat template")
+        text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+        return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
+
+    def logits(self, ids) -> np.ndarray:
+        out = np.zeros((len(ids), self.n_vocab), dtype=np.float32)  # (n_tokens, n_vocab)
+        for i, t in enumerate(ids):
+            out[i, (t + 1) % 256] = 4.0
+        return out
+
+    def generate(self, prompt_ids, *, max_tokens=256, stop=(), temperature=1.0, top_k=0,
+                 top_p=1.0, min_p=0.0, seed=None, repetition_penalty=1.0, presence_penalty=0.0,
+                 frequency_penalty=0.0, logit_bias=None, logprobs=None, should_stop=None):
+        if len(prompt_ids) >= self.n_ctx:
+            raise ContextOverflowError(
+                f"prompt of {len(prompt_ids)} tokens does not fit the context of {self.n_ctx}")
+        opts = dict(locals())
+        del opts["self"], opts["should_stop"]
+        self.calls.append(opts)
+        return self._run(list(prompt_ids), max_tokens, stop, temperature, seed, logit_bias,
+                         logprobs, should_stop)
+
+    def _script(self, temperature, seed, logit_bias):
+        forced = [int(t) for t, b in (logit_bias or {}).items() if b >= 50]
+        if forced:
+            while True:
+                yield forced[0]
+        if temperature == 0:
+            yield from SCRIPT.encode()
+        else:
+            rng = random.Random(seed)
+            yield from " ".join(rng.choice(WORDS) for _ in range(12)).encode()
+        yield EOS
+
+    def _run(self, prompt_ids, max_tokens, stop, temperature, seed, logit_bias, logprobs,
+             should_stop):
+        with self._lock:
+            self.active += 1
+            self.max_active = max(self.max_active, self.active)
+        try:
+            yield from self._tokens(prompt_ids, max_tokens, stop, temperature, seed, logit_bias,
+                                    logprobs, should_stop)
+        finally:
+            with self._lock:
+                self.active -= 1
+
+    def _tokens(self, prompt_ids, max_tokens, stop, temperature, seed, logit_bias, logprobs,
+                should_stop):
+        decoder, matcher = self.tokenizer.decoder(), StopMatcher(stop)
+        room = min(max_tokens, self.n_ctx - len(prompt_ids))
+        for n, id in enumerate(self._script(temperature, seed, logit_bias), start=1):
+            if should_stop is not None and should_stop():
+                self.cancelled += 1
+                yield GeneratedToken(id=None, text=matcher.flush(), finish_reason="cancelled")
+                return
+            if self.delay:
+                time.sleep(self.delay)
+            text, stopped = ("", False) if id == EOS else matcher.push(decoder.push(id))
+            finish = "stop" if id == EOS or stopped else ("length" if n >= room else None)
+            if finish == "length" or id == EOS:
+                text += matcher.flush()
+            yield GeneratedToken(id=id, text=text, finish_reason=finish,
+                                 **self._logprobs(id, logprobs))
+            if finish:
+                return
+
+    def _logprobs(self, id, logprobs):
+        if logprobs is None:
+            return {"logprob": None, "top_logprobs": None}
+        others = [(i, -2.0 - k) for k, i in enumerate(x for x in (32, 101, 116, 97) if x != id)]
+        return {"logprob": -0.5, "top_logprobs": ([(id, -0.5)] + others)[:logprobs]}
