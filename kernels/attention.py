@@ -1,0 +1,72 @@
+"""Causal grouped-query attention over the KV cache, prefill and decode alike.
+
+Query i of the n new tokens sits at position pos0 + i and sees keys at positions
+max(0, pos0 + i - window + 1) .. pos0 + i (`window` <= 0: no window). Head h reads kv head
+h // (n_head // n_kv_head).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import prange
+
+from kernels.jit import pnjit
+
+
+def attention_ref(q, k, v, pos0: int, window: int, scale: float) -> np.ndarray:
+    """q (n, n_head, hd); k, v (n_kv_head, n_keys, hd) float32 -> (n, n_head * hd)."""
+    n, n_head, hd = q.shape
+    n_kv_head, n_keys, _ = k.shape
+    group = n_head // n_kv_head
+    q_pos = pos0 + np.arange(n)[:, None]  # (n, 1)
+    k_pos = np.arange(n_keys)[None, :]  # (1, n_keys)
+    allowed = k_pos <= q_pos
+    if window > 0:
+        allowed &= k_pos > q_pos - window
+    out = np.empty((n, n_head, hd), np.float32)
+    for h in range(n_head):
+        scores = (q[:, h, :] @ k[h // group].T) * scale  # (n, n_keys)
+        scores = np.where(allowed, scores, -np.inf)
+        weights = np.exp(scores - scores.max(axis=-1, keepdims=True))
+        weights /= weights.sum(axis=-1, keepdims=True)
+        out[:, h, :] = weights @ v[h // group]  # (n, hd)
+    return out.reshape(n, n_head * hd)
+
+
+@pnjit
+def attention(q, k, v, pos0, window, scale, out):
+    """Numba twin of `attention_ref`, writing out (n, n_head * hd).
+
+    One parallel job per (query, head): scores over its visible keys, softmax, weighted sum of
+    the value rows (two passes over the keys, no online rescaling).
+    """
+    n, n_head, hd = q.shape
+    n_kv_head, n_keys, _ = k.shape
+    group = n_head // n_kv_head
+    for job in prange(n * n_head):
+        i, h = job // n_head, job % n_head
+        kv = h // group
+        qpos = pos0 + i
+        hi = min(qpos + 1, n_keys)
+        lo = max(0, qpos - window + 1) if window > 0 else 0
+        scores = np.empty(hi - lo, np.float32)  # (visible keys,)
+        best = -np.inf
+        for j in range(lo, hi):
+            s = np.float32(0)
+            for e in range(hd):
+                s += q[i, h, e] * k[kv, j, e]
+            s *= scale
+            scores[j - lo] = s
+            best = max(best, s)
+        total = np.float32(0)
+        for j in range(hi - lo):
+            scores[j] = math.exp(scores[j] - best)
+            total += scores[j]
+        acc = out[i, h * hd : (h + 1) * hd]  # (hd,) view of the output row
+        acc[:] = 0
+        for j in range(lo, hi):
+            p = scores[j - lo] / total
+            for e in range(hd):
+                acc[e] += p * v[kv, j, e]

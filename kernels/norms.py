@@ -1,0 +1,116 @@
+"""Element-wise and per-row kernels: RMSNorm, RoPE, and the gated activations (SiLU, GELU-tanh).
+
+Each `name(…, out)` (Numba) sits beside `name_ref` (NumPy). They are memory-bound and cheap; the
+Numba versions exist to avoid NumPy's temporaries and per-op dispatch in the decode loop.
+`out` may be the input array itself (all of them work in place).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from kernels.jit import njit
+
+# --- RMSNorm -------------------------------------------------------------------------------------
+
+
+def rms_norm_ref(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    """x (..., d) float32, weight (d,) -> x / sqrt(mean(x^2) + eps) * weight, same shape."""
+    mean_square = np.mean(x * x, axis=-1, keepdims=True)
+    return (x / np.sqrt(mean_square + eps)) * weight
+
+
+@njit
+def rms_norm(x, weight, eps, out):
+    """Numba twin of `rms_norm_ref` on rows: x, out (n, d) float32; weight (d,)."""
+    n, d = x.shape
+    for i in range(n):
+        ss = 0.0  # float64 sum, like NumPy's pairwise float32 mean within rounding
+        for j in range(d):
+            ss += np.float64(x[i, j]) * x[i, j]
+        inv = np.float32(1.0 / math.sqrt(ss / d + eps))
+        for j in range(d):
+            out[i, j] = x[i, j] * inv * weight[j]
+
+
+# --- RoPE ----------------------------------------------------------------------------------------
+
+
+def rope_ref(x: np.ndarray, positions: np.ndarray, freq_base: float, neox: bool) -> np.ndarray:
+    """Rotary embedding. x (n, heads, hd) float32, positions (n,) int -> (n, heads, hd).
+
+    Pair i (i < hd/2) turns by angle pos * base^(-2i/hd). `neox=False` pairs elements
+    (2i, 2i+1) (llama as converted to GGUF); `neox=True` pairs (i, i + hd/2) (gemma3).
+    """
+    hd = x.shape[-1]
+    inv_freq = freq_base ** (-np.arange(0, hd, 2, dtype=np.float64) / hd)  # (hd/2,)
+    angles = positions.astype(np.float64)[:, None] * inv_freq  # (n, hd/2)
+    cos = np.cos(angles).astype(np.float32)[:, None, :]  # (n, 1, hd/2)
+    sin = np.sin(angles).astype(np.float32)[:, None, :]
+    a, b = (x[..., : hd // 2], x[..., hd // 2 :]) if neox else (x[..., 0::2], x[..., 1::2])
+    out = np.empty_like(x)
+    ra, rb = a * cos - b * sin, a * sin + b * cos
+    if neox:
+        out[..., : hd // 2], out[..., hd // 2 :] = ra, rb
+    else:
+        out[..., 0::2], out[..., 1::2] = ra, rb
+    return out
+
+
+@njit
+def rope(x, positions, freq_base, neox, out):
+    """Numba twin of `rope_ref`: x, out (n, heads, hd) float32; positions (n,) int."""
+    n, heads, hd = x.shape
+    half = hd // 2
+    cos = np.empty(half, np.float32)
+    sin = np.empty(half, np.float32)
+    for t in range(n):
+        for i in range(half):
+            angle = np.float64(positions[t]) * freq_base ** (-(2.0 * i) / hd)
+            cos[i] = math.cos(angle)
+            sin[i] = math.sin(angle)
+        for h in range(heads):
+            for i in range(half):
+                ia, ib = (i, i + half) if neox else (2 * i, 2 * i + 1)
+                a, b = x[t, h, ia], x[t, h, ib]
+                out[t, h, ia] = a * cos[i] - b * sin[i]
+                out[t, h, ib] = a * sin[i] + b * cos[i]
+
+
+# --- gated activations ---------------------------------------------------------------------------
+
+
+def silu_gate_ref(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+    """SwiGLU: silu(gate) * up, element-wise, any shape."""
+    return gate * (0.5 * (1.0 + np.tanh(0.5 * gate))) * up  # sigmoid without overflow
+
+
+def gelu_gate_ref(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+    """GeGLU with GELU's tanh approximation (gemma): gelu_tanh(gate) * up."""
+    c = np.float32(np.sqrt(2.0 / np.pi))
+    return 0.5 * gate * (1.0 + np.tanh(c * (gate + np.float32(0.044715) * gate**3))) * up
+
+
+@njit
+def silu_gate(gate, up, out):
+    """Numba twin of `silu_gate_ref` on (n, d) float32 arrays."""
+    n, d = gate.shape
+    for i in range(n):
+        for j in range(d):
+            g = gate[i, j]
+            out[i, j] = g * (np.float32(0.5) * (np.float32(1) + math.tanh(np.float32(0.5) * g)))
+            out[i, j] *= up[i, j]
+
+
+@njit
+def gelu_gate(gate, up, out):
+    """Numba twin of `gelu_gate_ref` on (n, d) float32 arrays."""
+    c = np.float32(math.sqrt(2.0 / math.pi))
+    n, d = gate.shape
+    for i in range(n):
+        for j in range(d):
+            g = gate[i, j]
+            inner = c * (g + np.float32(0.044715) * g * g * g)
+            out[i, j] = np.float32(0.5) * g * (np.float32(1) + math.tanh(inner)) * up[i, j]
