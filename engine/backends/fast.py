@@ -1,0 +1,114 @@
+"""The fast backend: the same operations as `reference.py`, on Numba kernels from `kernels/`.
+
+Weights stay quantized: `prepare` repacks each matrix once at load time into 16-row interleaved
+groups (`kernels.qpack`) and `linear` runs the int8 kernel (`kernels.qmatmul`; AVX-512 VNNI where
+the CPU has it). Activations are rounded to 8 bits per block of 32 inside `linear`, so logits
+differ from the reference backend by ~0.5 % per matmul, as llama.cpp's do from float maths.
+
+Extras beyond the Backends table (docs/internals.md, "Fast backend extras"): `prepare_many` +
+`linear_many` run several matrices that read the same input (q|k|v, gate|up) as one kernel call.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from kernels import attention as attn_kernels
+from kernels import jit, norms, qmatmul
+from kernels.dequant import dequantize_rows
+from kernels.qpack import GROUP, PackedWeight, repack
+
+from ..gguf_file import TensorInfo
+
+
+class FusedWeight:
+    """Matrices sharing one input, stacked row-wise into one PackedWeight when possible."""
+
+    def __init__(self, parts: list[PackedWeight]):
+        self.parts = parts
+        self.sizes = [p.n_out for p in parts]
+        same = len({(p.layout, p.n_in) for p in parts}) == 1 and parts[0].data is not None
+        aligned = all(p.n_out % GROUP == 0 for p in parts[:-1])
+        self.stacked = None
+        if same and aligned:  # group streams simply concatenate
+            first = parts[0]
+            self.stacked = PackedWeight(
+                first.qtype,
+                sum(self.sizes),
+                first.n_in,
+                first.layout,
+                data=np.concatenate([p.data for p in parts]),
+            )
+
+
+class FastBackend:
+    name = "fast"
+
+    def __init__(self):
+        self.threading_layer = jit.check_threading_layer()  # logs a warning when slow
+
+    # -- load time -------------------------------------------------------------------------
+
+    def prepare(self, t: TensorInfo) -> PackedWeight:
+        """Repack a weight matrix `(n_out, n_in)` for `linear` (dense float32 if no layout)."""
+        return repack(t.data, t.qtype, t.shape)
+
+    def prepare_embedding(self, t: TensorInfo) -> TensorInfo:
+        """The token-embedding table stays as it is in the file; rows are dequantized on lookup."""
+        return t
+
+    def prepare_many(self, ts: list[TensorInfo]) -> FusedWeight:
+        """Matrices that read the same input (q, k, v or gate, up), for `linear_many`."""
+        return FusedWeight([self.prepare(t) for t in ts])
+
+    # -- the operations --------------------------------------------------------------------
+
+    def embed(self, table: TensorInfo, ids: np.ndarray) -> np.ndarray:
+        """(n,) token ids -> (n, dim) float32 rows of the embedding table."""
+        return dequantize_rows(table.data, table.qtype, table.shape, np.asarray(ids))
+
+    def linear(self, x: np.ndarray, w: PackedWeight) -> np.ndarray:
+        """(n, n_in) float32 -> (n, n_out) = x @ W.T. Where the time goes."""
+        return qmatmul.matmul(x, w)
+
+    def linear_many(self, x: np.ndarray, w: FusedWeight) -> list[np.ndarray]:
+        """(n, n_in) -> one (n, n_out_i) per matrix of `w`, in one kernel call when stacked."""
+        if w.stacked is None:
+            return [qmatmul.matmul(x, p) for p in w.parts]
+        y = qmatmul.matmul(x, w.stacked)  # (n, sum of n_out)
+        return np.split(y, np.cumsum(w.sizes)[:-1], axis=1)
+
+    def rms_norm(self, x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+        """x (n, d) or (n, heads, d): normalize the last axis, scale by weight (d,)."""
+        rows = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, x.shape[-1])
+        out = np.empty_like(rows)
+        norms.rms_norm(rows, np.asarray(weight, np.float32), float(eps), out)
+        return out.reshape(x.shape)
+
+    def rope(self, x: np.ndarray, positions: np.ndarray, freq_base: float, neox: bool):
+        """x (n, heads, head_dim), positions (n,) -> rotated copy (see kernels.norms.rope_ref)."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        out = np.empty_like(x)
+        norms.rope(x, np.asarray(positions, np.int64), float(freq_base), bool(neox), out)
+        return out
+
+    def attention(self, q, k, v, pos0: int, window: int, scale: float) -> np.ndarray:
+        """q (n, n_head, hd); k, v (n_kv_head, pos0+n, hd) -> (n, n_head*hd), causal GQA."""
+        n, n_head, hd = q.shape
+        out = np.empty((n, n_head * hd), np.float32)
+        attn_kernels.attention(
+            np.ascontiguousarray(q, np.float32), k, v, int(pos0), int(window), float(scale), out
+        )
+        return out
+
+    def silu_gate(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+        """SwiGLU: silu(gate) * up, (n, ffn) float32."""
+        out = np.empty_like(gate)
+        norms.silu_gate(gate, up, out)
+        return out
+
+    def gelu_gate(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+        """GeGLU (tanh GELU, gemma): gelu_tanh(gate) * up, (n, ffn) float32."""
+        out = np.empty_like(gate)
+        norms.gelu_gate(gate, up, out)
+        return out
