@@ -271,7 +271,7 @@ def _tensor(path, mm, name, shape, qtype, start, file_size) -> TensorInfo:
     if n_in == 0 or n_in % block_size:
         raise GGUFError(f"{path}: tensor {name!r} row length {n_in} is not a multiple of the "
                         f"{qtype.name} block size {block_size}")
-    n_elements = int(np.prod(shape, dtype=np.int64))
+    n_elements = int(np.prod(shape, dtype=object))  # Python ints: huge dims must not wrap
     n_bytes = n_elements // block_size * type_size
     if start + n_bytes > file_size:
         raise GGUFError(f"{path}: truncated: tensor {name!r} needs bytes {start}..{start + n_bytes}"
