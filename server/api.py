@@ -8,7 +8,15 @@ import time
 from flask import Blueprint, Response, current_app, g, jsonify, request
 
 from server.errors import APIError
-from server.generation import ChoiceResult, Stats, StopCheck, collect, plan, run_choice
+from server.generation import (
+    ChoiceResult,
+    Stats,
+    StopCheck,
+    collect,
+    is_sampled,
+    plan,
+    run_choice,
+)
 from server.responses import Shaper, sse
 from server.runtime import Runtime
 from server.schema import parse_chat, parse_completion, parse_json
@@ -68,7 +76,8 @@ def _generate(parse):
 
     if req.stream:
         events = _chat_events if req.kind == "chat" else _text_events
-        body = EventStream(_sse(events(the_plan, Shaper(the_plan), check, stats), check), finish)
+        chunks = _sse(events(the_plan, Shaper(the_plan), check, stats), check)
+        body = EventStream(chunks, check, finish)
         return Response(body, mimetype="text/event-stream",
                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     try:
@@ -86,17 +95,21 @@ class EventStream:
     """The body of a streamed response; it holds the admission slot until the server closes it
     (after the last chunk, or when the client has gone and a write failed)."""
 
-    def __init__(self, chunks, on_close):
+    def __init__(self, chunks, check: StopCheck, on_close):
         self.chunks = chunks
+        self.check = check
         self.on_close = on_close
-        self.closed = False
+        self.finished = self.closed = False
 
     def __iter__(self):
-        return self.chunks
+        yield from self.chunks
+        self.finished = True
 
     def close(self):
         if not self.closed:
             self.closed = True
+            if not self.finished and self.check.reason is None:
+                self.check.reason = "disconnect"  # a write failed: the client has gone
             self.chunks.close()  # stops the engine's generator where it is
             self.on_close()
 
@@ -122,7 +135,7 @@ def _chat_events(plan, shaper: Shaper, check: StopCheck, stats: Stats):
         yield shaper.chat_chunk(choice, {"role": "assistant", "content": ""})
         result = ChoiceResult(choice, prompt)
         for tok in run_choice(plan, result, check, stats):
-            logprobs = shaper.chat_logprobs([tok]) if tok.id is not None else None
+            logprobs = shaper.chat_logprobs([tok]) if is_sampled(tok) else None
             if tok.text or (logprobs and logprobs["content"]):
                 yield shaper.chat_chunk(choice, {"content": tok.text}, logprobs=logprobs)
         if check.reason or result.finish_reason == "cancelled":
@@ -142,7 +155,7 @@ def _text_events(plan, shaper: Shaper, check: StopCheck, stats: Stats):
             offset = len(prompt.text)
         result = ChoiceResult(choice, prompt)
         for tok in run_choice(plan, result, check, stats):
-            entries = [(tok.id, tok.logprob, tok.top_logprobs)] if tok.id is not None else []
+            entries = [(tok.id, tok.logprob, tok.top_logprobs)] if is_sampled(tok) else []
             logprobs = shaper.legacy_logprobs(entries, offset)
             if tok.text or (logprobs and logprobs["tokens"]):
                 yield shaper.text_chunk(choice, tok.text, logprobs=logprobs)

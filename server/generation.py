@@ -159,6 +159,11 @@ def engine_options(plan: Plan, choice: int, prompt: Prompt, should_stop) -> dict
                 logprobs=plan.req.logprobs, should_stop=should_stop)
 
 
+def is_sampled(tok) -> bool:
+    """False for the marker a cancelled generation ends with (id -1, or None)."""
+    return tok.id is not None and tok.id >= 0
+
+
 def run_choice(plan: Plan, result: ChoiceResult, should_stop, stats: Stats):
     """Yield each GeneratedToken of one choice, filling `result` as it goes."""
     opts = engine_options(plan, result.index, result.prompt, should_stop)
@@ -166,7 +171,7 @@ def run_choice(plan: Plan, result: ChoiceResult, should_stop, stats: Stats):
         for tok in plan.served.model.generate(result.prompt.ids, **opts):
             if stats.first_token is None:
                 stats.first_token = time.perf_counter()
-            if getattr(tok, "id", None) is not None:
+            if is_sampled(tok):
                 result.tokens.append(tok)
                 stats.completion_tokens += 1
             result.text += tok.text or ""

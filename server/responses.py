@@ -43,7 +43,8 @@ class Shaper:
         self.created = int(time.time())
         self.model = plan.served.id
         self.tokenizer = plan.served.model.tokenizer
-        self.fingerprint = fingerprint(self.model, getattr(plan.served.model, "backend", ""))
+        backend = getattr(getattr(plan.served.model, "backend", None), "name", "")
+        self.fingerprint = fingerprint(self.model, backend)
 
     def _envelope(self, obj: str, choices: list) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model,

@@ -161,7 +161,7 @@ class FakeModel:
         for n, id in enumerate(self._script(temperature, seed, logit_bias), start=1):
             if should_stop is not None and should_stop():
                 self.cancelled += 1
-                yield GeneratedToken(id=None, text=matcher.flush(), finish_reason="cancelled")
+                yield GeneratedToken(id=-1, text=matcher.flush(), finish_reason="cancelled")
                 return
             if self.delay:
                 time.sleep(self.delay)
