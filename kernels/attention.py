@@ -36,37 +36,40 @@ def attention_ref(q, k, v, pos0: int, window: int, scale: float) -> np.ndarray:
 
 
 @pnjit
-def attention(q, k, v, pos0, window, scale, out):
+def attention(q, k, v, n_keys, pos0, window, scale, out):
     """Numba twin of `attention_ref`, writing out (n, n_head * hd).
 
+    k, v may be longer buffers `(n_kv_head, capacity, hd)` (the cache itself, so they stay
+    C-contiguous and the inner loops vectorize); only their first `n_keys` positions are read.
     One parallel job per (query, head): scores over its visible keys, softmax, weighted sum of
     the value rows (two passes over the keys, no online rescaling).
     """
     n, n_head, hd = q.shape
-    n_kv_head, n_keys, _ = k.shape
-    group = n_head // n_kv_head
+    group = n_head // k.shape[0]
     for job in prange(n * n_head):
         i, h = job // n_head, job % n_head
         kv = h // group
         qpos = pos0 + i
         hi = min(qpos + 1, n_keys)
         lo = max(0, qpos - window + 1) if window > 0 else 0
+        qh = q[i, h] * np.float32(scale)  # (hd,)
         scores = np.empty(hi - lo, np.float32)  # (visible keys,)
         best = -np.inf
         for j in range(lo, hi):
             s = np.float32(0)
             for e in range(hd):
-                s += q[i, h, e] * k[kv, j, e]
-            s *= scale
+                s += qh[e] * k[kv, j, e]
             scores[j - lo] = s
             best = max(best, s)
         total = np.float32(0)
         for j in range(hi - lo):
             scores[j] = math.exp(scores[j] - best)
             total += scores[j]
-        acc = out[i, h * hd : (h + 1) * hd]  # (hd,) view of the output row
-        acc[:] = 0
+        acc = np.zeros(hd, np.float32)
         for j in range(lo, hi):
-            p = scores[j - lo] / total
+            p = scores[j - lo]
             for e in range(hd):
                 acc[e] += p * v[kv, j, e]
+        inv = np.float32(1) / total
+        for e in range(hd):
+            out[i, h * hd + e] = acc[e] * inv

@@ -93,24 +93,47 @@ def gelu_gate_ref(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
     return 0.5 * gate * (1.0 + np.tanh(c * (gate + np.float32(0.044715) * gate**3))) * up
 
 
+@njit(inline="always")
+def _tanh(x):
+    """float32 tanh as a clamped rational polynomial (Eigen's), branch-free so loops vectorize.
+
+    math.tanh is a scalar libm call per element; this is ~10x faster, max error ~1e-7 absolute.
+    """
+    x = min(max(x, np.float32(-7.9053111)), np.float32(7.9053111))
+    x2 = x * x
+    p = np.float32(-2.76076847742355e-16)
+    p = p * x2 + np.float32(2.00018790482477e-13)
+    p = p * x2 + np.float32(-8.60467152213735e-11)
+    p = p * x2 + np.float32(5.12229709037114e-08)
+    p = p * x2 + np.float32(1.48572235717979e-05)
+    p = p * x2 + np.float32(6.37261928875436e-04)
+    p = p * x2 + np.float32(4.89352455891786e-03)
+    q = np.float32(1.19825839466702e-06)
+    q = q * x2 + np.float32(1.18534705686654e-04)
+    q = q * x2 + np.float32(2.26843463243900e-03)
+    q = q * x2 + np.float32(4.89352518554385e-03)
+    return x * p / q
+
+
 @njit
 def silu_gate(gate, up, out):
     """Numba twin of `silu_gate_ref` on (n, d) float32 arrays."""
+    half = np.float32(0.5)
     n, d = gate.shape
     for i in range(n):
         for j in range(d):
             g = gate[i, j]
-            out[i, j] = g * (np.float32(0.5) * (np.float32(1) + math.tanh(np.float32(0.5) * g)))
-            out[i, j] *= up[i, j]
+            out[i, j] = g * (half + half * _tanh(half * g)) * up[i, j]
 
 
 @njit
 def gelu_gate(gate, up, out):
     """Numba twin of `gelu_gate_ref` on (n, d) float32 arrays."""
     c = np.float32(math.sqrt(2.0 / math.pi))
+    half = np.float32(0.5)
     n, d = gate.shape
     for i in range(n):
         for j in range(d):
             g = gate[i, j]
             inner = c * (g + np.float32(0.044715) * g * g * g)
-            out[i, j] = np.float32(0.5) * g * (np.float32(1) + math.tanh(inner)) * up[i, j]
+            out[i, j] = half * g * (np.float32(1) + _tanh(inner)) * up[i, j]

@@ -136,17 +136,18 @@ def matmul_ref(x: np.ndarray, w: PackedWeight) -> np.ndarray:
 
 def matmul(x: np.ndarray, w: PackedWeight, out: np.ndarray | None = None, isa: str | None = None):
     """Prefill: x (n, n_in) float32 -> out (n, n_out) float32 = x @ W.T (activations 8-bit)."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    n = x.shape[0]
+    if x.dtype != np.float32 or not x.flags.c_contiguous:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+    n, n_in = x.shape
     if out is None:
         out = np.empty((n, w.n_out), np.float32)
     if w.data is None:  # dense float weights: BLAS
         return np.matmul(x, w.dense.T, out=out)
-    xq = np.empty((n, w.n_in), np.int8)
-    xd = np.empty((n, w.n_in // 32), np.float32)
-    xs = np.empty((n, w.n_in // 16), np.float32)
+    xq = np.empty((n, n_in), np.int8)
+    xd = np.empty((n, n_in // 32), np.float32)
+    xs = np.empty((n, n_in // 16), np.float32)
     quantize_activations(x, xq, xd, xs)
-    kernel = _kernel(isa)
+    kernel = _KERNELS.get(isa or jit.ISA) or _load_kernel(isa or jit.ISA)
     kernel(w.data, w.layout, w.block_bytes, xq, xd, xs, w.n_out, out)
     return out
 
@@ -157,10 +158,14 @@ def matvec(x: np.ndarray, w: PackedWeight, out: np.ndarray | None = None, isa: s
     return res.reshape(-1)
 
 
-def _kernel(isa: str | None):
-    isa = isa or jit.ISA
-    if isa == "vnni":
-        from kernels.vnni import qmatmul_vnni
+_KERNELS = {"generic": qmatmul_generic, "avx2": qmatmul_generic}
 
-        return qmatmul_vnni
-    return qmatmul_generic
+
+def _load_kernel(isa: str):
+    """The VNNI module is imported on first use (its intrinsics only compile on such CPUs)."""
+    if isa != "vnni":
+        raise ValueError(f"unknown isa {isa!r}")
+    from kernels.vnni import qmatmul_vnni
+
+    _KERNELS["vnni"] = qmatmul_vnni
+    return qmatmul_vnni

@@ -59,15 +59,12 @@ class PackedWeight:
     dense: np.ndarray | None = None  # (n_out, n_in) float32
     raw: np.ndarray | None = None
 
-    @property
-    def blk(self) -> int:
-        return LAYOUT_BLK[self.layout]
-
-    @property
-    def block_bytes(self) -> int:
-        """Bytes of one block record of one group (quants + 16 d + 16 m)."""
-        quant = GROUP * self.blk // (2 if self.layout == LAYOUT_NIBBLE32 else 1)
-        return quant + 2 * GROUP * 2
+    def __post_init__(self):
+        if self.layout >= 0:
+            self.blk = LAYOUT_BLK[self.layout]
+            # bytes of one block record of one group: quants + 16 d + 16 m
+            quant = GROUP * self.blk // (2 if self.layout == LAYOUT_NIBBLE32 else 1)
+            self.block_bytes = quant + 2 * GROUP * 2
 
     @property
     def n_groups(self) -> int:

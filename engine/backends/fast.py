@@ -96,8 +96,16 @@ class FastBackend:
         """q (n, n_head, hd); k, v (n_kv_head, pos0+n, hd) -> (n, n_head*hd), causal GQA."""
         n, n_head, hd = q.shape
         out = np.empty((n, n_head * hd), np.float32)
+        n_keys = k.shape[1]
         attn_kernels.attention(
-            np.ascontiguousarray(q, np.float32), k, v, int(pos0), int(window), float(scale), out
+            np.ascontiguousarray(q, np.float32),
+            _contiguous_buffer(k),
+            _contiguous_buffer(v),
+            n_keys,
+            int(pos0),
+            int(window),
+            float(scale),
+            out,
         )
         return out
 
@@ -112,3 +120,24 @@ class FastBackend:
         out = np.empty_like(gate)
         norms.gelu_gate(gate, up, out)
         return out
+
+
+def _contiguous_buffer(a: np.ndarray) -> np.ndarray:
+    """A C-contiguous array whose prefix `[:, :a.shape[1]]` is `a`: the cache buffer `a` views.
+
+    The KV cache hands out `buffer[:, :length]`; passing the buffer itself keeps the kernel's
+    inner loops contiguous (vectorized) without copying. Anything else is copied.
+    """
+    base = a.base
+    if (
+        isinstance(base, np.ndarray)
+        and base.flags.c_contiguous
+        and base.dtype == np.float32
+        and base.ndim == 3
+        and base.shape[0] == a.shape[0]
+        and base.shape[2] == a.shape[2]
+        and a.strides == base.strides
+        and a.ctypes.data == base.ctypes.data
+    ):
+        return base
+    return np.ascontiguousarray(a, np.float32)
