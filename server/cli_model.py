@@ -84,7 +84,10 @@ def cmd_pull(args) -> int:
 def cmd_add(args) -> int:
     entry = Registry().add(args.source, id=args.id, name=args.name, copy=args.copy,
                            sha256=args.sha256, progress_stream=sys.stderr)
-    how = "copied into the cache" if entry.stored == "cache" else "referenced in place"
+    if entry.stored == "reference":
+        how = "referenced in place"
+    else:
+        how = "downloaded into the cache" if "://" in args.source else "copied into the cache"
     print(f"{entry.id}: added, {how} ({entry.path}, {_mb(entry.size)})")
     return 0
 
