@@ -7,45 +7,16 @@ test the single-token path, the 4-token tile and its remainder.
 
 import numpy as np
 import pytest
-from gguf.constants import GGML_QUANT_SIZES
 from gguf.constants import GGMLQuantizationType as Q
 from gguf.quants import dequantize
 
 from kernels import jit, qmatmul
 from kernels.qpack import SPLIT, repack, unpack_ref
+from kernels.testing import random_tensor
 
 PACKED = [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q6_K]
 DENSE = [Q.F32, Q.F16, Q.Q5_K, Q.Q2_K, Q.Q3_K]
 ISAS = ["generic"] + (["vnni"] if jit.HAS_AVX512_VNNI else [])
-
-# byte offsets of the float16 scale fields in each block (d, dmin, m)
-F16_FIELDS = {
-    Q.Q4_0: [0],
-    Q.Q4_1: [0, 2],
-    Q.Q5_0: [0],
-    Q.Q5_1: [0, 2],
-    Q.Q8_0: [0],
-    Q.Q2_K: [80, 82],
-    Q.Q3_K: [108],
-    Q.Q4_K: [0, 2],
-    Q.Q5_K: [0, 2],
-    Q.Q6_K: [208],
-}
-
-
-def random_tensor(qtype, shape, seed=0):
-    """Random raw bytes of a GGUF tensor `shape` (NumPy order) with scales in [1e-3, 2e-2]."""
-    rng = np.random.default_rng(seed)
-    if qtype == Q.F32:
-        return rng.standard_normal(shape).astype(np.float32).view(np.uint8).reshape(-1)
-    if qtype == Q.F16:
-        return rng.standard_normal(shape).astype(np.float16).view(np.uint8).reshape(-1)
-    block, size = GGML_QUANT_SIZES[qtype]
-    blocks = rng.integers(0, 256, (int(np.prod(shape)) // block, size), dtype=np.uint8)
-    for off in F16_FIELDS[qtype]:
-        scale = rng.uniform(1e-3, 2e-2, blocks.shape[0]).astype(np.float16)
-        blocks[:, off : off + 2] = scale.view(np.uint8).reshape(-1, 2)
-    return blocks.reshape(-1)
 
 
 def oracle(raw, qtype, shape):
