@@ -127,12 +127,12 @@ def _report_threading_layer(pool) -> None:
                     "keep --max-concurrent 1", layer)
 
 
-def make_waitress(app, config: ServerConfig, host=None, port=None):
+def make_waitress(app, config: ServerConfig, host=None, port=None, **adjustments):
     return waitress.create_server(
         app, host=host or config.host, port=config.port if port is None else port,
         threads=config.worker_threads, channel_request_lookahead=1,  # lets us see disconnects
         max_request_body_size=config.max_body_size, ident="numbalm",
-        channel_timeout=max(120, int(config.request_timeout)))
+        channel_timeout=max(120, int(config.request_timeout)), **adjustments)
 
 
 class GracefulServer:
@@ -184,7 +184,8 @@ class ServerThread:
 
     def __init__(self, app, host: str = "127.0.0.1", port: int = 0):
         config = app.extensions["numbalm"].config
-        self.server = make_waitress(app, config, host=host, port=port)
+        # a short loop timeout so stop() returns quickly
+        self.server = make_waitress(app, config, host=host, port=port, asyncore_loop_timeout=0.05)
         self.url = f"http://{host}:{self.server.effective_port}"
         self.thread = threading.Thread(target=self.server.run, name="waitress", daemon=True)
 
@@ -196,10 +197,13 @@ class ServerThread:
         self.stop()
 
     def stop(self) -> None:
-        self.server.task_dispatcher.shutdown(timeout=1)
-        for channel in list(self.server._map.values()):
-            channel.handle_close()
+        def close_all():  # runs in the server's own loop thread, so no socket is pulled away
+            for channel in list(self.server._map.values()):  # from under its select()
+                channel.close()
+
+        self.server.trigger.pull_trigger(close_all)
         self.thread.join(timeout=5)
+        self.server.task_dispatcher.shutdown(timeout=1)
 
 
 def main(argv=None) -> int:
