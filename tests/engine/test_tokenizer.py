@@ -9,7 +9,7 @@ import pytest
 
 from engine.errors import TokenizerError
 from engine.gguf_file import open_gguf
-from engine.tokenizer import Tokenizer, merge_pairs
+from engine.tokenizer import PRE_ALIASES, PRE_TOKENIZERS, Tokenizer, merge_pairs
 
 DATA = Path(__file__).parent.parent / "data"
 MODELS = {
@@ -229,6 +229,14 @@ def test_pre_tokenizers(pre, text, words):
     metadata = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": pre,
                 "tokenizer.ggml.tokens": ["a"], "tokenizer.ggml.merges": []}
     assert Tokenizer.from_metadata(metadata).pre_tokenize(text) == words
+
+
+@pytest.mark.parametrize("pre", sorted({*PRE_TOKENIZERS, *PRE_ALIASES}))
+def test_every_known_pre_tokenizer_compiles_and_keeps_all_text(pre):
+    metadata = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": pre,
+                "tokenizer.ggml.tokens": ["a"], "tokenizer.ggml.merges": []}
+    text = "It's 2026-11-22: naïve café, 日本語 𝑥² ~~ \r\n\t  end  "
+    assert "".join(Tokenizer.from_metadata(metadata).pre_tokenize(text)) == text
 
 
 # -- speed ------------------------------------------------------------------------------------
