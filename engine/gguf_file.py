@@ -233,9 +233,9 @@ def open_gguf(path: str | os.PathLike) -> GGUFFile:
         metadata[key] = cur.value(vtype, f"metadata {key!r}")
 
     infos = [_read_tensor_info(cur, i) for i in range(n_tensors)]
-    alignment = int(metadata.get("general.alignment", DEFAULT_ALIGNMENT))
-    if alignment <= 0 or alignment & (alignment - 1):
-        raise GGUFError(f"{path}: general.alignment {alignment} is not a power of two")
+    alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
+    if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
+        raise GGUFError(f"{path}: general.alignment {alignment!r} is not a power of two")
     data_offset = -(-cur.pos // alignment) * alignment
 
     tensors = {}
