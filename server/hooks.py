@@ -99,7 +99,7 @@ def _log_request(metrics, r: dict) -> None:
     token = request_id.set(r["request_id"])
     try:
         access_log.info("%s %s %s", r["method"], r["path"], r["status"],
-                        extra={"fields": fields})
+                        extra={"fields": fields, "request_id": r["request_id"]})
     finally:
         request_id.reset(token)
 
