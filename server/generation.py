@@ -152,11 +152,13 @@ class Stats:
 def engine_options(plan: Plan, choice: int, prompt: Prompt, should_stop) -> dict:
     s = plan.req.sampling
     seed = None if s.seed is None else (s.seed + choice) % 2**32  # n>1: distinct, reproducible
-    return dict(max_tokens=prompt.max_tokens, stop=tuple(s.stop), temperature=s.temperature,
+    opts = dict(max_tokens=prompt.max_tokens, stop=tuple(s.stop), temperature=s.temperature,
                 top_k=s.top_k, top_p=s.top_p, min_p=s.min_p, seed=seed,
                 repetition_penalty=s.repetition_penalty, presence_penalty=s.presence_penalty,
                 frequency_penalty=s.frequency_penalty, logit_bias=s.logit_bias,
                 logprobs=plan.req.logprobs, should_stop=should_stop)
+    # "not given" is left out rather than passed as None: the engine's defaults apply
+    return {k: v for k, v in opts.items() if v is not None}
 
 
 def is_sampled(tok) -> bool:

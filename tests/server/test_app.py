@@ -107,7 +107,7 @@ def test_sampling_options_reach_the_engine(client, model):
                                                                                  0.05)
     assert (call["presence_penalty"], call["frequency_penalty"], call["repetition_penalty"]) == (
         0.5, -0.5, 1.1)
-    assert call["logit_bias"] == {65: -100.0} and call["logprobs"] is None
+    assert call["logit_bias"] == {65: -100.0} and call["logprobs"] is None  # default
 
 
 def test_logit_bias_is_honoured(client):
