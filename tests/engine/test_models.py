@@ -69,13 +69,30 @@ def test_reference_backend_matches_transformers(key, request):
     assert worst <= 0.1
 
 
+def engines_agree_until(p) -> int:
+    """Steps for which llama.cpp's greedy choice is also transformers' top-1.
+
+    Past that step the two engines themselves part ways at a near tie (llama.cpp quantizes
+    activations to 8 bits); an exact float32 engine follows transformers there.
+    """
+    for step, tf in enumerate(p["transformers_teacher_forced"]):
+        if tf["top5"][0][0] != p["llamacpp_greedy"][step]:
+            return step
+    return len(p["llamacpp_greedy"])
+
+
 @pytest.mark.parametrize("key", ["smollm2", "gemma3"])
 def test_greedy_reproduces_llamacpp_first_tokens(key, request):
     model = request.getfixturevalue(f"{key}_ref")
     for p in load_data(f"{key}.prompts.json")["prompts"]:
         got = [t.id for t in model.generate(p["ids"], max_tokens=8, temperature=0.0)]
-        assert got == p["llamacpp_greedy"][: len(got)], p["prompt"]
-        # Generation may end early only on an end-of-turn token that llama.cpp also chose.
+        agree = min(engines_agree_until(p), len(got))
+        assert got[:agree] == p["llamacpp_greedy"][:agree], p["prompt"]
+        if agree < len(got):  # the near tie: we pick transformers' token, by a small margin
+            assert got[agree] == p["transformers_teacher_forced"][agree]["top5"][0][0]
+            top2 = p["llamacpp_top5"][agree]
+            assert top2[0][1] - top2[1][1] < 0.5
+        # Generation may end early only on an end-of-turn token.
         assert len(got) == 8 or got[-1] in model.tokenizer.eot_ids
 
 
