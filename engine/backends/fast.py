@@ -97,7 +97,9 @@ class FastBackend:
         n, n_head, hd = q.shape
         out = np.empty((n, n_head * hd), np.float32)
         n_keys = k.shape[1]
-        attn_kernels.attention(
+        # a few queries (decode): the Numba kernel; many (prefill): BLAS per kv head
+        kernel = attn_kernels.attention if n < 8 else attn_kernels.attention_blas
+        kernel(
             np.ascontiguousarray(q, np.float32),
             _contiguous_buffer(k),
             _contiguous_buffer(v),

@@ -51,11 +51,12 @@ def test_gates(name):
         (1, 40, 16, 4, 2),
     ],
 )
-def test_attention(n, pos0, window, n_head, n_kv):
+@pytest.mark.parametrize("kernel", ["attention", "attention_blas"])
+def test_attention(n, pos0, window, n_head, n_kv, kernel):
     hd = 64
     q, k, v = randn(n, n_head, hd), randn(n_kv, pos0 + n, hd), randn(n_kv, pos0 + n, hd)
     out = np.full((n, n_head * hd), np.nan, np.float32)
-    attention.attention(q, k, v, pos0 + n, pos0, window, 0.125, out)
+    getattr(attention, kernel)(q, k, v, pos0 + n, pos0, window, 0.125, out)
     ref = attention.attention_ref(q, k, v, pos0, window, 0.125)
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
 
