@@ -201,9 +201,9 @@ class ServerThread:
             for channel in list(self.server._map.values()):  # from under its select()
                 channel.close()
 
+        self.server.task_dispatcher.shutdown(timeout=2)  # workers first: they pull the trigger
         self.server.trigger.pull_trigger(close_all)
         self.thread.join(timeout=5)
-        self.server.task_dispatcher.shutdown(timeout=1)
 
 
 def main(argv=None) -> int:
