@@ -24,7 +24,8 @@ def fingerprint(model_id: str, backend: str = "") -> str:
 
 
 def sse(payload) -> bytes:
-    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
+    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False,
+                                                               separators=(",", ":"))
     return f"data: {data}\n\n".encode()
 
 
