@@ -123,6 +123,8 @@ class StopCheck:
         return self.reason is not None
 
     def error(self) -> APIError:
+        if self.reason == "disconnect":  # nobody reads it; 499 keeps it apart in the metrics
+            return APIError(499, "The client closed the connection.", code="client_disconnected")
         if self.reason == "shutdown":
             return APIError(503, "The server is shutting down; the generation was cancelled.",
                             code="server_shutting_down")
@@ -182,6 +184,8 @@ def run_choice(plan: Plan, result: ChoiceResult, should_stop, stats: Stats):
     except ContextOverflowError as e:
         raise bad_request(str(e), param="messages" if plan.req.kind == "chat" else "prompt",
                           code="context_length_exceeded") from None
+    except EngineError as e:  # the engine refused an option value: the user's to fix
+        raise bad_request(str(e), code="invalid_value") from None
     if result.finish_reason is None:  # the engine ended without saying why: it was stopped
         result.finish_reason = "cancelled"
 

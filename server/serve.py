@@ -131,7 +131,10 @@ def make_waitress(app, config: ServerConfig, host=None, port=None, **adjustments
     return waitress.create_server(
         app, host=host or config.host, port=config.port if port is None else port,
         threads=config.worker_threads, channel_request_lookahead=1,  # lets us see disconnects
-        max_request_body_size=config.max_body_size, ident="numbalm",
+        # room above our own limit, so Flask answers 413 in OpenAI's shape; bodies far larger
+        # are refused by waitress itself, before they are read
+        max_request_body_size=max(4 * config.max_body_size, config.max_body_size + 2**20),
+        ident="numbalm",
         channel_timeout=max(120, int(config.request_timeout)), **adjustments)
 
 

@@ -277,3 +277,32 @@ def test_streaming_sse_format(client):
     assert chunks[-1]["usage"] == {"prompt_tokens": 1, "completion_tokens": 3,
                                    "total_tokens": 4}
     r.close()
+
+
+def test_request_timeout_cancels_the_generation(make_app):
+    slow = FakeModel(delay=0.02)
+    client = make_app([slow], request_timeout=0.1).test_client()
+    err = error_of(client.post("/v1/completions", json={"prompt": "x", "max_tokens": 200}), 503)
+    assert err["code"] == "request_timeout" and slow.cancelled == 1
+    r = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 200, "stream": True})
+    events = [e for e in r.get_data(as_text=True).split("\n\n") if e]
+    assert json.loads(events[-2][6:])["error"]["code"] == "request_timeout"
+    assert events[-1] == "data: [DONE]"
+    r.close()
+    assert app_admission(client).active == 0
+
+
+def app_admission(client):
+    return client.application.extensions["numbalm"].admission
+
+
+def test_stream_chat_logprobs_per_token(client):
+    r = client.post("/v1/chat/completions", json=chat_body(
+        max_tokens=2, temperature=0, stream=True, logprobs=True, top_logprobs=1))
+    chunks = [json.loads(e[6:]) for e in r.get_data(as_text=True).split("\n\n")
+              if e.startswith("data: {")]
+    r.close()
+    tokens = [c["choices"][0]["logprobs"]["content"][0]["token"] for c in chunks
+              if c["choices"][0]["logprobs"]]
+    assert tokens == ["H", "e"]
+    assert app_admission(client).active == 0

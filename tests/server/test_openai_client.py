@@ -233,3 +233,11 @@ def _metrics(url: str) -> str:
     import httpx2 as httpx
 
     return httpx.get(url + "/metrics").text
+
+
+def test_body_too_large_is_json_413(make_app, serve):
+    import httpx2 as httpx
+
+    url = serve(make_app(max_body_size=2000))
+    r = httpx.post(url + "/v1/completions", json={"prompt": "x" * 3000})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
