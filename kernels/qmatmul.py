@@ -14,8 +14,9 @@ of the activations, at most `xd / 2` per element, so for every output
 
 which is typically ~0.5 % of `|W| @ |x|` (as in llama.cpp). The tests assert this bound.
 
-Paths (chosen by `isa`, default `kernels.jit.ISA`): `vnni` (AVX-512 VNNI, `kernels.vnni`),
-`generic` and `avx2` (plain Numba integer loops over the same layout, portable and slow).
+Paths (chosen by `isa`, default `kernels.jit.ISA`): `vnni` (AVX-512 VNNI, `kernels.vnni`;
+`vnni-serial` runs it on one thread, chosen by default for small products), `generic` and
+`avx2` (plain Numba integer loops over the same layout, portable and slow).
 Dense float weights (F32, F16 and formats without a packed layout) use NumPy's BLAS matmul.
 """
 
@@ -147,7 +148,11 @@ def matmul(x: np.ndarray, w: PackedWeight, out: np.ndarray | None = None, isa: s
     xd = np.empty((n, n_in // 32), np.float32)
     xs = np.empty((n, n_in // 16), np.float32)
     quantize_activations(x, xq, xd, xs)
-    kernel = _KERNELS.get(isa or jit.ISA) or _load_kernel(isa or jit.ISA)
+    if isa is None:
+        isa = jit.ISA
+        if isa == "vnni" and n * w.data.size < SERIAL_BYTES:
+            isa = "vnni-serial"
+    kernel = _KERNELS.get(isa) or _load_kernel(isa)
     kernel(w.data, w.layout, w.block_bytes, xq, xd, xs, w.n_out, out)
     return out
 
@@ -158,14 +163,16 @@ def matvec(x: np.ndarray, w: PackedWeight, out: np.ndarray | None = None, isa: s
     return res.reshape(-1)
 
 
+# Below this many (weight bytes x tokens) one thread beats waking the others.
+SERIAL_BYTES = 96 * 1024
 _KERNELS = {"generic": qmatmul_generic, "avx2": qmatmul_generic}
 
 
 def _load_kernel(isa: str):
     """The VNNI module is imported on first use (its intrinsics only compile on such CPUs)."""
-    if isa != "vnni":
+    if isa not in ("vnni", "vnni-serial"):
         raise ValueError(f"unknown isa {isa!r}")
-    from kernels.vnni import qmatmul_vnni
+    from kernels.vnni import qmatmul_vnni, qmatmul_vnni_serial
 
-    _KERNELS["vnni"] = qmatmul_vnni
-    return qmatmul_vnni
+    _KERNELS.update({"vnni": qmatmul_vnni, "vnni-serial": qmatmul_vnni_serial})
+    return _KERNELS[isa]

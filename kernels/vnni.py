@@ -21,7 +21,7 @@ from numba import prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from kernels.jit import pnjit
+from kernels.jit import njit, pnjit
 from kernels.qpack import LAYOUT_BYTE16, LAYOUT_NIBBLE32
 
 GROUP = 16
@@ -181,35 +181,51 @@ _dot_b16_t1 = _make_group_dot(2, 1)
 _dot_b16_t4 = _make_group_dot(2, TILE)
 
 
+@njit
+def _group(w, layout, group_bytes, xq, xd, xs, n_out, outf, g):
+    """Rows 16g..16g+15 for every token: tiles of TILE tokens, then the remainder one by one."""
+    n_tok, n_in = xq.shape
+    w_off = g * group_bytes
+    n_valid = min(GROUP, n_out - g * GROUP)
+    t = 0
+    while t + TILE <= n_tok:
+        o = t * n_out + g * GROUP
+        if layout == 0:
+            _dot_n32_t4(w, w_off, xq, xd, xs, t, n_in, outf, o, n_out, n_valid)
+        elif layout == 1:
+            _dot_b32_t4(w, w_off, xq, xd, xs, t, n_in, outf, o, n_out, n_valid)
+        else:
+            _dot_b16_t4(w, w_off, xq, xd, xs, t, n_in, outf, o, n_out, n_valid)
+        t += TILE
+    while t < n_tok:
+        o = t * n_out + g * GROUP
+        if layout == 0:
+            _dot_n32_t1(w, w_off, xq, xd, xs, t, n_in, outf, o, n_out, n_valid)
+        elif layout == 1:
+            _dot_b32_t1(w, w_off, xq, xd, xs, t, n_in, outf, o, n_out, n_valid)
+        else:
+            _dot_b16_t1(w, w_off, xq, xd, xs, t, n_in, outf, o, n_out, n_valid)
+        t += 1
+
+
 @pnjit
 def qmatmul_vnni(w, layout, block_bytes, xq, xd, xs, n_out, out):
     """out (n_tok, n_out) = x @ W.T for a packed W and quantized x (see kernels.qmatmul).
 
     w: uint8 group stream; xq (n_tok, n_in) int8; xd (n_tok, n_in/32), xs (n_tok, n_in/16).
+    Groups of 16 rows are shared out between the threads.
     """
-    n_tok, n_in = xq.shape
-    n_groups = (n_out + GROUP - 1) // GROUP
-    group_bytes = block_bytes * (n_in // (16 if layout == 2 else 32))
+    group_bytes = block_bytes * (xq.shape[1] // (16 if layout == 2 else 32))
     outf = out.reshape(-1)
-    for g in prange(n_groups):
-        w_off = g * group_bytes
-        n_valid = min(GROUP, n_out - g * GROUP)
-        t = 0
-        while t + TILE <= n_tok:
-            o = t * n_out + g * GROUP
-            if layout == 0:
-                _dot_n32_t4(w, w_off, xq, xd, xs, t, n_in, outf, o, n_out, n_valid)
-            elif layout == 1:
-                _dot_b32_t4(w, w_off, xq, xd, xs, t, n_in, outf, o, n_out, n_valid)
-            else:
-                _dot_b16_t4(w, w_off, xq, xd, xs, t, n_in, outf, o, n_out, n_valid)
-            t += TILE
-        while t < n_tok:
-            o = t * n_out + g * GROUP
-            if layout == 0:
-                _dot_n32_t1(w, w_off, xq, xd, xs, t, n_in, outf, o, n_out, n_valid)
-            elif layout == 1:
-                _dot_b32_t1(w, w_off, xq, xd, xs, t, n_in, outf, o, n_out, n_valid)
-            else:
-                _dot_b16_t1(w, w_off, xq, xd, xs, t, n_in, outf, o, n_out, n_valid)
-            t += 1
+    for g in prange((n_out + GROUP - 1) // GROUP):
+        _group(w, layout, group_bytes, xq, xd, xs, n_out, outf, g)
+
+
+@njit
+def qmatmul_vnni_serial(w, layout, block_bytes, xq, xd, xs, n_out, out):
+    """`qmatmul_vnni` on the calling thread: for small matrices, where waking the other
+    threads (~3 us) costs more than it saves."""
+    group_bytes = block_bytes * (xq.shape[1] // (16 if layout == 2 else 32))
+    outf = out.reshape(-1)
+    for g in range((n_out + GROUP - 1) // GROUP):
+        _group(w, layout, group_bytes, xq, xd, xs, n_out, outf, g)

@@ -16,7 +16,7 @@ from kernels.testing import random_tensor
 
 PACKED = [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q6_K]
 DENSE = [Q.F32, Q.F16, Q.Q5_K, Q.Q2_K, Q.Q3_K]
-ISAS = ["generic"] + (["vnni"] if jit.HAS_AVX512_VNNI else [])
+ISAS = ["generic"] + (["vnni", "vnni-serial"] if jit.HAS_AVX512_VNNI else [])
 
 
 def oracle(raw, qtype, shape):
