@@ -74,19 +74,19 @@ def _generate(parse):
         if check.reason:
             rt.metrics.cancelled.labels(check.reason).inc()
 
-    if req.stream:
+    if req.stream:  # the slot passes to the response body, which frees it when closed
         events = _chat_events if req.kind == "chat" else _text_events
         chunks = _sse(events(the_plan, Shaper(the_plan), check, stats), check)
-        body = EventStream(chunks, check, finish)
-        return Response(body, mimetype="text/event-stream",
+        return Response(EventStream(chunks, check, finish), mimetype="text/event-stream",
                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     try:
         results = collect(the_plan, check, stats)
+        if check.reason:
+            raise check.error()
+        body = Shaper(the_plan).completion(results, stats.completion_tokens)  # echo: logits
     finally:
         finish()
-    if check.reason:
-        raise check.error()
-    return jsonify(Shaper(the_plan).completion(results, stats.completion_tokens))
+    return jsonify(body)
 
 
 # --- streaming --------------------------------------------------------------------------------
