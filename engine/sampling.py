@@ -32,6 +32,9 @@ class SamplingParams:
     seed: int | None = None
     logprobs: int | None = None  # report the chosen token's log-prob and this many top ones
 
+    def __post_init__(self):
+        self.logit_bias = {int(k): float(v) for k, v in (self.logit_bias or {}).items()}
+
     def validate(self, n_vocab: int) -> None:
         if self.temperature < 0:
             raise EngineError(f"temperature must be >= 0, got {self.temperature}")

@@ -74,6 +74,11 @@ def test_logit_bias_can_force_or_ban_a_token():
     assert 0 not in counts
 
 
+def test_none_means_default():
+    assert SamplingParams(logit_bias=None, seed=None).logit_bias == {}
+    assert SamplingParams(logit_bias={"5": 1}).logit_bias == {5: 1.0}
+
+
 def test_logprobs_of_chosen_and_top_n():
     choice = Sampler(SamplingParams(temperature=0.0, logprobs=3))(LOGITS, [])
     expected = log_softmax(LOGITS)
