@@ -15,7 +15,7 @@ import numpy as np
 
 from kernels import attention as attn_kernels
 from kernels import jit, norms, qmatmul
-from kernels.dequant import dequantize_rows
+from kernels.dequant import dequantize, dequantize_rows
 from kernels.qpack import GROUP, PackedWeight, repack
 
 from ..gguf_file import TensorInfo
@@ -27,18 +27,18 @@ class FusedWeight:
     def __init__(self, parts: list[PackedWeight]):
         self.parts = parts
         self.sizes = [p.n_out for p in parts]
-        same = len({(p.layout, p.n_in) for p in parts}) == 1 and parts[0].data is not None
+        same = len({(p.layout, p.n_in) for p in parts}) == 1
         aligned = all(p.n_out % GROUP == 0 for p in parts[:-1])
         self.stacked = None
-        if same and aligned:  # group streams simply concatenate
-            first = parts[0]
-            self.stacked = PackedWeight(
-                first.qtype,
-                sum(self.sizes),
-                first.n_in,
-                first.layout,
-                data=np.concatenate([p.data for p in parts]),
-            )
+        first = parts[0]
+        if same and first.data is None:  # dense float: stack the rows
+            self.stacked = PackedWeight(first.qtype, sum(self.sizes), first.n_in, first.layout,
+                                        dense=np.concatenate([p.dense for p in parts]))
+        elif same and aligned:  # group streams simply concatenate
+            self.stacked = PackedWeight(first.qtype, sum(self.sizes), first.n_in, first.layout,
+                                        data=np.concatenate([p.data for p in parts]))
+        if self.stacked is not None:
+            self.parts = None  # keep one copy of the weights, not two
 
 
 class FastBackend:
@@ -49,17 +49,24 @@ class FastBackend:
 
     # -- load time -------------------------------------------------------------------------
 
-    def prepare(self, t: TensorInfo) -> PackedWeight:
-        """Repack a weight matrix `(n_out, n_in)` for `linear` (dense float32 if no layout)."""
+    def prepare(self, t: TensorInfo, precise: bool = False) -> PackedWeight:
+        """Repack a weight matrix `(n_out, n_in)` for `linear` (dense float32 if no layout).
+
+        `precise=True` keeps the matrix as dense float32, so its input is not rounded to
+        8 bits: for the few projections whose error the model amplifies (see gemma3.py).
+        """
+        if precise:
+            dense = dequantize(t.data, t.qtype, t.shape)
+            return PackedWeight(t.qtype, t.shape[0], t.shape[1], -1, dense=dense)
         return repack(t.data, t.qtype, t.shape)
 
     def prepare_embedding(self, t: TensorInfo) -> TensorInfo:
         """The token-embedding table stays as it is in the file; rows are dequantized on lookup."""
         return t
 
-    def prepare_many(self, ts: list[TensorInfo]) -> FusedWeight:
+    def prepare_many(self, ts: list[TensorInfo], precise: bool = False) -> FusedWeight:
         """Matrices that read the same input (q, k, v or gate, up), for `linear_many`."""
-        return FusedWeight([self.prepare(t) for t in ts])
+        return FusedWeight([self.prepare(t, precise) for t in ts])
 
     # -- the operations --------------------------------------------------------------------
 

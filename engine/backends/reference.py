@@ -16,9 +16,16 @@ from ..gguf_file import TensorInfo
 class ReferenceBackend:
     name = "reference"
 
-    def prepare(self, t: TensorInfo) -> np.ndarray:
-        """Dequantize a tensor once at load time → float32 array of `t.shape`."""
+    def prepare(self, t: TensorInfo, precise: bool = False) -> np.ndarray:
+        """Dequantize a tensor once at load time → float32 array of `t.shape`.
+
+        (`precise` asks the fast backend to keep float activations; here all are float.)
+        """
         return dequantize(t.data, t.qtype, t.shape)
+
+    def prepare_many(self, ts: list[TensorInfo], precise: bool = False) -> list[np.ndarray]:
+        """Matrices that read the same input (q, k, v or gate, up), for `linear_many`."""
+        return [self.prepare(t) for t in ts]
 
     def prepare_embedding(self, t: TensorInfo):
         """The token-embedding table stays quantized; rows are dequantized on lookup."""
@@ -31,6 +38,10 @@ class ReferenceBackend:
     def linear(self, x: np.ndarray, w: np.ndarray) -> np.ndarray:
         """(n, n_in) @ (n_out, n_in).T → (n, n_out). Where the time goes."""
         return x @ w.T
+
+    def linear_many(self, x: np.ndarray, ws: list[np.ndarray]) -> list[np.ndarray]:
+        """One `linear` per matrix; the fast backend runs them as one kernel call."""
+        return [x @ w.T for w in ws]
 
     def rms_norm(self, x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
         """Normalize the last axis to unit root-mean-square, then scale by `weight`."""

@@ -56,26 +56,42 @@ class ModelArgs:
 
 
 class Layer:
-    """One transformer block's weights, named as in the GGUF file (`blk.N.<name>.weight`)."""
+    """One transformer block's weights, named as in the GGUF file (`blk.N.<name>.weight`).
+
+    Matrices that read the same input are prepared together, so the fast backend can run
+    them as one kernel call: `attn_qkv` = (attn_q, attn_k, attn_v), `ffn_gate_up` =
+    (ffn_gate, ffn_up).
+    """
+
+    FUSED = {"attn_qkv": ("attn_q", "attn_k", "attn_v"), "ffn_gate_up": ("ffn_gate", "ffn_up")}
 
     def __init__(self, gf: GGUFFile, i: int, backend, matrices: tuple[str, ...],
-                 vectors: tuple[str, ...]):
+                 vectors: tuple[str, ...], precise: tuple[str, ...] = ()):
+        def tensor(name):
+            return gf.tensors[f"blk.{i}.{name}.weight"]
+
+        fused_parts = {part for parts in self.FUSED.values() for part in parts}
+        for fused, parts in self.FUSED.items():
+            is_precise = any(p in precise for p in parts)
+            setattr(self, fused, backend.prepare_many([tensor(p) for p in parts], is_precise))
         for name in matrices:
-            setattr(self, name, backend.prepare(gf.tensors[f"blk.{i}.{name}.weight"]))
+            if name not in fused_parts:
+                setattr(self, name, backend.prepare(tensor(name), name in precise))
         for name in vectors:  # norm weights: small float32 vectors
-            t = gf.tensors[f"blk.{i}.{name}.weight"]
+            t = tensor(name)
             setattr(self, name, dequantize(t.data, t.qtype, t.shape).reshape(-1))
 
 
 class Model:
     MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
     VECTORS = ("attn_norm", "ffn_norm")
+    PRECISE: tuple[str, ...] = ()  # matrices the fast backend must not feed 8-bit inputs
 
     def __init__(self, args: ModelArgs, gf: GGUFFile, backend):
         self.args = args
         self.backend = backend
         self.token_embd = backend.prepare_embedding(gf.tensors["token_embd.weight"])
-        self.layers = [Layer(gf, i, backend, self.MATRICES, self.VECTORS)
+        self.layers = [Layer(gf, i, backend, self.MATRICES, self.VECTORS, self.PRECISE)
                        for i in range(args.n_layers)]
         norm = gf.tensors["output_norm.weight"]
         self.output_norm = dequantize(norm.data, norm.qtype, norm.shape).reshape(-1)
@@ -112,9 +128,10 @@ class Model:
         """Project normed input h (n, dim) to q (n, n_heads, hd) and k, v (n, n_kv_heads, hd)."""
         a, b = self.args, self.backend
         n = h.shape[0]
-        q = b.linear(h, layer.attn_q).reshape(n, a.n_heads, a.head_dim)
-        k = b.linear(h, layer.attn_k).reshape(n, a.n_kv_heads, a.head_dim)
-        v = b.linear(h, layer.attn_v).reshape(n, a.n_kv_heads, a.head_dim)
+        q, k, v = b.linear_many(h, layer.attn_qkv)
+        q = q.reshape(n, a.n_heads, a.head_dim)
+        k = k.reshape(n, a.n_kv_heads, a.head_dim)
+        v = v.reshape(n, a.n_kv_heads, a.head_dim)
         return q, k, v
 
     def attention_block(self, i: int, layer: Layer, x: np.ndarray, positions: np.ndarray,
@@ -131,5 +148,5 @@ class Model:
     def ffn_block(self, layer: Layer, x: np.ndarray) -> np.ndarray:
         b = self.backend
         h = b.rms_norm(x, layer.ffn_norm, self.args.norm_eps)
-        gate, up = b.linear(h, layer.ffn_gate), b.linear(h, layer.ffn_up)  # (n, ffn_dim)
+        gate, up = b.linear_many(h, layer.ffn_gate_up)  # (n, ffn_dim) each
         return b.linear(b.silu_gate(gate, up), layer.ffn_down)  # (n, dim)
