@@ -13,7 +13,7 @@ from collections.abc import Mapping
 
 from flask import Flask
 
-from server import api, errors, hooks, ops
+from server import api, embeddings, errors, hooks, ops
 from server.config import ServerConfig, build_config
 from server.models import ModelPool
 from server.runtime import Runtime
@@ -41,6 +41,7 @@ def create_app(config: ServerConfig | Mapping | None = None, *, pool: ModelPool 
     hooks.init_app(app)
     app.register_blueprint(api.bp)
     app.register_blueprint(ops.bp)
+    embeddings.init_app(app)
     return app
 
 

@@ -41,3 +41,9 @@ class Metrics:
                                  ["reason"], registry=r)
         self.ready = Gauge("numbalm_ready", "1 when models are loaded and warmed up",
                            registry=r)
+        self.embedding_cache_hits = Counter("numbalm_embedding_cache_hits",
+                                            "Embedding inputs answered from the cache",
+                                            ["model"], registry=r)
+        self.embedding_cache_misses = Counter("numbalm_embedding_cache_misses",
+                                              "Embedding inputs the model had to compute",
+                                              ["model"], registry=r)

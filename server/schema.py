@@ -289,3 +289,64 @@ def parse_completion(body: dict, cap: int, max_n: int = 8) -> GenerationRequest:
     req.echo = _bool(body, "echo")
     req.logprobs = _integer(body, "logprobs", None, lo=0, hi=MAX_TOP_LOGPROBS)
     return req
+
+
+# --- embeddings -----------------------------------------------------------------------------
+
+@dataclass
+class EmbeddingRequest:
+    model: str | None
+    inputs: list[str | list[int]]   # strings or token-id lists, in request order
+    encoding_format: str = "float"  # float | base64
+    dimensions: int | None = None   # None: the model's width
+
+
+def _embedding_inputs(value, max_batch: int) -> list[str | list[int]]:
+    if value is None:
+        raise bad_request("Missing required parameter: 'input'.", param="input",
+                          code="missing_required_parameter")
+    expected = ("a non-empty string, an array of non-empty strings, an array of token ids or "
+                "an array of non-empty token-id arrays")
+    if isinstance(value, str):
+        inputs = [value]
+    elif not isinstance(value, list):
+        raise _type_error("input", expected, value)
+    elif not value:
+        raise bad_request("'input' must not be an empty array.", param="input",
+                          code="invalid_value")
+    elif _is_ids(value):
+        inputs = [list(value)]
+    elif all(isinstance(v, str) or _is_ids(v) for v in value):
+        inputs = list(value)
+    else:
+        bad = next(i for i, v in enumerate(value) if not (isinstance(v, str) or _is_ids(v)))
+        if value[bad] == []:
+            raise bad_request(f"'input[{bad}]' is an empty array of token ids.",
+                              param="input", code="invalid_value")
+        raise _type_error(f"input[{bad}]", "a non-empty string or a non-empty array of token "
+                          "ids", value[bad])
+    for i, item in enumerate(inputs):
+        if isinstance(item, str) and not item:
+            where = "input" if isinstance(value, str) else f"input[{i}]"
+            raise bad_request(f"'{where}' is an empty string; nothing to embed.", param="input",
+                              code="invalid_value")
+    if len(inputs) > max_batch:
+        raise bad_request(f"'input' holds {len(inputs)} items; this server embeds at most "
+                          f"{max_batch} per request.", param="input", code="invalid_value")
+    return inputs
+
+
+def parse_embeddings(body: dict, max_batch: int = 256) -> EmbeddingRequest:
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise _type_error("model", "a string", model)
+    fmt = body.get("encoding_format")
+    if fmt is not None and not isinstance(fmt, str):
+        raise _type_error("encoding_format", "a string", fmt)
+    if fmt not in (None, "float", "base64"):
+        raise bad_request(f"Invalid value for 'encoding_format': {fmt!r}; expected 'float' or "
+                          "'base64'.", param="encoding_format", code="invalid_value")
+    return EmbeddingRequest(model=model or None,
+                            inputs=_embedding_inputs(body.get("input"), max_batch),
+                            encoding_format=fmt or "float",
+                            dimensions=_integer(body, "dimensions", None, lo=1))

@@ -104,6 +104,7 @@ class FakeModel:
         self.active = 0                    # generations running right now
         self.max_active = 0
         self.cancelled = 0
+        self.embed_calls: list[list] = []  # the inputs of every embed call
         self._lock = threading.Lock()
 
     def apply_chat_template(self, messages, add_generation_prompt=True, tools=None) -> str:
@@ -117,6 +118,33 @@ class FakeModel:
         for i, t in enumerate(ids):
             out[i, (t + 1) % 256] = 4.0
         return out
+
+    def embed(self, inputs, pooling="mean", normalize=True, truncate=False) -> np.ndarray:
+        """(len(inputs), dim) float32: a deterministic vector per token-id list (or text)."""
+        if isinstance(inputs, str) or (inputs and isinstance(inputs[0], int)):
+            inputs = [inputs]
+        with self._lock:
+            self.embed_calls.append([list(i) if not isinstance(i, str) else i for i in inputs])
+            self.active += 1
+            self.max_active = max(self.max_active, self.active)
+        try:
+            out = np.empty((len(inputs), self.dim), dtype=np.float32)
+            for row, item in enumerate(inputs):
+                ids = self.tokenizer.encode(item) if isinstance(item, str) else list(item)
+                if len(ids) > self.n_ctx:
+                    raise ContextOverflowError(f"input of {len(ids)} tokens does not fit the "
+                                               f"context of {self.n_ctx}")
+                if self.delay:
+                    time.sleep(self.delay)
+                vecs = np.stack([np.cos(np.arange(1, self.dim + 1) * (t + 1) * 0.1)
+                                 for t in ids])
+                out[row] = vecs.mean(axis=0) + 0.01 * np.arange(self.dim)
+            if normalize:
+                out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+            return out
+        finally:
+            with self._lock:
+                self.active -= 1
 
     def generate(self, prompt_ids, *, max_tokens=256, stop=(), temperature=1.0, top_k=0,
                  top_p=1.0, min_p=0.0, seed=None, repetition_penalty=1.0, presence_penalty=0.0,
