@@ -46,6 +46,7 @@ class FastBackend:
 
     def __init__(self):
         self.threading_layer = jit.check_threading_layer()  # logs a warning when slow
+        jit.limit_blas_threads(1)  # BLAS between Numba kernels: one thread, or they fight
 
     # -- load time -------------------------------------------------------------------------
 
