@@ -31,6 +31,8 @@ class ServerConfig:
     max_body_size: int = 4 * 1024 * 1024  # bytes; larger bodies: 413
     max_tokens_cap: int = 4096           # largest max_tokens accepted (and the default)
     max_n: int = 8                       # largest n accepted
+    embeddings_max_batch: int = 256      # inputs per /v1/embeddings request
+    embeddings_cache_bytes: int = 64 * 1024 * 1024  # LRU of recent embeddings; 0 turns it off
     api_keys: list[str] = field(default_factory=list)      # empty: no authentication
     cors_origins: list[str] = field(default_factory=list)  # "*" or exact origins
     log_level: str = "info"
@@ -42,11 +44,13 @@ class ServerConfig:
         self.validate()
 
     def validate(self) -> None:
-        positive = ("max_concurrent", "max_body_size", "max_tokens_cap", "max_n")
+        positive = ("max_concurrent", "max_body_size", "max_tokens_cap", "max_n",
+                    "embeddings_max_batch")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("queue_size", "threads", "compute_threads", "port"):
+        for name in ("queue_size", "threads", "compute_threads", "port",
+                     "embeddings_cache_bytes"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative, got {getattr(self, name)}")
         for name in ("queue_timeout", "request_timeout", "shutdown_grace"):

@@ -23,8 +23,6 @@ from server.engine_api import ContextOverflowError, EngineError
 from server.errors import APIError, bad_request
 from server.schema import parse_embeddings, parse_json
 
-DEFAULT_MAX_BATCH = 256
-DEFAULT_CACHE_BYTES = 64 * 1024 * 1024
 POOLING = "mean"
 EXTENSION = "numbalm.embeddings"
 
@@ -81,7 +79,7 @@ def init_app(app: Flask) -> None:
     """Register the route and give the app its cache."""
     cfg = app.extensions["numbalm"].config
     app.extensions[EXTENSION] = EmbeddingCache(
-        int(getattr(cfg, "embeddings_cache_bytes", DEFAULT_CACHE_BYTES)))
+        int(cfg.embeddings_cache_bytes))
     app.register_blueprint(bp)
 
 
@@ -118,7 +116,7 @@ def _encode(vec: np.ndarray, fmt: str):
 def create_embeddings():
     rt = current_app.extensions["numbalm"]
     cache: EmbeddingCache = current_app.extensions[EXTENSION]
-    max_batch = int(getattr(rt.config, "embeddings_max_batch", DEFAULT_MAX_BATCH))
+    max_batch = int(rt.config.embeddings_max_batch)
     req = parse_embeddings(parse_json(request.get_data(cache=False)), max_batch)
     served = rt.pool.get(req.model)
     model = served.model

@@ -64,6 +64,9 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     a("--max-body-size", type=int, help="largest request body in bytes (default 4 MiB)")
     a("--max-tokens-cap", type=int, help="largest max_tokens accepted, and the default (4096)")
     a("--max-n", type=int, help="largest n accepted (default 8)")
+    a("--embeddings-max-batch", type=int, help="inputs per /v1/embeddings request (256)")
+    a("--embeddings-cache-bytes", type=int,
+      help="bytes of recent embeddings kept (64 MiB; 0 turns the cache off)")
     a("--api-key", dest="api_keys", action="append", metavar="KEY",
       help="accept this Bearer key; repeatable; none: no authentication")
     a("--cors-origin", dest="cors_origins", action="append", metavar="ORIGIN",
@@ -80,7 +83,8 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
 def config_from_args(args, environ=None) -> ServerConfig:
     names = ("models", "host", "port", "backend", "threads", "compute_threads", "max_concurrent",
              "queue_size", "queue_timeout", "request_timeout", "max_body_size", "max_tokens_cap",
-             "max_n", "api_keys", "cors_origins", "log_level", "log_format", "shutdown_grace",
+             "max_n", "embeddings_max_batch", "embeddings_cache_bytes",
+             "api_keys", "cors_origins", "log_level", "log_format", "shutdown_grace",
              "warmup")
     cli = {name: getattr(args, name, None) for name in names}
     cli["aliases"] = _pairs(getattr(args, "aliases", None))

@@ -82,3 +82,11 @@ def test_serve_command_reports_bad_config(capsys):
     args = parse(["--port", "-3"])
     assert args.func(args) == 2
     assert "port" in capsys.readouterr().err
+
+
+def test_embeddings_options_from_env_and_cli():
+    env = {"NUMBALM_EMBEDDINGS_CACHE_BYTES": "0"}
+    c = build_config({"embeddings_max_batch": 16}, env)
+    assert (c.embeddings_max_batch, c.embeddings_cache_bytes) == (16, 0)
+    with pytest.raises(ConfigError, match="embeddings_max_batch"):
+        build_config({"embeddings_max_batch": 0}, {})
