@@ -1,33 +1,17 @@
 """engine.chat: the models' Jinja chat templates, the fallbacks, errors and the sandbox."""
 
-import os
 
 import pytest
+from conftest import model_path
 
 from engine.chat import CHATML_TEMPLATE, GEMMA_TEMPLATE, fallback_template, render_chat
 from engine.errors import ChatTemplateError
 from engine.gguf_file import open_gguf
 
-SMOLLM2 = ("smollm2-135m-instruct", "SmolLM2-135M-Instruct.Q4_1.gguf")
-
-
-def model_path(model_id: str, filename: str) -> str:
-    """The model file: from the registry if it knows it, else /tmp/models, else skip."""
-    try:
-        from engine.registry import resolve_model_path
-
-        return resolve_model_path(model_id)
-    except Exception:
-        pass
-    path = os.path.join("/tmp/models", filename)
-    if not os.path.isfile(path):
-        pytest.skip("model file not available")
-    return path
-
 
 @pytest.fixture(scope="module")
 def smollm2_template() -> str:
-    return open_gguf(model_path(*SMOLLM2)).metadata["tokenizer.chat_template"]
+    return open_gguf(model_path("smollm2")).metadata["tokenizer.chat_template"]
 
 
 def user(text):

@@ -1,38 +1,17 @@
 """engine.tokenizer: id-for-id parity with llama.cpp on the two real models, decoding, BOS."""
 
 import json
-import os
 import time
 from pathlib import Path
 
 import pytest
+from conftest import model_path
 
 from engine.errors import TokenizerError
 from engine.gguf_file import open_gguf
 from engine.tokenizer import PRE_ALIASES, PRE_TOKENIZERS, Tokenizer, merge_pairs
 
 DATA = Path(__file__).parent.parent / "data"
-MODELS = {
-    "smollm2": ("smollm2-135m-instruct", "SmolLM2-135M-Instruct.Q4_1.gguf"),
-    "gemma3": ("gemma3-270m", "gemma-3-270m-q4_k_m.gguf"),
-}
-
-
-def model_path(name: str) -> str:
-    """The model file: from the registry if it knows it, else /tmp/models, else skip."""
-    model_id, filename = MODELS[name]
-    try:
-        from engine.registry import resolve_model_path
-
-        return resolve_model_path(model_id)
-    except Exception:
-        pass
-    path = os.path.join("/tmp/models", filename)
-    if not os.path.isfile(path):
-        pytest.skip("model file not available")
-    return path
-
-
 @pytest.fixture(scope="module", params=["smollm2", "gemma3"])
 def model(request):
     """(name, metadata, tokenizer) for each real model."""
