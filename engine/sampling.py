@@ -21,10 +21,16 @@ from .errors import EngineError
 
 @dataclass
 class SamplingParams:
-    temperature: float = 1.0  # 0 → greedy
-    top_k: int = 0  # 0 → off
-    top_p: float = 1.0  # 1 → off
-    min_p: float = 0.0  # 0 → off
+    """What a request asks for; the defaults are llama.cpp's (its server uses them too).
+
+    A 135M model sampled at temperature 1 with no truncation soon drifts into noise, so a
+    request that sets only `temperature` still gets top-k 40, top-p 0.95 and min-p 0.05.
+    """
+
+    temperature: float = 0.8  # 0 → greedy
+    top_k: int = 40  # 0 → off
+    top_p: float = 0.95  # 1 → off
+    min_p: float = 0.05  # 0 → off
     repetition_penalty: float = 1.0  # 1 → off (llama.cpp / CTRL style: divide positive logits)
     presence_penalty: float = 0.0  # OpenAI: minus this once a token has appeared
     frequency_penalty: float = 0.0  # OpenAI: minus this × the token's count so far

@@ -21,10 +21,11 @@ class Sampling:
     """Options passed through to `Model.generate`."""
 
     max_tokens: int | None = None  # None: up to the cap or the end of the context
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
+    # Not given (None): the engine's defaults, llama.cpp's (0.8, 0.95, 40, 0.05).
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     presence_penalty: float = 0.0
@@ -172,10 +173,10 @@ def _logit_bias(body: dict) -> dict[int, float] | None:
 def _sampling(body: dict, cap: int) -> Sampling:
     return Sampling(
         max_tokens=_max_tokens(body, cap),
-        temperature=float(_number(body, "temperature", 1.0, 0, 2)),
-        top_p=float(_number(body, "top_p", 1.0, 0, 1)),
-        top_k=_integer(body, "top_k", 0, lo=0),
-        min_p=float(_number(body, "min_p", 0.0, 0, 1)),
+        temperature=_number(body, "temperature", None, 0, 2),
+        top_p=_number(body, "top_p", None, 0, 1),
+        top_k=_integer(body, "top_k", None, lo=0),
+        min_p=_number(body, "min_p", None, 0, 1),
         seed=_integer(body, "seed", None),
         stop=_stop(body),
         presence_penalty=float(_number(body, "presence_penalty", 0.0, -2, 2)),

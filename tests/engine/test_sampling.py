@@ -23,7 +23,7 @@ def test_greedy_is_argmax():
 
 
 def test_temperature_one_follows_the_distribution():
-    counts = draws(SamplingParams(temperature=1.0, seed=1), n=20000)
+    counts = draws(SamplingParams(temperature=1.0, top_p=1.0, min_p=0.0, seed=1), n=20000)
     freq = np.array([counts[i] for i in range(5)]) / 20000
     np.testing.assert_allclose(freq, np.exp(LOGITS), atol=0.015)
 
@@ -72,6 +72,11 @@ def test_logit_bias_can_force_or_ban_a_token():
     assert draws(SamplingParams(temperature=0.0, logit_bias={3: 100.0}), n=3) == Counter({3: 3})
     counts = draws(SamplingParams(logit_bias={0: -100.0}, seed=6), n=500)
     assert 0 not in counts
+
+
+def test_defaults_are_llamacpps():
+    p = SamplingParams()
+    assert (p.temperature, p.top_k, p.top_p, p.min_p) == (0.8, 40, 0.95, 0.05)
 
 
 def test_none_means_default():
