@@ -13,33 +13,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import model_path
 from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
 
 from engine.errors import GGUFError
 from engine.gguf_file import open_gguf
 
-SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def _find_smollm2() -> Path | None:
-    from engine.registry import Registry
-
-    candidates = [Path("/tmp/models") / SMOLLM2_FILE]
-    try:
-        entry = Registry().find("smollm2-135m-instruct")
-        if entry:
-            candidates.insert(0, Path(entry.path))
-    except Exception:  # a broken cache must not hide these tests
-        pass
-    return next((p for p in candidates if p.is_file()), None)
-
 
 @pytest.fixture(scope="module")
 def real():
     """The real SmolLM2 file: path, size, its header bytes and GGUFReader's view of it."""
-    path = _find_smollm2()
-    if path is None:
-        pytest.skip("SmolLM2 not available; run `numbalm model pull`")
+    path = Path(model_path("smollm2"))  # fails in CI, skips elsewhere, when not pulled
     reader = GGUFReader(path)
     with open(path, "rb") as f:
         head = f.read(reader.data_offset + 4096)

@@ -1,18 +1,14 @@
 """kernels.dequant equals gguf.quants.dequantize bit for bit: random blocks and real models."""
 
-from pathlib import Path
 
 import gguf
 import numpy as np
 import pytest
+from conftest import model_path
 from gguf import GGMLQuantizationType as Q
 
 from kernels import dequant
 from kernels.dequant import BLOCK_SIZE, TYPE_SIZE, dequantize, dequantize_rows
-
-MODELS = Path("/tmp/models")
-SMOLLM2 = MODELS / "SmolLM2-135M-Instruct.Q4_1.gguf"
-GEMMA3 = MODELS / "gemma-3-270m-q4_k_m.gguf"
 
 # Byte offsets of the f16 scale fields in each block. Random bytes there could be inf/NaN,
 # which would make the comparison meaningless; every other byte stays random.
@@ -136,20 +132,19 @@ def test_bad_arguments_raise():
 # --- real models ---------------------------------------------------------------------------------
 
 
-def open_model(path: Path) -> dict[str, gguf.ReaderTensor]:
-    if not path.exists():
-        pytest.skip(f"model file {path} is absent (the registry cache will provide it in CI)")
-    return {t.name: t for t in gguf.GGUFReader(path).tensors}
+def open_model(key: str) -> dict[str, gguf.ReaderTensor]:
+    """The real model's tensors through GGUFReader (the registry's file; see conftest)."""
+    return {t.name: t for t in gguf.GGUFReader(model_path(key)).tensors}
 
 
 @pytest.fixture(scope="module")
 def smollm2():
-    return open_model(SMOLLM2)
+    return open_model("smollm2")
 
 
 @pytest.fixture(scope="module")
 def gemma3():
-    return open_model(GEMMA3)
+    return open_model("gemma3")
 
 
 def numpy_shape(t: gguf.ReaderTensor) -> tuple:
