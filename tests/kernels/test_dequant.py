@@ -9,24 +9,12 @@ from gguf import GGMLQuantizationType as Q
 
 from kernels import dequant
 from kernels.dequant import BLOCK_SIZE, TYPE_SIZE, dequantize, dequantize_rows
+from kernels.testing import F16_FIELDS as QUANT_F16_FIELDS
 
-# Byte offsets of the f16 scale fields in each block. Random bytes there could be inf/NaN,
-# which would make the comparison meaningless; every other byte stays random.
-F16_FIELDS = {
-    Q.F32: [],
-    Q.F16: [],
-    Q.BF16: [],
-    Q.Q4_0: [0],
-    Q.Q4_1: [0, 2],
-    Q.Q5_0: [0],
-    Q.Q5_1: [0, 2],
-    Q.Q8_0: [0],
-    Q.Q2_K: [80, 82],
-    Q.Q3_K: [108],
-    Q.Q4_K: [0, 2],
-    Q.Q5_K: [0, 2],
-    Q.Q6_K: [208],
-}
+# Random bytes in the f16 scale fields could be inf/NaN, which would make the comparison
+# meaningless; kernels.testing.F16_FIELDS says where they are, every other byte stays random.
+FLOAT_TYPES = {Q.F32: [], Q.F16: [], Q.BF16: []}
+F16_FIELDS = {**FLOAT_TYPES, **QUANT_F16_FIELDS}
 QTYPES = list(F16_FIELDS)
 
 
