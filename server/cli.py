@@ -16,6 +16,7 @@ import traceback
 # (module, function) pairs; each function adds its subcommands to the parser.
 COMMAND_MODULES = (
     ("server.cli_model", "add_parser"),
+    ("server.cli_convert", "add_parser"),
     ("server.cli_generate", "add_parser"),
     ("server.serve", "add_serve_parser"),
 )
