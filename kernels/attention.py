@@ -1,8 +1,9 @@
-"""Causal grouped-query attention over the KV cache, prefill and decode alike.
+"""Attention: causal grouped-query attention over the KV cache (prefill and decode alike), and
+bidirectional attention over packed sequences for encoders (bert).
 
-Query i of the n new tokens sits at position pos0 + i and sees keys at positions
+Causal: query i of the n new tokens sits at position pos0 + i and sees keys at positions
 max(0, pos0 + i - window + 1) .. pos0 + i (`window` <= 0: no window). Head h reads kv head
-h // (n_head // n_kv_head).
+h // (n_head // n_kv_head). Encoder: see `encoder_attention_ref`.
 """
 
 from __future__ import annotations
@@ -99,3 +100,65 @@ def attention_blas(q, k, v, n_keys: int, pos0: int, window: int, scale: float, o
         np.exp(scores, out=scores)
         scores /= scores.sum(axis=2, keepdims=True)
         out3[:, kv * group : (kv + 1) * group, :] = scores @ v[kv, :n_keys]  # (n, group, hd)
+
+
+# --- encoder attention (bert): bidirectional, several sequences packed back to back -------------
+
+
+def encoder_attention_ref(q, k, v, starts, scale: float) -> np.ndarray:
+    """Bidirectional attention within each sequence of a packed batch.
+
+    q, k, v (n, n_head, hd) float32 hold B sequences back to back: sequence s is rows
+    starts[s] .. starts[s+1] - 1 (starts (B+1,) int, starts[0] = 0, starts[B] = n). A query sees
+    every key of its own sequence and none of the others: the same result as padding each
+    sequence to the longest and masking the padded keys, without computing the padding.
+    Returns (n, n_head * hd).
+    """
+    n, n_head, hd = q.shape
+    out = np.empty((n, n_head, hd), np.float32)
+    for s in range(len(starts) - 1):
+        a, b = int(starts[s]), int(starts[s + 1])
+        for h in range(n_head):
+            scores = (q[a:b, h, :] @ k[a:b, h, :].T) * scale  # (len, len)
+            weights = np.exp(scores - scores.max(axis=-1, keepdims=True))
+            weights /= weights.sum(axis=-1, keepdims=True)
+            out[a:b, h, :] = weights @ v[a:b, h, :]  # (len, hd)
+    return out.reshape(n, n_head * hd)
+
+
+@pnjit
+def encoder_attention(q, k, v, starts, scale, out):
+    """Numba twin of `encoder_attention_ref`, writing out (n, n_head * hd).
+
+    One parallel job per (sequence, head); short sequences (bert embeds sentences) make these
+    small, so all of a job's keys stay in cache: scores for one query, softmax, weighted sum.
+    """
+    n, n_head, hd = q.shape
+    n_seq = starts.shape[0] - 1
+    for job in prange(n_seq * n_head):
+        s, h = job // n_head, job % n_head
+        a, b = starts[s], starts[s + 1]
+        scores = np.empty(b - a, np.float32)  # (len,)
+        acc = np.empty(hd, np.float32)
+        for i in range(a, b):
+            best = np.float32(-np.inf)
+            for j in range(a, b):
+                t = np.float32(0)
+                for e in range(hd):
+                    t += q[i, h, e] * k[j, h, e]
+                t *= np.float32(scale)
+                scores[j - a] = t
+                best = max(best, t)
+            total = np.float32(0)
+            for j in range(b - a):
+                p = np.float32(math.exp(scores[j] - best))
+                scores[j] = p
+                total += p
+            acc[:] = 0
+            for j in range(a, b):
+                p = scores[j - a]
+                for e in range(hd):
+                    acc[e] += p * v[j, h, e]
+            inv = np.float32(1) / total
+            for e in range(hd):
+                out[i, h * hd + e] = acc[e] * inv

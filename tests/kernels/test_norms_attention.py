@@ -71,3 +71,64 @@ def test_attention_on_cache_view():
     np.testing.assert_allclose(
         out, attention.attention_ref(q, k, v, 10, 0, 0.125), rtol=1e-4, atol=1e-5
     )
+
+
+# --- bert: LayerNorm, erf GELU, bias add, encoder attention -------------------------------------
+
+
+def test_layer_norm_odd_shape():
+    x, w, b = randn(7, 383) * 3 + 5, randn(383), randn(383)
+    out = np.empty_like(x)
+    norms.layer_norm(x, w, b, 1e-12, out)
+    np.testing.assert_allclose(out, norms.layer_norm_ref(x, w, b, 1e-12), rtol=1e-4, atol=1e-5)
+
+
+def test_add_layer_norm_in_place():
+    x, y, yb, w, b = randn(5, 97), randn(5, 97) * 10, randn(97), randn(97), randn(97)
+    ref = norms.add_layer_norm_ref(x, y, yb, w, b, 1e-5)
+    norms.add_layer_norm(x, y, yb, w, b, 1e-5, x)  # out = x, as the fast backend calls it
+    np.testing.assert_allclose(x, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_gelu_is_erf_not_tanh():
+    x = np.concatenate([np.linspace(-12, 12, 4001), [0.0, -0.0, 1e-30]]).astype(np.float32)
+    x = x.reshape(1, -1)
+    out = np.empty_like(x)
+    norms.gelu(x, out)
+    ref = norms.gelu_ref(x)
+    np.testing.assert_array_less(np.abs(out - ref), 2e-7 * (1 + np.abs(x)))
+    assert abs(float(norms.gelu_ref(np.float32([[1.0]]))[0, 0]) - 0.8413447) < 1e-6  # Phi(1)
+
+
+@pytest.mark.parametrize("gelu", [False, True])
+def test_add_bias(gelu):
+    x, b = randn(3, 1537) * 3, randn(1537)
+    out = np.empty_like(x)
+    norms.add_bias(x, b, gelu, out)
+    ref = norms.add_bias_ref(x, b, gelu)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("lengths", [[1], [7], [3, 1, 9, 2], [17, 5]])
+def test_encoder_attention(lengths):
+    n, n_head, hd = sum(lengths), 3, 24
+    starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    q, k, v = randn(n, n_head, hd), randn(n, n_head, hd), randn(n, n_head, hd)
+    out = np.full((n, n_head * hd), np.nan, np.float32)
+    attention.encoder_attention(q, k, v, starts, 0.2, out)
+    ref = attention.encoder_attention_ref(q, k, v, starts, 0.2)
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_encoder_attention_sees_only_its_own_sequence():
+    """Same as running each sequence alone, i.e. padding plus a key mask."""
+    q, k, v = randn(6, 2, 8), randn(6, 2, 8), randn(6, 2, 8)
+    both = attention.encoder_attention_ref(q, k, v, np.array([0, 2, 6]), 0.5)
+    first = attention.encoder_attention_ref(q[:2], k[:2], v[:2], np.array([0, 2]), 0.5)
+    second = attention.encoder_attention_ref(q[2:], k[2:], v[2:], np.array([0, 4]), 0.5)
+    np.testing.assert_allclose(both, np.concatenate([first, second]), rtol=1e-6)
+    # and bidirectional: the first query already sees the last key of its sequence
+    v2 = v.copy()
+    v2[5] += 1
+    changed = attention.encoder_attention_ref(q, k, v2, np.array([0, 2, 6]), 0.5)
+    assert not np.allclose(changed[2], both[2]) and np.allclose(changed[:2], both[:2])
