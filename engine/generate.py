@@ -6,6 +6,9 @@
             yield; logits = decode_one(token)     # one position through the KV cache
 
 Every sampled token yields one `GeneratedToken`; the last one carries `finish_reason`.
+
+With a grammar (engine/constrain.py) each step also asks it which tokens may come next; that
+mask is computed in a worker thread while the model runs the previous token's forward pass.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .cache import KVCache
+from .constrain import Grammar
 from .errors import ContextOverflowError, EngineError
 from .sampling import Sampler, SamplingParams
 
@@ -99,8 +103,13 @@ def decode_one(model, cache: KVCache, token: int) -> np.ndarray:
 
 def generate(model, tokenizer, prompt_ids: list[int], *, n_ctx: int, max_tokens: int = 256,
              stop: Iterable[str] = (), should_stop: Callable[[], bool] | None = None,
-             params: SamplingParams | None = None) -> Iterator[GeneratedToken]:
-    """Sample up to `max_tokens` tokens after `prompt_ids`; see the module docstring."""
+             params: SamplingParams | None = None,
+             grammar: Grammar | None = None) -> Iterator[GeneratedToken]:
+    """Sample up to `max_tokens` tokens after `prompt_ids`; see the module docstring.
+
+    With `grammar`, only tokens it allows are sampled, end of turn only once it accepts, and
+    generation ends ("stop") as soon as it is complete.
+    """
     params = params or SamplingParams()
     params.validate(tokenizer.n_vocab)
     if max_tokens < 1:
@@ -109,27 +118,34 @@ def generate(model, tokenizer, prompt_ids: list[int], *, n_ctx: int, max_tokens:
     max_tokens = min(max_tokens, n_ctx - len(prompt_ids))
 
     sampler, matcher, decoder = Sampler(params), StopMatcher(stop), tokenizer.decoder()
+    constraint = grammar.start(tokenizer) if grammar is not None else None
     history = list(prompt_ids)
     cache = model.new_cache(n_ctx)
+    if constraint:
+        constraint.fill_mask_async()  # overlaps the prefill
     logits = prefill(model, cache, prompt_ids)
     for n_generated in range(1, max_tokens + 1):
         if should_stop is not None and should_stop():
             yield GeneratedToken(-1, matcher.flush(), finish_reason="cancelled")
             return
-        choice = sampler(logits, history)
+        choice = sampler(logits, history, constraint.mask if constraint else None)
         history.append(choice.token)
         step = GeneratedToken(choice.token, "", choice.logprob, choice.top_logprobs)
         if choice.token in tokenizer.eot_ids:
             step.text, step.finish_reason = matcher.flush() + decoder.flush(), "stop"
             yield step
             return
+        if constraint:
+            constraint.consume(choice.token)
         step.text, hit = matcher.push(decoder.push(choice.token))
         if hit:
             step.finish_reason = "stop"
-        elif n_generated == max_tokens:
+        elif (constraint and constraint.is_complete) or n_generated == max_tokens:
             step.text += matcher.push(decoder.flush())[0] + matcher.flush()
-            step.finish_reason = "length"
+            step.finish_reason = "stop" if constraint and constraint.is_complete else "length"
         yield step
         if step.finish_reason:
             return
+        if constraint:
+            constraint.fill_mask_async()  # overlaps the forward pass below
         logits = decode_one(model, cache, choice.token)

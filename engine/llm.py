@@ -54,12 +54,28 @@ class LLM:
         return self.model.logits(self.model.forward(np.asarray(ids), cache)).astype(np.float32)
 
     def generate(self, prompt_ids: list[int], *, max_tokens: int = 256, stop=(),
-                 should_stop=None, **sampling) -> Iterator[GeneratedToken]:
-        """Yield one GeneratedToken per sampled token; see engine/generate.py."""
+                 should_stop=None, grammar=None, **sampling) -> Iterator[GeneratedToken]:
+        """Yield one GeneratedToken per sampled token; see engine/generate.py.
+
+        `grammar` (an `engine.constrain.Grammar`) constrains the output: its mask is applied
+        after penalties and logit_bias, before temperature/top-k/top-p/min-p (greedy picks
+        the best allowed token); end of turn is allowed only once the grammar accepts; the
+        generation ends with finish_reason "stop" as soon as the grammar is complete, or
+        "length" when max_tokens cuts it short (the text may then be unfinished JSON).
+        Log-probs, when asked, are those of the masked distribution.
+        """
         params = SamplingParams(**sampling)
+        if grammar is not None:
+            self.compile_grammar(grammar)
         return generate(self.model, self.tokenizer, list(prompt_ids), n_ctx=self.n_ctx,
                         max_tokens=max_tokens, stop=stop, should_stop=should_stop,
-                        params=params)
+                        params=params, grammar=grammar)
+
+    def compile_grammar(self, grammar):
+        """Check `grammar` against this model's vocabulary and build its matcher once (also
+        the llguidance tokenizer, ~0.2 s on first use); raises GrammarError. Returns it."""
+        grammar.compile_for(self.tokenizer)
+        return grammar
 
     def embed(self, inputs, pooling: str = "mean", normalize: bool = True,
               truncate: bool = False) -> np.ndarray:

@@ -1,9 +1,11 @@
-"""Logits → next token: penalties, bias, truncation, temperature, a seeded draw.
+"""Logits → next token: penalties, bias, grammar mask, truncation, temperature, a seeded draw.
 
-The order follows llama.cpp's default chain:
+The order follows llama.cpp's default chain, with a grammar's mask (engine/constrain.py) after
+the bias, so that truncation and argmax only ever see tokens the grammar allows:
 
-    raw logits ─ repetition/presence/frequency penalties ─ logit bias ─→ (log-probs reported)
-               ─ top-k ─ top-p ─ min-p ─ temperature ─ draw (or argmax when temperature = 0)
+    raw logits ─ repetition/presence/frequency penalties ─ logit bias ─ grammar mask
+               ─→ (log-probs reported) ─ top-k ─ top-p ─ min-p ─ temperature
+               ─ draw (or argmax when temperature = 0)
 
 Each request gets its own `numpy.random.Generator`, so a seed reproduces a request whatever
 else the process is doing.
@@ -115,24 +117,50 @@ class Sampler:
         self.params = params
         self.rng = np.random.default_rng(params.seed)
 
-    def __call__(self, logits: np.ndarray, history: list[int]) -> Choice:
-        """logits (n_vocab,) float32 → the next token, with log-probs when asked."""
+    def __call__(self, logits: np.ndarray, history: list[int],
+                 mask: np.ndarray | None = None) -> Choice:
+        """logits (n_vocab,) float32 → the next token, with log-probs when asked.
+
+        `mask` (n_words,) int32, llguidance's bitmask (kernels/mask.py), limits the choice to
+        the tokens it allows; log-probs are then those of the masked distribution (forbidden
+        tokens have probability 0 and never appear among the top ones).
+        """
         p = self.params
+        raw = logits
         logits = apply_bias(apply_penalties(logits, history, p), p.logit_bias)
-        token = self.draw(logits)
+        candidates = None
+        if mask is not None:
+            from kernels.mask import apply_token_bitmask  # Numba: loaded only when constrained
+
+            logits = logits.copy() if logits is raw else logits
+            apply_token_bitmask(logits, mask)
+            candidates = np.flatnonzero(logits > -np.inf)  # allowed, ascending ids
+            if len(candidates) == 0:
+                raise EngineError("the grammar allows no token here (every allowed token has "
+                                  "logit -inf)")
+        token = self.draw(logits, candidates)
         if p.logprobs is None:
             return Choice(token)
         logprobs = log_softmax(logits)
-        top = np.argsort(-logprobs)[: p.logprobs] if p.logprobs > 0 else []
+        if candidates is None:
+            top = np.argsort(-logprobs)[: p.logprobs] if p.logprobs > 0 else []
+        else:
+            top = candidates[np.argsort(-logprobs[candidates])[: p.logprobs]]
         return Choice(token, float(logprobs[token]),
                       [(int(i), float(logprobs[i])) for i in top])
 
-    def draw(self, logits: np.ndarray) -> int:
+    def draw(self, logits: np.ndarray, candidates: np.ndarray | None = None) -> int:
+        """The next token among `candidates` (ascending ids; None: the whole vocabulary)."""
         p = self.params
         if p.temperature == 0.0:
-            return int(np.argmax(logits))
+            if candidates is None:
+                return int(np.argmax(logits))
+            return int(candidates[np.argmax(logits[candidates])])
         # Truncation rules look at the distribution before temperature, as llama.cpp does.
-        order = np.argsort(-logits, kind="stable")
+        if candidates is None:
+            order = np.argsort(-logits, kind="stable")
+        else:  # same order as the full sort, restricted to what the grammar allows
+            order = candidates[np.argsort(-logits[candidates], kind="stable")]
         if p.top_k > 0:
             order = order[: max(p.top_k, 1)]
         probs = np.exp((logits[order] - logits[order[0]]).astype(np.float64))

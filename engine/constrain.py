@@ -1,0 +1,269 @@
+"""Constrained decoding: a grammar (JSON schema, any JSON object, Lark) → a token mask per step.
+
+    grammar = Grammar.json_schema({"type": "object", ...})     # validated here: GrammarError
+    model.compile_grammar(grammar)                              # optional: checks it for this model
+    for tok in model.generate(ids, grammar=grammar): ...        # every token keeps the text valid
+
+llguidance (github.com/guidance-ai/llguidance) does the parsing: for each step it computes the
+set of tokens that keep the output a prefix of some string in the grammar, as a bitmask
+(`kernels.mask`). It works on the bytes of tokens, so it is given our vocabulary as bytes
+(`Tokenizer.token_bytes`), our end-of-turn ids as EOS, and our own encoder.
+
+- `Grammar` is model-independent and immutable, hence safe to share between threads and
+  requests. It keeps one compiled matcher per tokenizer and deep-copies it per generation.
+- `Constraint` is the state of one generation: `fill_mask()` (drops the GIL, so it can run in a
+  thread while the model computes logits), `mask`, `consume(token)`, `is_complete`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import weakref
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import numpy as np
+
+from .errors import EngineError
+
+# llguidance's JSON output style. A fixed ", " / ": " with no free whitespace: a small model
+# sampled at temperature 1 would otherwise wander into runs of newlines and spaces, which
+# are valid JSON but never end. Schemas may still override this via "x-guidance".
+JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": ",
+                "lenient": False}
+
+
+class GrammarError(EngineError):
+    """A schema or grammar the engine cannot enforce; the message is fit for a 400.
+
+    `keyword` names the JSON-schema keyword at fault when there is one.
+    """
+
+    def __init__(self, message: str, keyword: str | None = None):
+        super().__init__(message)
+        self.keyword = keyword
+
+
+def _llguidance():
+    try:
+        import llguidance
+    except ImportError as e:  # pragma: no cover - declared dependency
+        raise GrammarError("structured output needs the llguidance package "
+                           "(pip install llguidance)") from e
+    return llguidance
+
+
+# -- the tokenizer, as llguidance sees it ---------------------------------------------------
+
+_LL_TOKENIZERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_LL_LOCK = threading.Lock()
+
+
+class _Vocabulary:
+    """What llguidance's TokenizerWrapper reads: token bytes, special ids, EOS, an encoder."""
+
+    def __init__(self, tokenizer):
+        self._tokenizer = tokenizer
+        self.eos_token_id = tokenizer.eos_id
+        self.bos_token_id = tokenizer.bos_id
+        self.special_token_ids = special_token_ids(tokenizer)
+        special = set(self.special_token_ids)
+        # llguidance's convention: a leading 0xFF byte (never valid UTF-8) marks a special
+        # token, which grammars can name (<|im_end|>) but text can never produce.
+        self.tokens = [b"\xff" + tokenizer.token_bytes(i) if i in special
+                       else tokenizer.token_bytes(i) for i in range(tokenizer.n_vocab)]
+
+    def __call__(self, text: str) -> list[int]:
+        """Plain text → ids with the engine's own encoder (no BOS, control text stays text)."""
+        if not isinstance(text, str):
+            raise TypeError("expects str")  # tells llguidance to hand us str, not bytes
+        return self._tokenizer.encode(text, add_bos=False, special=False)
+
+
+def special_token_ids(tokenizer) -> list[int]:
+    """Ids that are not text: control/unknown/unused tokens, and user-defined ones spelled
+    like `<...>` (llama.cpp's rule: those are markers such as `<start_of_image>`)."""
+    from .tokenizer import USER_DEFINED
+
+    out = []
+    for i in range(tokenizer.n_vocab):
+        if tokenizer.is_control(i):
+            out.append(i)
+        elif tokenizer.token_types[i] == USER_DEFINED:
+            text = tokenizer.tokens[i]
+            if text.startswith("<") and text.endswith(">"):
+                out.append(i)
+    return out
+
+
+def ll_tokenizer(tokenizer):
+    """The llguidance LLTokenizer for one engine Tokenizer, built once and cached (~0.2 s for
+    49k tokens). Every end-of-turn id counts as EOS: the grammar allows it once complete."""
+    with _LL_LOCK:
+        cached = _LL_TOKENIZERS.get(tokenizer)
+        if cached is None:
+            llg = _llguidance()
+            eos = sorted(tokenizer.eot_ids) or [tokenizer.eos_id]
+            cached = llg.LLTokenizer(llg.TokenizerWrapper(_Vocabulary(tokenizer)),
+                                     n_vocab=tokenizer.n_vocab, eos_token=eos)
+            _LL_TOKENIZERS[tokenizer] = cached
+        return cached
+
+
+# -- grammars -------------------------------------------------------------------------------
+
+_UNIMPLEMENTED = re.compile(r'Unimplemented keys: \["([^"]+)"')
+
+
+class Grammar:
+    """A compiled, reusable grammar; build it with `json_schema`, `json_object` or `lark`.
+
+    Construction validates it (so a server can answer 400 before admitting the request);
+    anything the engine cannot enforce raises `GrammarError`, never a silent downgrade.
+    """
+
+    def __init__(self, spec: str, kind: str, where: str, warnings: tuple[str, ...] = ()):
+        self.spec = spec  # llguidance's serialized grammar
+        self.kind = kind  # "json_schema", "json_object" or "lark"
+        self.where = where  # names the request field in error messages
+        self.warnings = warnings
+        self._matchers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"Grammar.{self.kind}(...)"
+
+    @classmethod
+    def json_schema(cls, schema: dict, strict: bool = True,
+                    where: str = "json_schema") -> Grammar:
+        """Output must be JSON valid against `schema` (a dict, JSON Schema draft 2020-12).
+
+        `strict=True`: a keyword llguidance cannot enforce (uniqueItems, contains, not,
+        if/then/else, dependentRequired, propertyNames, unevaluatedProperties, …) is a
+        GrammarError naming it. `strict=False` drops such keywords, enforces the rest, and
+        lists what was dropped in `.warnings` (opt-in only; OpenAI's `strict` flag is not
+        this: a server should keep the default). `where` prefixes error messages, e.g.
+        "response_format.json_schema".
+        """
+        if schema is True:
+            schema = {}
+        if schema is False:
+            raise GrammarError(f"{where}: the schema `false` matches no output")
+        if not isinstance(schema, dict):
+            raise GrammarError(f"{where}: the schema must be a JSON object, "
+                               f"not {type(schema).__name__}")
+        llg = _llguidance()
+        options = dict(JSON_OPTIONS, lenient=not strict)
+        try:
+            spec = llg.LLMatcher.grammar_from_json_schema(json.dumps(schema), overrides=options)
+        except (ValueError, TypeError) as e:
+            raise GrammarError(f"{where}: {e}") from None
+        return cls(spec, "json_schema", where, _validate(spec, where))
+
+    @classmethod
+    def json_object(cls, where: str = "response_format") -> Grammar:
+        """Output must be one JSON object (any keys, any values): OpenAI's json_object mode."""
+        return cls.json_schema({"type": "object"}, where=where)._renamed("json_object")
+
+    @classmethod
+    def lark(cls, text: str, where: str = "grammar") -> Grammar:
+        """llguidance's Lark syntax (docs/syntax.md in its repository): rules, regexes,
+        `%json{...}` for an embedded JSON schema, `<|im_end|>`-style special tokens."""
+        if not isinstance(text, str) or not text.strip():
+            raise GrammarError(f"{where}: a Lark grammar must be a non-empty string")
+        spec = _llguidance().LLMatcher.grammar_from_lark(text)
+        return cls(spec, "lark", where, _validate(spec, where))
+
+    def _renamed(self, kind: str) -> Grammar:
+        self.kind = kind
+        return self
+
+    # -- per model --------------------------------------------------------------------------
+
+    def compile_for(self, tokenizer):
+        """The matcher for this tokenizer, built once (checks tokenizer-specific parts such
+        as special-token names); GrammarError if the grammar does not fit this vocabulary."""
+        with self._lock:
+            template = self._matchers.get(tokenizer)
+            if template is None:
+                llt = ll_tokenizer(tokenizer)
+                _validate(self.spec, self.where, llt)
+                template = _llguidance().LLMatcher(llt, self.spec, log_level=0)
+                if template.is_error():
+                    raise GrammarError(f"{self.where}: {template.get_error()}")
+                self._matchers[tokenizer] = template
+            return template
+
+    def start(self, tokenizer) -> Constraint:
+        """Fresh state for one generation."""
+        template = self.compile_for(tokenizer)
+        with self._lock:
+            matcher = template.deep_copy()
+        return Constraint(matcher, tokenizer.n_vocab)
+
+
+def _validate(spec: str, where: str, tokenizer=None) -> tuple[str, ...]:
+    """llguidance's validator → GrammarError on an error, the warnings otherwise."""
+    is_error, messages = _llguidance().LLMatcher.validate_grammar_with_warnings(spec, tokenizer)
+    if not is_error:
+        return tuple(messages)
+    message = messages[0] if messages else "invalid grammar"
+    unimplemented = _UNIMPLEMENTED.search(message)
+    if unimplemented:
+        keyword = unimplemented.group(1)
+        raise GrammarError(f"{where}: keyword {keyword!r} is not supported", keyword=keyword)
+    raise GrammarError(f"{where}: {message.strip()}")
+
+
+# -- one generation ---------------------------------------------------------------------------
+
+# Masks are computed here while the model runs its forward pass (llguidance drops the GIL).
+_MASK_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="numbalm-mask")
+
+
+class Constraint:
+    """The grammar state of one generation: which tokens may come next."""
+
+    def __init__(self, matcher, n_vocab: int):
+        from llguidance.numpy import allocate_token_bitmask, fill_next_token_bitmask
+
+        self.matcher = matcher
+        self._bitmask = allocate_token_bitmask(1, n_vocab)  # (1, n_words) int32
+        self._fill = fill_next_token_bitmask
+        self._pending: Future | None = None
+
+    def fill_mask(self) -> None:
+        """Compute the mask for the next token (after the tokens consumed so far)."""
+        self._fill(self.matcher, self._bitmask)
+
+    def fill_mask_async(self) -> None:
+        """Start `fill_mask` in a worker thread; `mask` waits for it."""
+        self._pending = _MASK_POOL.submit(self.fill_mask)
+
+    @property
+    def mask(self) -> np.ndarray:
+        """The allowed next tokens: (n_words,) int32, bit i of word i // 32 = token i."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+        self._check()
+        return self._bitmask[0]
+
+    def consume(self, token: int) -> None:
+        """Advance past a sampled token (it must have been allowed)."""
+        if not self.matcher.consume_token(int(token)):
+            self._check()
+
+    @property
+    def is_complete(self) -> bool:
+        """True when the grammar is satisfied and can take no more text."""
+        return self.matcher.is_stopped()
+
+    @property
+    def is_accepting(self) -> bool:
+        return self.matcher.is_accepting()
+
+    def _check(self) -> None:
+        if self.matcher.is_error():
+            raise EngineError(f"constrained decoding failed: {self.matcher.get_error()}")
