@@ -144,6 +144,10 @@ class Tokenizer:
             return BPETokenizer(metadata)
         if model == "llama":
             return SPMTokenizer(metadata)
+        if model == "bert":
+            from .wordpiece import WordPieceTokenizer  # a subclass: imported here, not on top
+
+            return WordPieceTokenizer(metadata)
         raise TokenizerError(f"tokenizer model {model!r} is not supported: numbalm reads 'gpt2' "
                              f"(byte-level BPE) and 'llama' (SentencePiece) vocabularies")
 
