@@ -31,3 +31,7 @@ class ChatTemplateError(EngineError):
 
 class TokenizerError(EngineError):
     """The tokenizer metadata is unusable or an input cannot be tokenized."""
+
+
+class CapabilityError(EngineError):
+    """The model cannot do what was asked (say, generate text with an embedding-only model)."""

@@ -14,12 +14,17 @@ import numpy as np
 
 from . import chat
 from .backends import get_backend
-from .errors import EngineError
+from .errors import CapabilityError, ContextOverflowError, EngineError
 from .generate import GeneratedToken, check_prompt, generate
 from .gguf_file import GGUFFile, open_gguf
 from .models import architecture_module
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
+
+# What a model can do; an architecture module may narrow it with its own CAPABILITIES
+# (bert: {"embeddings"}). The server lists these per model and routes requests by them.
+CAPABILITIES = frozenset({"completion", "chat", "embeddings"})
+MAX_BATCH_TOKENS = 8192  # tokens per encoder forward pass when embedding many inputs
 
 
 class LLM:
@@ -37,6 +42,7 @@ class LLM:
         self.args = module.ModelArgs.from_gguf(gf)
         self.backend = get_backend(backend)
         self.model = module.Model(self.args, gf, self.backend)
+        self.capabilities = frozenset(getattr(module, "CAPABILITIES", CAPABILITIES))
         self.n_ctx = min(n_ctx or self.args.n_ctx, self.args.n_ctx)
         self.n_vocab = self.args.n_vocab
         self.dim = self.args.dim
@@ -48,6 +54,7 @@ class LLM:
 
     def logits(self, ids: list[int]) -> np.ndarray:
         """Logits at every position of `ids`, from a fresh context: (len(ids), n_vocab) f32."""
+        self.require("completion")
         ids = [int(t) for t in ids]
         check_prompt(ids, self.n_ctx + 1, self.n_vocab)
         cache = self.model.new_cache(len(ids))
@@ -64,6 +71,7 @@ class LLM:
         "length" when max_tokens cuts it short (the text may then be unfinished JSON).
         Log-probs, when asked, are those of the masked distribution.
         """
+        self.require("completion")
         params = SamplingParams(**sampling)
         if grammar is not None:
             self.compile_grammar(grammar)
@@ -77,31 +85,84 @@ class LLM:
         grammar.compile_for(self.tokenizer)
         return grammar
 
-    def embed(self, inputs, pooling: str = "mean", normalize: bool = True,
+    def require(self, capability: str) -> None:
+        """Raise CapabilityError unless this model can do `capability` ("completion", …)."""
+        if capability not in self.capabilities:
+            can = ", ".join(sorted(self.capabilities))
+            what = {"completion": "generate text", "chat": "chat"}.get(capability, capability)
+            raise CapabilityError(f"model {self.id!r} ({self.architecture}) cannot {what}: "
+                                  f"it serves {can} only")
+
+    def embed(self, inputs, pooling: str | None = None, normalize: bool = True,
               truncate: bool = False) -> np.ndarray:
         """Texts or token-id lists → (len(inputs), dim) float32 sentence vectors.
 
-        The final hidden states (after the output norm) are pooled over the sequence:
-        `mean`, `last`, or `cls`/`first`; then L2-normalized unless `normalize=False`.
-        An input longer than the context is an error unless `truncate=True`.
+        The final hidden states are pooled over each input's tokens: `mean`, `last`, or
+        `cls`/`first` (None: the model's own, bert.pooling_type for encoders, else mean);
+        then L2-normalized unless `normalize=False`. An input longer than `n_ctx` is an
+        error (ContextOverflowError) unless `truncate=True`. An encoder (bert) embeds all
+        the inputs in a few packed forward passes; a decoder runs one per input.
         """
-        if isinstance(inputs, str) or (inputs and isinstance(inputs[0], int)):
+        self.require("embeddings")
+        if isinstance(inputs, str) or (inputs and isinstance(inputs[0], (int, np.integer))):
             inputs = [inputs]
-        out = np.empty((len(inputs), self.dim), dtype=np.float32)
-        for row, item in enumerate(inputs):
-            ids = self.tokenizer.encode(item) if isinstance(item, str) else list(item)
-            if truncate:
-                ids = ids[: self.n_ctx]
-            check_prompt(ids, self.n_ctx + 1, self.n_vocab)
-            hidden = self.model.forward(np.asarray(ids), self.model.new_cache(len(ids)))
-            out[row] = pool(hidden, pooling)
+        pooling = pooling or getattr(self.args, "pooling", "mean")
+        if pooling not in POOLINGS:
+            raise EngineError(f"unknown pooling {pooling!r} (choose mean, last or cls)")
+        ids_lists = [self._embedding_ids(item, i, truncate) for i, item in enumerate(inputs)]
+        if hasattr(self.model, "new_cache"):  # a decoder: one causal pass per input
+            out = np.empty((len(ids_lists), self.dim), dtype=np.float32)
+            for row, ids in enumerate(ids_lists):
+                hidden = self.model.forward(np.asarray(ids), self.model.new_cache(len(ids)))
+                out[row] = pool(hidden, pooling)
+        else:
+            out = self._encode_packed(ids_lists, pooling)
         if normalize:
             out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+        return out
+
+    def _embedding_ids(self, item, i: int, truncate: bool) -> list[int]:
+        """One input → checked token ids (truncated to n_ctx when asked, keeping a final [SEP])."""
+        ids = self.tokenizer.encode(item) if isinstance(item, str) else [int(t) for t in item]
+        if not ids:
+            raise EngineError(f"input {i} has no tokens to embed")
+        if len(ids) > self.n_ctx:
+            if not truncate:
+                raise ContextOverflowError(
+                    f"input {i} has {len(ids)} tokens but model {self.id!r} embeds at most "
+                    f"{self.n_ctx}: shorten it or pass truncate=True")
+            sep = getattr(self.tokenizer, "eos_id", None)
+            keep_last = self.architecture == "bert" and ids[-1] == sep
+            ids = ids[: self.n_ctx - 1] + [ids[-1]] if keep_last else ids[: self.n_ctx]
+        arr = np.asarray(ids)
+        if arr.min() < 0 or arr.max() >= self.n_vocab:
+            bad = int(arr[(arr < 0) | (arr >= self.n_vocab)][0])
+            raise EngineError(f"token id {bad} is outside the vocabulary (0..{self.n_vocab - 1})")
+        return ids
+
+    def _encode_packed(self, ids_lists: list[list[int]], pooling: str) -> np.ndarray:
+        """Encoder: inputs packed back to back (no padding), MAX_BATCH_TOKENS per forward."""
+        out = np.empty((len(ids_lists), self.dim), dtype=np.float32)
+        first = 0
+        while first < len(ids_lists):
+            last, n = first, 0
+            while last < len(ids_lists) and (last == first or
+                                             n + len(ids_lists[last]) <= MAX_BATCH_TOKENS):
+                n += len(ids_lists[last])
+                last += 1
+            group = ids_lists[first:last]
+            starts = np.zeros(len(group) + 1, dtype=np.int64)  # (B+1,) sentence boundaries
+            np.cumsum([len(ids) for ids in group], out=starts[1:])
+            ids = np.fromiter((t for seq in group for t in seq), np.int64, count=int(starts[-1]))
+            hidden = self.model.forward(ids, starts)  # (n, dim)
+            out[first:last] = pool_packed(hidden, starts, pooling)
+            first = last
         return out
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
                             tools=None) -> str:
         """Render messages with the model's chat template (or the documented fallback)."""
+        self.require("chat")
         tokens = self.metadata["tokenizer.ggml.tokens"]
         template = self.chat_template or chat.fallback_template(set(tokens))
         tok = self.tokenizer
@@ -125,6 +186,9 @@ class LLM:
         return ids
 
 
+POOLINGS = ("mean", "last", "cls", "first")
+
+
 def pool(hidden: np.ndarray, pooling: str) -> np.ndarray:
     """(n, dim) hidden states → (dim,) one vector for the sequence."""
     if pooling == "mean":
@@ -134,6 +198,17 @@ def pool(hidden: np.ndarray, pooling: str) -> np.ndarray:
     if pooling in ("cls", "first"):
         return hidden[0]
     raise EngineError(f"unknown pooling {pooling!r} (choose mean, last or cls)")
+
+
+def pool_packed(hidden: np.ndarray, starts: np.ndarray, pooling: str) -> np.ndarray:
+    """(n, dim) hidden states of B inputs packed at `starts` (B+1,) → (B, dim), each pooled
+    over its own tokens only."""
+    if pooling == "mean":
+        sums = np.add.reduceat(hidden, starts[:-1], axis=0, dtype=np.float64)  # (B, dim)
+        return (sums / np.diff(starts)[:, None]).astype(np.float32)
+    if pooling == "last":
+        return hidden[starts[1:] - 1]
+    return hidden[starts[:-1]]  # cls / first
 
 
 def load_model(name_or_path: str, backend: str | None = None, n_ctx: int | None = None) -> LLM:

@@ -150,12 +150,9 @@ def layer_norm_ref(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: flo
     return (x - mean) / np.sqrt(var + eps) * weight + bias
 
 
-def add_layer_norm_ref(x, y, y_bias, weight, bias, eps: float) -> np.ndarray:
-    """LayerNorm of the residual sum x + (y + y_bias): x, y (n, d); y_bias, weight, bias (d,).
-
-    Bert's post-norm sub-block end: `y` is a linear's output before its bias is added.
-    """
-    return layer_norm_ref(x + (y + y_bias), weight, bias, eps)
+def add_layer_norm_ref(x, y, weight, bias, eps: float) -> np.ndarray:
+    """LayerNorm of the residual sum x + y (bert's post-norm): x, y (n, d); weight, bias (d,)."""
+    return layer_norm_ref(x + y, weight, bias, eps)
 
 
 @njit(inline="always")
@@ -184,16 +181,16 @@ def layer_norm(x, weight, bias, eps, out):
 
 
 @njit
-def add_layer_norm(x, y, y_bias, weight, bias, eps, out):
-    """Numba twin of `add_layer_norm_ref`: one pass adds the bias and the residual, then norms.
+def add_layer_norm(x, y, weight, bias, eps, out):
+    """Numba twin of `add_layer_norm_ref`: the residual add and the norm in one pass.
 
-    x, y, out (n, d) float32 (out may be x); y_bias, weight, bias (d,).
+    x, y, out (n, d) float32 (out may be x); weight, bias (d,).
     """
     n, d = x.shape
     row = np.empty(d, np.float32)
     for i in range(n):
         for j in range(d):
-            row[j] = x[i, j] + (y[i, j] + y_bias[j])
+            row[j] = x[i, j] + y[i, j]
         _layer_norm_row(row, weight, bias, eps, out[i])
 
 

@@ -72,3 +72,61 @@ def write_tiny(path, arch: str = "llama", seed: int = 0, qtype=GGMLQuantizationT
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def write_tiny_bert(path, seed: int = 0, qtype=GGMLQuantizationType.F32, n_layers: int = 2,
+                    dim: int = 48, n_heads: int = 4, ffn: int = 80, n_ctx: int = 64,
+                    pooling: int = 1):
+    """A random encoder in llama.cpp's bert layout (`pooling`: 1 mean, 2 cls).
+
+    Its vocabulary is the SentencePiece one above, so it loads without a WordPiece tokenizer.
+    """
+    from gguf import MODEL_ARCH, PoolingType, get_tensor_name_map
+
+    rng = np.random.default_rng(seed)
+    w = GGUFWriter(str(path), "bert")
+    w.add_context_length(n_ctx)
+    w.add_embedding_length(dim)
+    w.add_block_count(n_layers)
+    w.add_feed_forward_length(ffn)
+    w.add_head_count(n_heads)
+    w.add_layer_norm_eps(1e-12)
+    w.add_causal_attention(False)
+    w.add_pooling_type(PoolingType(pooling))
+    w.add_tokenizer_model("llama")
+    w.add_token_list(VOCAB)
+    w.add_token_scores([0.0] * 3 + [0.0] * 256 + [-1.0, -1.0, -2.0])
+    w.add_token_types([2, 3, 3] + [6] * 256 + [1, 1, 1])
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    names = get_tensor_name_map(MODEL_ARCH.BERT, n_layers)
+
+    def rand(*shape, scale=0.2):
+        return rng.normal(0, scale, size=shape)
+
+    def norm(name):
+        _tensor(w, name + ".weight", 1 + rand(dim, scale=0.1))
+        _tensor(w, name + ".bias", rand(dim, scale=0.1))
+
+    def linear(name, n_out, n_in):
+        _tensor(w, name + ".weight", rand(n_out, n_in), qtype)
+        _tensor(w, name + ".bias", rand(n_out, scale=0.1))
+
+    _tensor(w, "token_embd.weight", rand(len(VOCAB), dim, scale=1.0), qtype)
+    _tensor(w, "position_embd.weight", rand(n_ctx, dim, scale=0.5))
+    _tensor(w, "token_types.weight", rand(2, dim, scale=0.5))
+    norm("token_embd_norm")
+    for i in range(n_layers):
+        p = f"blk.{i}."
+        for name in ("attn_q", "attn_k", "attn_v", "attn_output"):
+            linear(p + name, dim, dim)
+        linear(p + "ffn_up", ffn, dim)
+        linear(p + "ffn_down", dim, ffn)
+        norm(p + "attn_output_norm")
+        norm(p + "layer_output_norm")
+    assert names.get_name("encoder.layer.0.attention.output.LayerNorm") == "blk.0.attn_output_norm"
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

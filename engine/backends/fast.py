@@ -131,6 +131,52 @@ class FastBackend:
         norms.gelu_gate(gate, up, out)
         return out
 
+    # -- encoders (bert): float32 weights on BLAS, Numba for everything between ------------
+
+    def prepare_affine(self, weights: list[TensorInfo], biases: list[TensorInfo]):
+        """Matrices and biases that read the same input (q, k, v), stacked row-wise.
+
+        -> (W (n_out, n_in), b (n_out,)), C-contiguous float32: `affine` hands W to BLAS.
+        """
+        w = np.concatenate([dequantize(t.data, t.qtype, t.shape) for t in weights])
+        b = np.concatenate([dequantize(t.data, t.qtype, t.shape).reshape(-1) for t in biases])
+        return np.ascontiguousarray(w, np.float32), np.ascontiguousarray(b, np.float32)
+
+    def affine(self, x: np.ndarray, wb, gelu: bool = False) -> np.ndarray:
+        """(n, n_in) -> (n, n_out) = x @ W.T + b (erf-GELU'd when `gelu`): sgemm, one pass."""
+        w, b = wb
+        y = np.ascontiguousarray(x, np.float32) @ w.T  # (n, n_out), BLAS reads W.T in place
+        norms.add_bias(y, b, bool(gelu), y)
+        return y
+
+    def layer_norm(self, x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float,
+                   residual: np.ndarray | None = None) -> np.ndarray:
+        """LayerNorm of x (n, d) (plus `residual` in the same pass) over the last axis."""
+        x = np.ascontiguousarray(x, np.float32)
+        out = np.empty_like(x)
+        if residual is None:
+            norms.layer_norm(x, weight, bias, float(eps), out)
+        else:
+            norms.add_layer_norm(x, np.ascontiguousarray(residual, np.float32), weight, bias,
+                                 float(eps), out)
+        return out
+
+    def gelu(self, x: np.ndarray) -> np.ndarray:
+        """Exact (erf) GELU of x (n, d) float32."""
+        x = np.ascontiguousarray(x, np.float32)
+        out = np.empty_like(x)
+        norms.gelu(x, out)
+        return out
+
+    def encoder_attention(self, q, k, v, starts: np.ndarray, scale: float) -> np.ndarray:
+        """q, k, v (n, n_head, hd), sequences packed at `starts` -> (n, n_head*hd)."""
+        n, n_head, hd = q.shape
+        out = np.empty((n, n_head * hd), np.float32)
+        attn_kernels.encoder_attention(
+            np.ascontiguousarray(q, np.float32), np.ascontiguousarray(k, np.float32),
+            np.ascontiguousarray(v, np.float32), np.asarray(starts, np.int64), float(scale), out)
+        return out
+
 
 def _contiguous_buffer(a: np.ndarray) -> np.ndarray:
     """A C-contiguous array whose prefix `[:, :a.shape[1]]` is `a`: the cache buffer `a` views.

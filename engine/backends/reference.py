@@ -6,6 +6,8 @@ formulation over speed. Shapes follow docs/internals.md.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from kernels.dequant import dequantize, dequantize_rows
@@ -108,3 +110,53 @@ class ReferenceBackend:
         """GeGLU with the tanh approximation of GELU (gemma): gelu_tanh(gate) * up."""
         c = np.float32(np.sqrt(2.0 / np.pi))
         return 0.5 * gate * (1.0 + np.tanh(c * (gate + np.float32(0.044715) * gate ** 3))) * up
+
+    # -- encoders (bert) -------------------------------------------------------------------
+
+    def prepare_affine(self, weights: list[TensorInfo], biases: list[TensorInfo]):
+        """Matrices and their biases that read the same input (q, k, v), stacked row-wise.
+
+        -> (W (n_out, n_in) float32, b (n_out,) float32), n_out summed over the matrices.
+        """
+        w = np.concatenate([dequantize(t.data, t.qtype, t.shape) for t in weights])
+        b = np.concatenate([dequantize(t.data, t.qtype, t.shape).reshape(-1) for t in biases])
+        return w, b
+
+    def affine(self, x: np.ndarray, wb, gelu: bool = False) -> np.ndarray:
+        """(n, n_in) -> (n, n_out) = x @ W.T + b, then erf-GELU when `gelu`."""
+        w, b = wb
+        y = x @ w.T + b
+        return self.gelu(y) if gelu else y
+
+    def layer_norm(self, x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float,
+                   residual: np.ndarray | None = None) -> np.ndarray:
+        """LayerNorm of x (n, d) (plus `residual`, bert's post-norm) over the last axis."""
+        if residual is not None:
+            x = x + residual
+        mean = x.mean(axis=-1, keepdims=True)
+        var = ((x - mean) ** 2).mean(axis=-1, keepdims=True)
+        return (x - mean) / np.sqrt(var + eps) * weight + bias
+
+    def gelu(self, x: np.ndarray) -> np.ndarray:
+        """Exact GELU, 0.5 * x * (1 + erf(x / sqrt(2))), in float64 then back to float32."""
+        erf = np.frompyfunc(math.erf, 1, 1)(x.astype(np.float64) / math.sqrt(2.0))
+        return (0.5 * x * (1.0 + erf.astype(np.float64))).astype(np.float32)
+
+    def encoder_attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray,
+                          starts: np.ndarray, scale: float) -> np.ndarray:
+        """Bidirectional attention within each sequence of a packed batch.
+
+        q, k, v (n, n_head, hd): sequence s is rows starts[s]..starts[s+1]-1. A query sees
+        every key of its own sequence, none of another's (as padding + a key mask would).
+        Returns (n, n_head*hd).
+        """
+        n, n_head, hd = q.shape
+        out = np.empty((n, n_head, hd), dtype=np.float32)
+        for a, b in zip(starts[:-1], starts[1:]):
+            for h in range(n_head):
+                scores = (q[a:b, h] @ k[a:b, h].T) * scale  # (len, len), no mask
+                scores -= scores.max(axis=-1, keepdims=True)
+                weights = np.exp(scores)
+                weights /= weights.sum(axis=-1, keepdims=True)
+                out[a:b, h] = weights @ v[a:b, h]  # (len, hd)
+        return out.reshape(n, n_head * hd)

@@ -1,0 +1,146 @@
+"""BERT: the bidirectional encoder behind sentence-embedding models (all-MiniLM-L6-v2).
+
+    x = layer_norm(token_embd[ids] + position_embd[pos] + token_types[0])
+    for each layer:
+        x = layer_norm(x + attn_output(attention(q(x), k(x), v(x))))   # no causal mask
+        x = layer_norm(x + ffn_down(gelu(ffn_up(x))))                    # erf GELU
+    hidden states -> pooled (mean over the real tokens, or [CLS]) by the caller
+
+What differs from the decoders (`llama.py`): no cache and no causal mask (every token sees
+the whole sentence); learned position and token-type embeddings instead of RoPE; LayerNorm
+with a bias, *after* each sub-block (post-norm) and after the embeddings; every linear has a
+bias; the FFN is one GELU matrix, not a gated pair. It embeds, it does not generate.
+
+Several sentences run as one forward pass, packed back to back (no padding): the linears see
+(n_tokens, dim) rows whatever sentence they come from; only attention and pooling need the
+sentence boundaries `starts` (B+1,): sentence s is rows starts[s] .. starts[s+1]-1.
+
+References: Devlin et al. 2019, "BERT"; Reimers & Gurevych 2019, "Sentence-BERT";
+llama.cpp's `llm_build_bert` (GGUF tensor names, kept here as attribute names).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from kernels.dequant import dequantize
+
+from ..gguf_file import GGUFFile
+
+# llama.cpp's `bert.pooling_type` values (enum llama_pooling_type).
+POOLING_TYPES = {1: "mean", 2: "cls", 3: "last"}
+
+CAPABILITIES = frozenset({"embeddings"})
+
+
+@dataclass
+class ModelArgs:
+    dim: int  # embedding_length
+    n_layers: int
+    n_heads: int
+    head_dim: int
+    ffn_dim: int
+    n_vocab: int
+    n_positions: int  # rows of position_embd (bert.context_length)
+    n_ctx: int  # longest input embedded: the sentence model's max_seq_length when known
+    norm_eps: float
+    pooling: str  # "mean", "cls" or "last", from bert.pooling_type
+
+    @classmethod
+    def from_gguf(cls, gf: GGUFFile) -> ModelArgs:
+        dim = int(gf.arch("embedding_length"))
+        n_heads = int(gf.arch("attention.head_count"))
+        n_positions = int(gf.arch("context_length"))
+        pooling_type = int(gf.arch("pooling_type", 1))
+        return cls(
+            dim=dim,
+            n_layers=int(gf.arch("block_count")),
+            n_heads=n_heads,
+            head_dim=dim // n_heads,
+            ffn_dim=int(gf.arch("feed_forward_length")),
+            n_vocab=len(gf.metadata["tokenizer.ggml.tokens"]),
+            n_positions=n_positions,
+            n_ctx=min(n_positions, int(gf.arch("max_seq_length", n_positions))),
+            norm_eps=float(gf.arch("attention.layer_norm_epsilon")),
+            pooling=POOLING_TYPES.get(pooling_type, "mean"),
+        )
+
+
+def _vector(gf: GGUFFile, name: str) -> np.ndarray:
+    t = gf.tensors[name]
+    return dequantize(t.data, t.qtype, t.shape).reshape(-1)  # (d,) float32
+
+
+def _norm(gf: GGUFFile, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """A LayerNorm's (weight, bias), each (dim,)."""
+    return _vector(gf, f"{name}.weight"), _vector(gf, f"{name}.bias")
+
+
+class Layer:
+    """One encoder block, named as in the GGUF file (`blk.N.<name>.weight` / `.bias`).
+
+    Each linear is prepared with its bias (`backend.prepare_affine`); q, k and v read the
+    same input and are stacked as one `attn_qkv` (n_in dim, n_out 3*dim).
+    """
+
+    def __init__(self, gf: GGUFFile, i: int, backend):
+        def affine(*names):
+            return backend.prepare_affine([gf.tensors[f"blk.{i}.{n}.weight"] for n in names],
+                                          [gf.tensors[f"blk.{i}.{n}.bias"] for n in names])
+
+        self.attn_qkv = affine("attn_q", "attn_k", "attn_v")
+        self.attn_output = affine("attn_output")
+        self.attn_output_norm = _norm(gf, f"blk.{i}.attn_output_norm")
+        self.ffn_up = affine("ffn_up")
+        self.ffn_down = affine("ffn_down")
+        self.layer_output_norm = _norm(gf, f"blk.{i}.layer_output_norm")
+
+
+class Model:
+    def __init__(self, args: ModelArgs, gf: GGUFFile, backend):
+        self.args = args
+        self.backend = backend
+        self.token_embd = backend.prepare_embedding(gf.tensors["token_embd.weight"])
+        self.position_embd = backend.prepare_embedding(gf.tensors["position_embd.weight"])
+        self.token_type = _vector(gf, "token_types.weight")[: args.dim]  # (dim,) type 0
+        self.token_embd_norm = _norm(gf, "token_embd_norm")
+        self.layers = [Layer(gf, i, backend) for i in range(args.n_layers)]
+
+    # -- the forward pass, in reading order ------------------------------------------------
+
+    def embed(self, ids: np.ndarray, starts: np.ndarray) -> np.ndarray:
+        """Token + position + token-type embeddings, normed: (n, dim)."""
+        b = self.backend
+        lengths = np.diff(starts)
+        positions = np.arange(len(ids)) - np.repeat(starts[:-1], lengths)  # (n,) 0.. per sentence
+        x = b.embed(self.token_embd, ids) + b.embed(self.position_embd, positions)  # (n, dim)
+        x += self.token_type
+        return b.layer_norm(x, *self.token_embd_norm, self.args.norm_eps)
+
+    def forward(self, ids: np.ndarray, starts: np.ndarray) -> np.ndarray:
+        """Packed token ids (n,) of the sentences at `starts` (B+1,) -> hidden states (n, dim)."""
+        ids = np.asarray(ids, np.int64)
+        starts = np.asarray(starts, np.int64)
+        x = self.embed(ids, starts)
+        for layer in self.layers:
+            x = self.attention_block(layer, x, starts)
+            x = self.ffn_block(layer, x)
+        return x
+
+    def attention_block(self, layer: Layer, x: np.ndarray, starts: np.ndarray) -> np.ndarray:
+        a, b = self.args, self.backend
+        n = x.shape[0]
+        qkv = b.affine(x, layer.attn_qkv).reshape(n, 3, a.n_heads, a.head_dim)
+        q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]  # (n, n_heads, hd) each
+        o = b.encoder_attention(q, k, v, starts, 1.0 / math.sqrt(a.head_dim))  # (n, dim)
+        o = b.affine(o, layer.attn_output)
+        return b.layer_norm(o, *layer.attn_output_norm, a.norm_eps, residual=x)
+
+    def ffn_block(self, layer: Layer, x: np.ndarray) -> np.ndarray:
+        b = self.backend
+        h = b.affine(x, layer.ffn_up, gelu=True)  # (n, ffn_dim)
+        y = b.affine(h, layer.ffn_down)  # (n, dim)
+        return b.layer_norm(y, *layer.layer_output_norm, self.args.norm_eps, residual=x)
