@@ -8,6 +8,16 @@ helpers, a `tojson` that leaves non-ASCII and `<>&` alone, and the variables `me
 gets a fallback (`fallback_template`). Whatever goes wrong while rendering — a syntax error, a
 template calling `raise_exception`, an attribute the sandbox refuses — comes out as one
 `ChatTemplateError` carrying the template's message.
+
+Tools. A template that reads `tools` (Qwen 2.5, Llama 3.1, Hermes, ...) gets them and the
+messages as they are: assistant `tool_calls` (arguments as objects, as transformers expects)
+and `tool` messages. A template without tool support — SmolLM2's ChatML, our fallbacks —
+gets the Hermes / Qwen convention spelled out in plain messages (`tools_in_messages`): the
+tool signatures in the system prompt, each past call as
+`<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>` in the assistant's turn, and
+tool results as a user turn of `<tool_response>\n...\n</tool_response>` blocks (consecutive
+results share one turn). A user turn, not a `tool` one: a model never trained on tools has
+seen only system, user and assistant, and Qwen's own template does the same.
 """
 
 from __future__ import annotations
@@ -18,6 +28,7 @@ from datetime import datetime
 
 import jinja2
 import jinja2.ext
+import jinja2.meta
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from .errors import ChatTemplateError
@@ -62,7 +73,12 @@ def render_chat(template: str | None, messages: list[dict], *, bos_token: str = 
     `template=None` means ChatML. Content given as a list of text parts is joined into one
     string first. `extra` are passed to the template as further variables.
     """
-    compiled = _compile(template if template is not None else CHATML_TEMPLATE)
+    template = template if template is not None else CHATML_TEMPLATE
+    compiled = _compile(template)
+    if supports_tools(template):
+        messages = [_with_argument_objects(m) for m in messages]
+    elif tools or any(m.get("tool_calls") or m.get("role") == "tool" for m in messages):
+        messages, tools = tools_in_messages(messages, tools), None
     try:
         return compiled.render(
             messages=[_normalize(m) for m in messages], bos_token=bos_token,
@@ -75,6 +91,87 @@ def render_chat(template: str | None, messages: list[dict], *, bos_token: str = 
         raise ChatTemplateError(f"chat template: {e}") from None
     except Exception as e:  # a template is code: any failure in it is the template's error
         raise ChatTemplateError(f"chat template failed: {type(e).__name__}: {e}") from None
+
+
+@functools.lru_cache(maxsize=16)
+def supports_tools(template: str) -> bool:
+    """Whether a chat template reads the `tools` variable (and so knows tool messages)."""
+    try:
+        return "tools" in jinja2.meta.find_undeclared_variables(_environment().parse(template))
+    except jinja2.TemplateSyntaxError:
+        return False  # rendering reports it
+
+
+TOOLS_PROMPT = """# Tools
+
+You may call functions to help with the user's request. Their signatures, as JSON, are \
+inside <tools></tools>:
+<tools>
+{tools}
+</tools>
+
+To call a function, write a JSON object with its name and arguments inside \
+<tool_call></tool_call>, one block per call:
+<tool_call>
+{{"name": <function-name>, "arguments": <arguments-object>}}
+</tool_call>
+Each result comes back inside <tool_response></tool_response>."""
+
+
+def tools_in_messages(messages: list[dict], tools: list[dict] | None) -> list[dict]:
+    """Messages with tools, calls and results written as plain text (Hermes style), for a
+    template that knows only system, user and assistant turns."""
+    out: list[dict] = []
+    if tools:
+        spec = "\n".join(json.dumps(t, ensure_ascii=False) for t in tools)
+        system = TOOLS_PROMPT.format(tools=spec)
+        if messages and messages[0].get("role") == "system":
+            first = _normalize(messages[0])["content"]
+            system = f"{first}\n\n{system}" if first else system
+            messages = messages[1:]
+        out.append({"role": "system", "content": system})
+    for message in messages:
+        role = message.get("role")
+        if role == "tool":
+            block = f"<tool_response>\n{_normalize(message)['content']}\n</tool_response>"
+            if out and out[-1].get("tool_results"):
+                out[-1]["content"] += "\n" + block
+            else:
+                out.append({"role": "user", "content": block, "tool_results": True})
+        elif role == "assistant" and message.get("tool_calls"):
+            parts = [_normalize({**message, "tool_calls": None})["content"]]
+            parts += [_call_text(c) for c in message["tool_calls"]]
+            out.append({"role": "assistant", "content": "\n".join(p for p in parts if p)})
+        else:
+            out.append(message)
+    return [{k: v for k, v in m.items() if k != "tool_results"} for m in out]
+
+
+def _call_text(call: dict) -> str:
+    """One call as the model writes it (the separators match the server's tool grammar)."""
+    fn = call.get("function", call)
+    body = {"name": fn.get("name"), "arguments": _arguments_object(fn.get("arguments"))}
+    return f"<tool_call>\n{json.dumps(body, ensure_ascii=False)}\n</tool_call>"
+
+
+def _arguments_object(arguments):
+    """OpenAI sends arguments as a JSON string; templates want the object (kept as the string
+    when it is not JSON)."""
+    if isinstance(arguments, str):
+        try:
+            return json.loads(arguments)
+        except ValueError:
+            return arguments
+    return {} if arguments is None else arguments
+
+
+def _with_argument_objects(message: dict) -> dict:
+    if not message.get("tool_calls"):
+        return message
+    calls = [{**c, "function": {**c["function"],
+                                "arguments": _arguments_object(c["function"].get("arguments"))}}
+             if isinstance(c.get("function"), dict) else c for c in message["tool_calls"]]
+    return {**message, "tool_calls": calls}
 
 
 class TemplateRaised(Exception):

@@ -1,10 +1,17 @@
-"""engine.chat: the models' Jinja chat templates, the fallbacks, errors and the sandbox."""
+"""engine.chat: the models' Jinja chat templates, the fallbacks, errors, the sandbox, tools."""
 
+import json
 
 import pytest
 from conftest import model_path
 
-from engine.chat import CHATML_TEMPLATE, GEMMA_TEMPLATE, fallback_template, render_chat
+from engine.chat import (
+    CHATML_TEMPLATE,
+    GEMMA_TEMPLATE,
+    fallback_template,
+    render_chat,
+    supports_tools,
+)
 from engine.errors import ChatTemplateError
 from engine.gguf_file import open_gguf
 
@@ -109,3 +116,57 @@ def test_sandbox_blocks_dunder_attributes():
 def test_sandbox_is_immutable():
     with pytest.raises(ChatTemplateError, match="unsafe"):
         render_chat("{{ messages.append(1) }}", [user("x")])
+
+
+# --- tools ------------------------------------------------------------------------------------
+
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "Weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+CALL = {"id": "call_1", "type": "function",
+        "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'}}
+ROUND_TRIP = [user("Weather in Paris?"),
+              {"role": "assistant", "content": None, "tool_calls": [CALL]},
+              {"role": "tool", "tool_call_id": "call_1", "content": "18 C"},
+              {"role": "tool", "tool_call_id": "call_2", "content": "sunny"}]
+
+
+def test_templates_without_tools_get_the_hermes_fallback(smollm2_template):
+    prompt = render_chat(smollm2_template, ROUND_TRIP, tools=TOOLS)
+    system, rest = prompt.split("<|im_end|>\n", 1)
+    assert system.startswith("<|im_start|>system\n# Tools\n")
+    assert json.dumps(TOOLS[0]) in system and "<tool_call>" in system
+    assert "SmolLM" not in prompt  # our system turn replaces the template's default one
+    assert rest == (
+        "<|im_start|>user\nWeather in Paris?<|im_end|>\n"
+        '<|im_start|>assistant\n<tool_call>\n{"name": "get_weather", "arguments": '
+        '{"city": "Paris"}}\n</tool_call><|im_end|>\n'
+        "<|im_start|>user\n<tool_response>\n18 C\n</tool_response>\n"
+        "<tool_response>\nsunny\n</tool_response><|im_end|>\n"
+        "<|im_start|>assistant\n")
+
+
+def test_fallback_keeps_the_system_prompt_and_assistant_text():
+    messages = [{"role": "system", "content": "Be brief."}, user("Hi"),
+                {"role": "assistant", "content": "Checking.", "tool_calls": [CALL]}]
+    prompt = render_chat(GEMMA_TEMPLATE, messages, tools=TOOLS, add_generation_prompt=False)
+    assert prompt.startswith("<start_of_turn>user\nBe brief.\n\n# Tools\n")
+    assert prompt.endswith("<start_of_turn>model\nChecking.\n<tool_call>\n"
+                           '{"name": "get_weather", "arguments": {"city": "Paris"}}\n'
+                           "</tool_call><end_of_turn>\n")
+
+
+def test_templates_with_tools_get_them_and_argument_objects():
+    template = ("{% for t in tools %}[{{ t.function.name }}]{% endfor %}"
+                "{% for m in messages %}{{ m.role }}:"
+                "{% for c in m.tool_calls or [] %}{{ c.function.arguments.city }}{% endfor %}"
+                "{{ m.content or '' }};{% endfor %}")
+    assert supports_tools(template) and not supports_tools(CHATML_TEMPLATE)
+    assert render_chat(template, ROUND_TRIP[:3], tools=TOOLS) == (
+        "[get_weather]user:Weather in Paris?;assistant:Paris;tool:18 C;")
+
+
+def test_no_tools_no_fallback(smollm2_template):
+    plain = [user("Hi")]
+    assert render_chat(smollm2_template, plain, tools=None) == render_chat(smollm2_template,
+                                                                           plain)
