@@ -30,7 +30,8 @@ def runtime() -> Runtime:
 
 
 def _model_object(served) -> dict:
-    return {"id": served.id, "object": "model", "created": served.created, "owned_by": "numbalm"}
+    return {"id": served.id, "object": "model", "created": served.created, "owned_by": "numbalm",
+            "capabilities": served.capabilities}
 
 
 @bp.get("/models")
@@ -58,7 +59,7 @@ def _generate(parse):
     rt = runtime()
     cfg = rt.config
     req = parse(parse_json(request.get_data(cache=False)), cfg.max_tokens_cap, cfg.max_n)
-    served = rt.pool.get(req.model)
+    served = rt.pool.get(req.model, need=req.kind)  # 400 for an embedding-only model
     the_plan = plan(req, served, cfg.max_tokens_cap)
     stats = Stats(start=g.start)
     g.access.update(model=served.id, stream=req.stream, stats=stats,

@@ -1,8 +1,10 @@
 """The model pool: the one object through which the server reaches the engine.
 
 It loads the configured models by id (`engine.load_model`), warms each up (one greedy token,
-which compiles the Numba kernels), and resolves a request's `model` (an id or an alias) to a
-loaded model. Tests build one with `ModelPool.from_models([...])` around fake models.
+or one embedding for an embedding-only model, which compiles the Numba kernels), and resolves
+a request's `model` (an id or an alias) to a loaded model that can do what the route needs
+(`capabilities`: "completion", "chat", "embeddings"). Tests build one with
+`ModelPool.from_models([...])` around fake models.
 """
 
 from __future__ import annotations
@@ -14,9 +16,16 @@ from dataclasses import dataclass
 
 from server import engine_api
 from server.config import ConfigError
-from server.errors import APIError
+from server.errors import APIError, bad_request
 
 log = logging.getLogger("numbalm.server")
+
+# What a model that does not say (a test double, an older engine) is taken to do.
+DECODER_CAPABILITIES = ("completion", "chat", "embeddings")
+WHAT = {"completion": "a completions model", "chat": "a chat model",
+        "embeddings": "an embeddings model"}
+ROUTE = {"completion": "/v1/completions", "chat": "/v1/chat/completions",
+         "embeddings": "/v1/embeddings"}
 
 
 @dataclass
@@ -24,6 +33,11 @@ class ServedModel:
     id: str          # the name clients use; also what responses report as `model`
     model: object    # an engine Model (or a test double with the same contract)
     created: int     # unix time it was loaded
+
+    @property
+    def capabilities(self) -> list[str]:
+        """What the model can do, sorted: a subset of completion, chat, embeddings."""
+        return sorted(getattr(self.model, "capabilities", DECODER_CAPABILITIES))
 
 
 def parse_model_spec(spec: str) -> tuple[str | None, str]:
@@ -111,8 +125,13 @@ class ModelPool:
         self._ready.set()
 
     def _warm(self, served: ServedModel) -> None:
-        """One greedy token: compiles the kernels before the first request pays for it."""
+        """One greedy token (or one embedding): compiles the kernels before the first request
+        pays for it."""
         t0 = time.perf_counter()
+        if "completion" not in served.capabilities:
+            served.model.embed(["Hello"])
+            log.info("warmed up %s in %.1f s", served.id, time.perf_counter() - t0)
+            return
         ids = served.model.tokenizer.encode("Hello", add_bos=None)
         for _ in served.model.generate(ids, max_tokens=1, temperature=0.0):
             pass
@@ -123,17 +142,27 @@ class ModelPool:
     def list(self) -> list[ServedModel]:
         return list(self.models.values())
 
-    def get(self, name: str | None) -> ServedModel:
-        """The model a request names (id or alias; None: the first one) or a 404/503."""
+    def get(self, name: str | None, need: str | None = None) -> ServedModel:
+        """The model a request names (id or alias; None: the first one that can do `need`),
+        or a 404/503; a 400 when the named model cannot do `need` ("chat", "completion",
+        "embeddings"), as an embedding-only model cannot chat."""
         if not self.ready:
             raise APIError(503, f"Models are not ready ({self.status}); retry shortly.",
                            code="model_not_ready", headers={"Retry-After": "5"})
         if name is None:
             if not self.models:
                 raise APIError(404, "No model is loaded.", code="model_not_found")
-            return next(iter(self.models.values()))
-        served = self.models.get(self.aliases.get(name, name))
+            able = [s for s in self.models.values() if need is None or need in s.capabilities]
+            served = able[0] if able else next(iter(self.models.values()))
+        else:
+            served = self.models.get(self.aliases.get(name, name))
         if served is None:
             raise APIError(404, f"The model '{name}' does not exist; see /v1/models.",
                            param="model", code="model_not_found")
+        if need is not None and need not in served.capabilities:
+            can = ", ".join(ROUTE[c] for c in served.capabilities if c in ROUTE)
+            raise bad_request(f"The model '{served.id}' is not {WHAT.get(need, need)}, so "
+                              f"{ROUTE.get(need, 'this route')} cannot use it; it serves "
+                              f"{can}. See /v1/models for each model's capabilities.",
+                              param="model", code="model_not_supported")
         return served
