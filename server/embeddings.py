@@ -1,9 +1,11 @@
 """`POST /v1/embeddings`: OpenAI's embeddings route, with an LRU cache of recent vectors.
 
 Inputs are tokenized (and checked against the vocabulary and the context) before a slot is
-taken; the inputs the cache cannot answer are embedded by `model.embed(ids_lists)` (mean
-pooling, L2-normalized) while holding an admission slot, like a generation. A request whose
-every input is cached never waits for a slot.
+taken; the inputs the cache cannot answer are embedded by one `model.embed(ids_lists)` call
+(the model's own pooling: mean for decoders, `bert.pooling_type` for encoders, which run the
+whole list as one packed forward pass; L2-normalized) while holding an admission slot, like a
+generation. A request whose every input is cached never waits for a slot. Any served model
+that lists "embeddings" among its capabilities can answer.
 
 Options (read from the server config when it has them, else the defaults here):
 `embeddings_max_batch` (inputs per request, 256) and `embeddings_cache_bytes` (64 MB; 0 turns
@@ -23,7 +25,7 @@ from server.engine_api import ContextOverflowError, EngineError
 from server.errors import APIError, bad_request
 from server.schema import parse_embeddings, parse_json
 
-POOLING = "mean"
+POOLING = "model"  # the model's own pooling (part of the cache key)
 EXTENSION = "numbalm.embeddings"
 
 bp = Blueprint("v1_embeddings", __name__, url_prefix="/v1")
@@ -118,7 +120,7 @@ def create_embeddings():
     cache: EmbeddingCache = current_app.extensions[EXTENSION]
     max_batch = int(rt.config.embeddings_max_batch)
     req = parse_embeddings(parse_json(request.get_data(cache=False)), max_batch)
-    served = rt.pool.get(req.model)
+    served = rt.pool.get(req.model, need="embeddings")
     model = served.model
     width = int(model.dim)
     if req.dimensions is not None and req.dimensions > width:
@@ -143,7 +145,7 @@ def create_embeddings():
             if rt.shutdown.is_set():
                 raise APIError(503, "The server is shutting down.", code="server_shutting_down")
             try:
-                out = model.embed([list(k[1]) for k in todo], pooling=POOLING, normalize=True)
+                out = model.embed([list(k[1]) for k in todo], normalize=True)
             except ContextOverflowError as e:
                 raise bad_request(str(e), param="input", code="context_length_exceeded") \
                     from None

@@ -76,8 +76,9 @@ def write_tiny(path, arch: str = "llama", seed: int = 0, qtype=GGMLQuantizationT
 
 def write_tiny_bert(path, seed: int = 0, qtype=GGMLQuantizationType.F32, n_layers: int = 2,
                     dim: int = 48, n_heads: int = 4, ffn: int = 80, n_ctx: int = 64,
-                    pooling: int = 1):
-    """A random encoder in llama.cpp's bert layout (`pooling`: 1 mean, 2 cls).
+                    pooling: int = 1, max_seq_length: int | None = None):
+    """A random encoder in llama.cpp's bert layout (`pooling`: 1 mean, 2 cls), optionally with
+    the sentence model's input limit `bert.max_seq_length`.
 
     Its vocabulary is the SentencePiece one above, so it loads without a WordPiece tokenizer.
     """
@@ -93,6 +94,8 @@ def write_tiny_bert(path, seed: int = 0, qtype=GGMLQuantizationType.F32, n_layer
     w.add_layer_norm_eps(1e-12)
     w.add_causal_attention(False)
     w.add_pooling_type(PoolingType(pooling))
+    if max_seq_length is not None:
+        w.add_uint32("bert.max_seq_length", max_seq_length)
     w.add_tokenizer_model("llama")
     w.add_token_list(VOCAB)
     w.add_token_scores([0.0] * 3 + [0.0] * 256 + [-1.0, -1.0, -2.0])

@@ -88,28 +88,35 @@ def test_embedding_only_model_refuses_to_generate(tiny):
         tiny.apply_chat_template([{"role": "user", "content": "hi"}])
 
 
+def test_max_seq_length_from_metadata_limits_inputs(tmp_path):
+    model = engine.load_model(str(write_tiny_bert(tmp_path / "m.gguf", max_seq_length=8)),
+                              backend="reference")
+    assert model.n_ctx == 8 and model.args.n_positions == 64
+    with pytest.raises(ContextOverflowError):
+        model.embed([[1] + [5] * 8 + [2]])
+    np.testing.assert_allclose(model.embed([[1] + [5] * 8 + [2]], truncate=True),
+                               model.embed([[1] + [5] * 6 + [2]]), rtol=1e-6)
+
+
 # --- the real model ------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module", params=BACKENDS)
 def minilm(request):
-    from engine.gguf_file import open_gguf
-    from engine.models import bert
-
-    gf = open_gguf(model_path("minilm"))
-    args = bert.ModelArgs.from_gguf(gf)
-    return bert.Model(args, gf, engine.backends.get_backend(request.param))
+    return engine.load_model(model_path("minilm"), backend=request.param)
 
 
-def test_minilm_matches_sentence_transformers(minilm):
-    from engine.llm import pool_packed
-
+@pytest.mark.parametrize("from_text", [False, True])
+def test_minilm_matches_sentence_transformers(minilm, from_text):
     cases = load_data("minilm.embeddings.json")["embeddings"]
-    lengths = [len(c["ids"]) for c in cases]
-    starts = np.concatenate([[0], np.cumsum(lengths)])
-    hidden = minilm.forward(np.concatenate([c["ids"] for c in cases]), starts)
-    vecs = pool_packed(hidden, starts, minilm.args.pooling)
-    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
-    assert vecs.shape == (len(cases), 384)
+    vecs = minilm.embed([c["text"] if from_text else c["ids"] for c in cases])
+    assert vecs.shape == (len(cases), 384) and vecs.dtype == np.float32
     for vec, case in zip(vecs, cases):
         cosine = float(vec @ np.asarray(case["vector"], np.float32))
         assert cosine >= 0.9999, (case["text"], cosine)
+
+
+def test_minilm_is_an_embedding_model(minilm):
+    assert minilm.capabilities == {"embeddings"} and minilm.args.pooling == "mean"
+    assert minilm.tokenizer.encode("hello") == [101, 7592, 102]  # [CLS] hello [SEP]
+    with pytest.raises(CapabilityError):
+        next(iter(minilm.generate([101, 7592, 102], max_tokens=1)))
