@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from gguf import GGUFWriter
 
-from engine import registry
+from engine import download, registry
 from engine.errors import GGUFError, ModelNotFoundError, RegistryError
 from engine.registry import CatalogModel, Registry, cache_dir, resolve_model_path
 
@@ -365,7 +365,7 @@ def test_progress_bar_on_a_terminal():
             return True
 
     out = Tty()
-    p = registry.Progress("m.gguf", out)
+    p = download.Progress("m.gguf", out)
     p.start(0, 1000)
     p.last_draw -= 1
     p.update(500)
@@ -466,9 +466,9 @@ def test_pip_failure_reports_pips_last_line(monkeypatch, tmp_path):
         returncode = 1
         stderr = "Looking in indexes...\nERROR: No matching distribution found for x==9\n\n"
 
-    monkeypatch.setattr(registry.subprocess, "run", lambda *a, **k: Proc())
+    monkeypatch.setattr(download.subprocess, "run", lambda *a, **k: Proc())
     with pytest.raises(RegistryError, match="pip download x==9 failed: ERROR: No matching"):
-        registry.pip_download("x==9", tmp_path)
+        download.pip_download("x==9", tmp_path)
 
 
 def test_pull_accepts_path_url_and_rejects_unknown(reg, tiny, payload):
