@@ -105,16 +105,17 @@ def attention_blas(q, k, v, n_keys: int, pos0: int, window: int, scale: float, o
 # --- encoder attention (bert): bidirectional, several sequences packed back to back -------------
 
 
-def encoder_attention_ref(q, k, v, starts, scale: float) -> np.ndarray:
+def encoder_attention_ref(qkv, starts, scale: float) -> np.ndarray:
     """Bidirectional attention within each sequence of a packed batch.
 
-    q, k, v (n, n_head, hd) float32 hold B sequences back to back: sequence s is rows
-    starts[s] .. starts[s+1] - 1 (starts (B+1,) int, starts[0] = 0, starts[B] = n). A query sees
-    every key of its own sequence and none of the others: the same result as padding each
-    sequence to the longest and masking the padded keys, without computing the padding.
-    Returns (n, n_head * hd).
+    qkv (n, 3, n_head, hd) float32 is the fused q|k|v projection of B sequences back to back:
+    sequence s is rows starts[s] .. starts[s+1] - 1 (starts (B+1,) int, starts[0] = 0,
+    starts[B] = n). A query sees every key of its own sequence and none of the others: the
+    same result as padding each sequence to the longest and masking the padded keys, without
+    computing the padding. Returns (n, n_head * hd).
     """
-    n, n_head, hd = q.shape
+    n, _, n_head, hd = qkv.shape
+    q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]  # (n, n_head, hd) each
     out = np.empty((n, n_head, hd), np.float32)
     for s in range(len(starts) - 1):
         a, b = int(starts[s]), int(starts[s + 1])
@@ -127,13 +128,14 @@ def encoder_attention_ref(q, k, v, starts, scale: float) -> np.ndarray:
 
 
 @pnjit
-def encoder_attention(q, k, v, starts, scale, out):
+def encoder_attention(qkv, starts, scale, out):
     """Numba twin of `encoder_attention_ref`, writing out (n, n_head * hd).
 
-    One parallel job per (sequence, head); short sequences (bert embeds sentences) make these
-    small, so all of a job's keys stay in cache: scores for one query, softmax, weighted sum.
+    One parallel job per (sequence, head); sentences are short, so a job's keys and values
+    stay in cache: for each query, scores over its sequence, softmax, weighted sum of values.
+    The q, k, v rows are read in place from the contiguous qkv (no copies).
     """
-    n, n_head, hd = q.shape
+    n, _, n_head, hd = qkv.shape
     n_seq = starts.shape[0] - 1
     for job in prange(n_seq * n_head):
         s, h = job // n_head, job % n_head
@@ -145,7 +147,7 @@ def encoder_attention(q, k, v, starts, scale, out):
             for j in range(a, b):
                 t = np.float32(0)
                 for e in range(hd):
-                    t += q[i, h, e] * k[j, h, e]
+                    t += qkv[i, 0, h, e] * qkv[j, 1, h, e]
                 t *= np.float32(scale)
                 scores[j - a] = t
                 best = max(best, t)
@@ -158,7 +160,7 @@ def encoder_attention(q, k, v, starts, scale, out):
             for j in range(a, b):
                 p = scores[j - a]
                 for e in range(hd):
-                    acc[e] += p * v[j, h, e]
+                    acc[e] += p * qkv[j, 2, h, e]
             inv = np.float32(1) / total
             for e in range(hd):
                 out[i, h * hd + e] = acc[e] * inv

@@ -168,13 +168,13 @@ class FastBackend:
         norms.gelu(x, out)
         return out
 
-    def encoder_attention(self, q, k, v, starts: np.ndarray, scale: float) -> np.ndarray:
-        """q, k, v (n, n_head, hd), sequences packed at `starts` -> (n, n_head*hd)."""
-        n, n_head, hd = q.shape
-        out = np.empty((n, n_head * hd), np.float32)
-        attn_kernels.encoder_attention(
-            np.ascontiguousarray(q, np.float32), np.ascontiguousarray(k, np.float32),
-            np.ascontiguousarray(v, np.float32), np.asarray(starts, np.int64), float(scale), out)
+    def encoder_attention(self, qkv: np.ndarray, n_heads: int, starts: np.ndarray,
+                          scale: float) -> np.ndarray:
+        """qkv (n, 3*dim) fused q|k|v, sequences packed at `starts` -> (n, dim)."""
+        n = qkv.shape[0]
+        qkv4 = np.ascontiguousarray(qkv, np.float32).reshape(n, 3, n_heads, -1)  # no copy
+        out = np.empty((n, qkv.shape[1] // 3), np.float32)
+        attn_kernels.encoder_attention(qkv4, np.asarray(starts, np.int64), float(scale), out)
         return out
 
 

@@ -142,21 +142,22 @@ class ReferenceBackend:
         erf = np.frompyfunc(math.erf, 1, 1)(x.astype(np.float64) / math.sqrt(2.0))
         return (0.5 * x * (1.0 + erf.astype(np.float64))).astype(np.float32)
 
-    def encoder_attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray,
-                          starts: np.ndarray, scale: float) -> np.ndarray:
+    def encoder_attention(self, qkv: np.ndarray, n_heads: int, starts: np.ndarray,
+                          scale: float) -> np.ndarray:
         """Bidirectional attention within each sequence of a packed batch.
 
-        q, k, v (n, n_head, hd): sequence s is rows starts[s]..starts[s+1]-1. A query sees
-        every key of its own sequence, none of another's (as padding + a key mask would).
-        Returns (n, n_head*hd).
+        qkv (n, 3*dim) is the fused q|k|v projection, dim = n_heads * hd; sequence s is rows
+        starts[s]..starts[s+1]-1. A query sees every key of its own sequence, none of
+        another's (as padding + a key mask would). Returns (n, dim).
         """
-        n, n_head, hd = q.shape
-        out = np.empty((n, n_head, hd), dtype=np.float32)
+        n = qkv.shape[0]
+        q, k, v = qkv.reshape(n, 3, n_heads, -1).transpose(1, 0, 2, 3)  # (n, n_heads, hd) each
+        out = np.empty(q.shape, dtype=np.float32)
         for a, b in zip(starts[:-1], starts[1:]):
-            for h in range(n_head):
+            for h in range(n_heads):
                 scores = (q[a:b, h] @ k[a:b, h].T) * scale  # (len, len), no mask
                 scores -= scores.max(axis=-1, keepdims=True)
                 weights = np.exp(scores)
                 weights /= weights.sum(axis=-1, keepdims=True)
                 out[a:b, h] = weights @ v[a:b, h]  # (len, hd)
-        return out.reshape(n, n_head * hd)
+        return out.reshape(n, -1)

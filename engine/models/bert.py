@@ -132,10 +132,8 @@ class Model:
 
     def attention_block(self, layer: Layer, x: np.ndarray, starts: np.ndarray) -> np.ndarray:
         a, b = self.args, self.backend
-        n = x.shape[0]
-        qkv = b.affine(x, layer.attn_qkv).reshape(n, 3, a.n_heads, a.head_dim)
-        q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]  # (n, n_heads, hd) each
-        o = b.encoder_attention(q, k, v, starts, 1.0 / math.sqrt(a.head_dim))  # (n, dim)
+        qkv = b.affine(x, layer.attn_qkv)  # (n, 3*dim): q | k | v
+        o = b.encoder_attention(qkv, a.n_heads, starts, 1.0 / math.sqrt(a.head_dim))  # (n, dim)
         o = b.affine(o, layer.attn_output)
         return b.layer_norm(o, *layer.attn_output_norm, a.norm_eps, residual=x)
 

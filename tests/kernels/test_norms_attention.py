@@ -113,22 +113,22 @@ def test_add_bias(gelu):
 def test_encoder_attention(lengths):
     n, n_head, hd = sum(lengths), 3, 24
     starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    q, k, v = randn(n, n_head, hd), randn(n, n_head, hd), randn(n, n_head, hd)
+    qkv = randn(n, 3, n_head, hd)
     out = np.full((n, n_head * hd), np.nan, np.float32)
-    attention.encoder_attention(q, k, v, starts, 0.2, out)
-    ref = attention.encoder_attention_ref(q, k, v, starts, 0.2)
+    attention.encoder_attention(qkv, starts, 0.2, out)
+    ref = attention.encoder_attention_ref(qkv, starts, 0.2)
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
 
 
 def test_encoder_attention_sees_only_its_own_sequence():
     """Same as running each sequence alone, i.e. padding plus a key mask."""
-    q, k, v = randn(6, 2, 8), randn(6, 2, 8), randn(6, 2, 8)
-    both = attention.encoder_attention_ref(q, k, v, np.array([0, 2, 6]), 0.5)
-    first = attention.encoder_attention_ref(q[:2], k[:2], v[:2], np.array([0, 2]), 0.5)
-    second = attention.encoder_attention_ref(q[2:], k[2:], v[2:], np.array([0, 4]), 0.5)
+    qkv = randn(6, 3, 2, 8)
+    both = attention.encoder_attention_ref(qkv, np.array([0, 2, 6]), 0.5)
+    first = attention.encoder_attention_ref(qkv[:2], np.array([0, 2]), 0.5)
+    second = attention.encoder_attention_ref(qkv[2:], np.array([0, 4]), 0.5)
     np.testing.assert_allclose(both, np.concatenate([first, second]), rtol=1e-6)
-    # and bidirectional: the first query already sees the last key of its sequence
-    v2 = v.copy()
-    v2[5] += 1
-    changed = attention.encoder_attention_ref(q, k, v2, np.array([0, 2, 6]), 0.5)
-    assert not np.allclose(changed[2], both[2]) and np.allclose(changed[:2], both[:2])
+    # and bidirectional: the first query already sees the last value of its sequence
+    changed = qkv.copy()
+    changed[5, 2] += 1
+    after = attention.encoder_attention_ref(changed, np.array([0, 2, 6]), 0.5)
+    assert not np.allclose(after[2], both[2]) and np.allclose(after[:2], both[:2])
