@@ -20,6 +20,7 @@ from server.generation import (
 from server.responses import Shaper, sse
 from server.runtime import Runtime
 from server.schema import parse_chat, parse_completion, parse_json
+from server.tools import finish_reason
 
 log = logging.getLogger("numbalm.server")
 bp = Blueprint("v1", __name__, url_prefix="/v1")
@@ -137,11 +138,21 @@ def _chat_events(plan, shaper: Shaper, check: StopCheck, stats: Stats):
         result = ChoiceResult(choice, prompt)
         for tok in run_choice(plan, result, check, stats):
             logprobs = shaper.chat_logprobs([tok]) if is_sampled(tok) else None
-            if tok.text or (logprobs and logprobs["content"]):
+            if result.parser is not None:  # tools: content or calls, as the parser says
+                chunk = shaper.delta_chunk(choice, result.delta, logprobs)
+                if chunk:
+                    yield chunk
+            elif tok.text or (logprobs and logprobs["content"]):
                 yield shaper.chat_chunk(choice, {"content": tok.text}, logprobs=logprobs)
         if check.reason or result.finish_reason == "cancelled":
             return
-        yield shaper.chat_chunk(choice, {}, finish=result.finish_reason)
+        finish = result.finish_reason
+        if result.parser is not None:
+            chunk = shaper.delta_chunk(choice, result.delta)  # released at the end
+            if chunk:
+                yield chunk
+            finish = finish_reason(finish, result.parser.calls)
+        yield shaper.chat_chunk(choice, {}, finish=finish)
     if plan.req.include_usage:
         yield shaper.usage_chunk(stats.completion_tokens)
 

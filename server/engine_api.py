@@ -1,9 +1,10 @@
 """The few engine names the server needs, imported lazily.
 
-The server depends on `engine` only through `load_model`, `GeneratedToken` and the error
-classes in `engine.errors` (docs/internals.md). Importing them here, with stand-ins when the
-engine package is not importable, keeps `import server` working on its own (for example in
-tests that drive the server with a fake model).
+The server depends on `engine` only through `load_model`, `GeneratedToken`, the error
+classes in `engine.errors` and the constrained-decoding `Grammar` (docs/internals.md).
+Importing them here, with stand-ins when the engine package is not importable, keeps
+`import server` working on its own (for example in tests that drive the server with a fake
+model).
 """
 
 from __future__ import annotations
@@ -47,6 +48,38 @@ except ImportError:
         finish_reason: str | None = None
 
 
+try:  # pragma: no cover
+    from engine.constrain import Grammar, GrammarError
+except ImportError:  # no engine, or one without constrained decoding
+
+    class GrammarError(EngineError):
+        """A grammar or JSON schema the engine cannot enforce; `.keyword` names the culprit."""
+
+        def __init__(self, message: str, keyword: str | None = None):
+            super().__init__(message)
+            self.keyword = keyword
+
+    class Grammar:
+        """Stand-in for `engine.constrain.Grammar`: it records what was asked for and
+        enforces nothing, so only a fake model (which reads `.kind` and `.spec`) can use it."""
+
+        def __init__(self, kind: str, spec):
+            self.kind = kind
+            self.spec = spec
+
+        @classmethod
+        def json_schema(cls, schema: dict, strict: bool = True, where: str = "") -> Grammar:
+            return cls("json_schema", schema)
+
+        @classmethod
+        def json_object(cls, where: str = "") -> Grammar:
+            return cls("json_object", None)
+
+        @classmethod
+        def lark(cls, text: str, where: str = "") -> Grammar:
+            return cls("lark", text)
+
+
 def load_model(name_or_path: str, backend: str = "fast"):
     """`engine.load_model`, imported on first use so the server starts without the engine."""
     try:
@@ -61,6 +94,8 @@ __all__ = [
     "ContextOverflowError",
     "EngineError",
     "GeneratedToken",
+    "Grammar",
+    "GrammarError",
     "ModelNotFoundError",
     "load_model",
 ]

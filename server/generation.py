@@ -12,10 +12,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from server.engine_api import ChatTemplateError, ContextOverflowError, EngineError
+from server.engine_api import ChatTemplateError, ContextOverflowError, EngineError, GrammarError
 from server.errors import APIError, bad_request
 from server.models import ServedModel
 from server.schema import GenerationRequest
+from server.tools import Delta, ToolCallParser
 
 
 @dataclass
@@ -44,7 +45,8 @@ class Plan:
 
 def _chat_prompt(req: GenerationRequest, model) -> tuple[list[int], str]:
     try:
-        text = model.apply_chat_template(req.messages, add_generation_prompt=True)
+        tools = req.tools.tools if req.tools else None
+        text = model.apply_chat_template(req.messages, add_generation_prompt=True, tools=tools)
     except ChatTemplateError as e:
         raise APIError(422, f"Cannot build a chat prompt for this model: {e}. Use "
                        "/v1/completions for models without a chat template.",
@@ -98,7 +100,22 @@ def plan(req: GenerationRequest, served: ServedModel, cap: int) -> Plan:
     except EngineError as e:  # tokenizer trouble with user text
         raise APIError(422, str(e), code="tokenizer_error") from None
     prompts = [Prompt(ids, text, _budget(len(ids), req, model, cap)) for ids, text in raw]
+    _check_grammar(req, model)
     return Plan(req, served, prompts)
+
+
+def _check_grammar(req: GenerationRequest, model) -> None:
+    """Fit the grammar to this model's vocabulary now (built once per model and grammar), so
+    a grammar naming tokens the model lacks is a 400 before the request takes a slot."""
+    compile_grammar = getattr(model, "compile_grammar", None)
+    if req.grammar is None or compile_grammar is None:
+        return
+    try:
+        compile_grammar(req.grammar)
+    except GrammarError as e:
+        param = "tools" if req.tools else "response_format"
+        raise bad_request(f"Invalid '{param}' for this model: {e}", param=param,
+                          code="invalid_schema") from None
 
 
 # --- running ----------------------------------------------------------------------------------
@@ -139,6 +156,9 @@ class ChoiceResult:
     tokens: list = field(default_factory=list)   # GeneratedToken, sampled ones only
     text: str = ""
     finish_reason: str | None = None
+    parser: ToolCallParser | None = None  # when the reply may hold tool calls
+    delta: Delta | None = None  # what the parser let through for the latest token; after the
+    #                             last one, what it let go at the end
 
 
 @dataclass
@@ -158,7 +178,7 @@ def engine_options(plan: Plan, choice: int, prompt: Prompt, should_stop) -> dict
                 top_k=s.top_k, top_p=s.top_p, min_p=s.min_p, seed=seed,
                 repetition_penalty=s.repetition_penalty, presence_penalty=s.presence_penalty,
                 frequency_penalty=s.frequency_penalty, logit_bias=s.logit_bias,
-                logprobs=plan.req.logprobs, should_stop=should_stop)
+                logprobs=plan.req.logprobs, should_stop=should_stop, grammar=plan.req.grammar)
     # "not given" is left out rather than passed as None: the engine's defaults apply
     return {k: v for k, v in opts.items() if v is not None}
 
@@ -171,8 +191,12 @@ def is_sampled(tok) -> bool:
 def run_choice(plan: Plan, result: ChoiceResult, should_stop, stats: Stats):
     """Yield each GeneratedToken of one choice, filling `result` as it goes."""
     opts = engine_options(plan, result.index, result.prompt, should_stop)
+    tools = plan.req.tools
+    if tools is not None and tools.calls_allowed and plan.req.kind == "chat":
+        result.parser = ToolCallParser()
     try:
-        for tok in plan.served.model.generate(result.prompt.ids, **opts):
+        tokens = plan.served.model.generate(result.prompt.ids, **opts)
+        for tok in tokens:
             if stats.first_token is None:
                 stats.first_token = time.perf_counter()
             if is_sampled(tok):
@@ -180,7 +204,13 @@ def run_choice(plan: Plan, result: ChoiceResult, should_stop, stats: Stats):
                 stats.completion_tokens += 1
             result.text += tok.text or ""
             result.finish_reason = tok.finish_reason or result.finish_reason
+            if result.parser is not None:
+                result.delta = result.parser.push(tok.text or "")
             yield tok
+            if result.parser is not None and result.parser.repeated:  # a call loop: end it
+                tokens.close()
+                result.finish_reason = "stop"
+                break
     except ContextOverflowError as e:
         raise bad_request(str(e), param="messages" if plan.req.kind == "chat" else "prompt",
                           code="context_length_exceeded") from None
@@ -188,6 +218,8 @@ def run_choice(plan: Plan, result: ChoiceResult, should_stop, stats: Stats):
         raise bad_request(str(e), code="invalid_value") from None
     if result.finish_reason is None:  # the engine ended without saying why: it was stopped
         result.finish_reason = "cancelled"
+    if result.parser is not None:
+        result.delta = result.parser.finish()
 
 
 def collect(plan: Plan, should_stop, stats: Stats) -> list[ChoiceResult]:

@@ -9,6 +9,7 @@ import string
 import time
 
 from server.generation import ChoiceResult, Plan, prompt_logprobs
+from server.tools import Delta, finish_reason
 
 ALPHABET = string.ascii_letters + string.digits
 VERSION = "0.1.0"
@@ -104,9 +105,29 @@ class Shaper:
         return body
 
     def _chat_choice(self, r: ChoiceResult) -> dict:
-        return {"index": r.index,
-                "message": {"role": "assistant", "content": r.text, "refusal": None},
-                "logprobs": self.chat_logprobs(r.tokens), "finish_reason": r.finish_reason}
+        message = {"role": "assistant", "content": r.text, "refusal": None}
+        finish = r.finish_reason
+        if r.parser is not None and r.parser.calls:
+            message["content"] = None
+            message["tool_calls"] = [c.openai() for c in r.parser.calls]
+            finish = finish_reason(finish, r.parser.calls)
+        return {"index": r.index, "message": message,
+                "logprobs": self.chat_logprobs(r.tokens), "finish_reason": finish}
+
+    # --- tool calls -------------------------------------------------------------------------
+
+    def delta_chunk(self, index: int, delta: Delta | None, logprobs=None) -> dict | None:
+        """A chunk for what the parser let through (None when nothing is worth sending)."""
+        body = {}
+        if delta is None:
+            pass
+        elif delta.content:
+            body["content"] = delta.content
+        if delta is not None and delta.calls:
+            body["tool_calls"] = delta.calls
+        if not body and not (logprobs and logprobs["content"]):
+            return None
+        return self.chat_chunk(index, body, logprobs=logprobs)
 
     def _text_choice(self, r: ChoiceResult) -> dict:
         echo = r.prompt.text if self.plan.req.echo else ""

@@ -1,7 +1,9 @@
 """Request bodies -> validated requests. The one place that turns bad input into 400s.
 
 Unknown fields are ignored, as OpenAI's API does for forward compatibility; a known field
-whose value we cannot honour (tools, response_format json_schema, ...) is refused by name.
+whose value we cannot honour (audio, a schema keyword the grammar engine cannot enforce, ...)
+is refused by name. `response_format` and `tools` become a `Grammar` here, before the request
+waits for a slot, so a schema we cannot enforce is a 400 at once, never a silent downgrade.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import json
 from dataclasses import dataclass, field
 
 from server.errors import APIError, bad_request
+from server.tools import NAME, ToolSpec, build_grammar, parse_tools
 
 MAX_STOP = 4
 MAX_TOP_LOGPROBS = 20
@@ -46,6 +49,9 @@ class GenerationRequest:
     echo: bool = False              # completions: prepend the prompt
     messages: list[dict] = field(default_factory=list)      # chat: [{"role", "content": str}]
     prompts: list[str | list[int]] = field(default_factory=list)  # completions
+    tools: ToolSpec | None = None   # chat: tools offered, tool_choice, parallel_tool_calls
+    response_format: str = "text"   # "text" | "json_object" | "json_schema"
+    grammar: object = None          # an engine Grammar the output must match, or None
 
 
 def parse_json(raw: bytes) -> dict:
@@ -109,19 +115,17 @@ def _bool(body, name, default=False):
 
 def _unsupported_fields(body: dict, kind: str) -> None:
     checks = {
-        "tools": lambda v: v not in (None, []),
-        "tool_choice": lambda v: v not in (None, "none", "auto"),
-        "functions": lambda v: v not in (None, []),
+        "functions": lambda v: v not in (None, []),  # the legacy form of `tools`
         "function_call": lambda v: v not in (None, "none", "auto"),
-        "response_format": lambda v: v is not None
-        and not (isinstance(v, dict) and v.get("type") == "text"),
         "audio": lambda v: v is not None,
         "modalities": lambda v: v not in (None, ["text"]),
         "prediction": lambda v: v is not None,
         "reasoning_effort": lambda v: v is not None,
         "web_search_options": lambda v: v is not None,
     }
-    if kind == "completion":
+    if kind == "completion":  # tools are a chat feature
+        checks["tools"] = lambda v: v not in (None, [])
+        checks["tool_choice"] = lambda v: v not in (None, "none", "auto")
         checks["suffix"] = lambda v: v not in (None, "")
         checks["best_of"] = lambda v: v not in (None, 1, body.get("n") or 1)
     for name, refused in checks.items():
@@ -186,6 +190,48 @@ def _sampling(body: dict, cap: int) -> Sampling:
     )
 
 
+# --- structured output ----------------------------------------------------------------------
+
+def _response_format(body: dict) -> tuple[str, dict | None]:
+    """`response_format` → ("text" | "json_object" | "json_schema", the schema or None)."""
+    rf = body.get("response_format")
+    if rf is None:
+        return "text", None
+    if not isinstance(rf, dict):
+        raise _type_error("response_format", "an object", rf)
+    kind = rf.get("type")
+    if kind in ("text", "json_object"):
+        return kind, None
+    if kind != "json_schema":
+        raise bad_request(f"Invalid value for 'response_format.type': {kind!r}; expected "
+                          "'text', 'json_object' or 'json_schema'.", param="response_format",
+                          code="invalid_value")
+    spec = rf.get("json_schema")
+    if not isinstance(spec, dict):
+        raise bad_request("'response_format.json_schema' must be an object with 'name' and "
+                          "'schema'.", param="response_format",
+                          code="missing_required_parameter" if spec is None else "invalid_type")
+    name = spec.get("name")
+    if not isinstance(name, str) or not NAME.match(name):
+        raise bad_request("'response_format.json_schema.name' must be 1-64 letters, digits, "
+                          f"'_' or '-'; got {name!r}.", param="response_format",
+                          code="invalid_value" if name is not None
+                          else "missing_required_parameter")
+    schema = spec.get("schema")
+    if not isinstance(schema, dict):
+        raise bad_request("'response_format.json_schema.schema' must be a JSON schema "
+                          "object.", param="response_format",
+                          code="invalid_type" if schema is not None
+                          else "missing_required_parameter")
+    for key, expected in (("strict", bool), ("description", str)):
+        if spec.get(key) is not None and not isinstance(spec[key], expected):
+            raise _type_error(f"response_format.json_schema.{key}", "a boolean"
+                              if expected is bool else "a string", spec[key])
+    # `strict` is OpenAI's "follow the schema exactly": with constrained decoding we always
+    # do, so both values mean the same here.
+    return kind, schema
+
+
 def _common(body: dict, kind: str, cap: int, max_n: int) -> GenerationRequest:
     _unsupported_fields(body, kind)
     model = body.get("model")
@@ -227,22 +273,67 @@ def _content(content, where: str) -> str:
     return "\n".join(texts)
 
 
-def _message(message, i: int) -> dict:
+def _tool_calls(calls, where: str) -> list[dict]:
+    """An assistant message's `tool_calls`, as the chat template gets them."""
+    if not isinstance(calls, list) or not calls:
+        raise _type_error(f"{where}.tool_calls", "a non-empty array", calls)
+    out = []
+    for j, call in enumerate(calls):
+        at = f"{where}.tool_calls[{j}]"
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict):
+            raise _type_error(f"{at}.function", "an object", fn)
+        if call.get("type", "function") != "function":
+            raise bad_request(f"'{at}.type' must be 'function'.", param=f"{at}.type",
+                              code="invalid_value")
+        for key, value in (("id", call.get("id")), ("function.name", fn.get("name")),
+                           ("function.arguments", fn.get("arguments"))):
+            if not isinstance(value, str):
+                raise _type_error(f"{at}.{key}", "a string", value)
+        out.append({"id": call["id"], "type": "function",
+                    "function": {"name": fn["name"], "arguments": fn["arguments"]}})
+    return out
+
+
+def _message(message, i: int, calls: dict[str, str]) -> dict:
+    """One message, validated; `calls` maps the ids of earlier tool calls to their names."""
     where = f"messages[{i}]"
     if not isinstance(message, dict):
         raise _type_error(where, "an object", message)
     role = message.get("role")
-    if role in ("tool", "function") or message.get("tool_calls") or message.get("function_call"):
-        raise bad_request(f"Tool and function messages are not supported ({where}).",
+    if role == "function" or message.get("function_call"):
+        raise bad_request(f"Function messages (the legacy form of tool calls) are not "
+                          f"supported ({where}); use 'tool_calls' and 'tool' messages.",
                           param=f"{where}.role", code="unsupported_parameter")
-    if role not in ROLES:
+    if role not in ROLES and role != "tool":
         raise bad_request(f"Invalid value for '{where}.role': {role!r}; expected one of "
-                          "system, developer, user, assistant.", param=f"{where}.role",
+                          "system, developer, user, assistant, tool.", param=f"{where}.role",
                           code="invalid_value")
+    if role == "assistant" and message.get("tool_calls") is not None:
+        tool_calls = _tool_calls(message["tool_calls"], where)
+        calls.update((c["id"], c["function"]["name"]) for c in tool_calls)
+        content = message.get("content")
+        return {"role": "assistant", "tool_calls": tool_calls,
+                "content": None if content is None else _content(content, where)}
     if message.get("content") is None and role != "assistant":
         raise bad_request(f"Missing '{where}.content'.", param=f"{where}.content",
                           code="missing_required_parameter")
+    if role == "tool":
+        call_id = message.get("tool_call_id")
+        if not isinstance(call_id, str):
+            raise _type_error(f"{where}.tool_call_id", "a string", call_id)
+        if call_id not in calls:
+            raise bad_request(f"'{where}.tool_call_id' is {call_id!r}, which no earlier "
+                              "assistant message's 'tool_calls' holds.",
+                              param=f"{where}.tool_call_id", code="invalid_value")
+        return {"role": "tool", "tool_call_id": call_id, "name": calls[call_id],
+                "content": _content(message["content"], where)}
     return {"role": ROLES[role], "content": _content(message.get("content"), where)}
+
+
+def _messages(messages: list) -> list[dict]:
+    calls: dict[str, str] = {}
+    return [_message(m, i, calls) for i, m in enumerate(messages)]
 
 
 def parse_chat(body: dict, cap: int, max_n: int = 8) -> GenerationRequest:
@@ -254,7 +345,10 @@ def parse_chat(body: dict, cap: int, max_n: int = 8) -> GenerationRequest:
                               code="missing_required_parameter")
         raise bad_request("'messages' must be a non-empty array.", param="messages",
                           code="invalid_value")
-    req.messages = [_message(m, i) for i, m in enumerate(messages)]
+    req.messages = _messages(messages)
+    req.tools = parse_tools(body)
+    req.response_format, schema = _response_format(body)
+    req.grammar = build_grammar(req.response_format, schema, req.tools)
     top = _integer(body, "top_logprobs", None, lo=0, hi=MAX_TOP_LOGPROBS)
     if _bool(body, "logprobs"):
         req.logprobs = top or 0
@@ -289,6 +383,8 @@ def parse_completion(body: dict, cap: int, max_n: int = 8) -> GenerationRequest:
     req.prompts = _prompts(body.get("prompt"))
     req.echo = _bool(body, "echo")
     req.logprobs = _integer(body, "logprobs", None, lo=0, hi=MAX_TOP_LOGPROBS)
+    req.response_format, schema = _response_format(body)
+    req.grammar = build_grammar(req.response_format, schema, None)
     return req
 
 

@@ -3,7 +3,11 @@
 Byte-level tokenizer (ids 0..255 are bytes) plus four control tokens; a ChatML chat template;
 `generate` writes a fixed script when greedy and seeded random words when sampling, honouring
 max_tokens, stop (held back, never emitted), seed, logit_bias, logprobs and should_stop, with an
-optional per-token delay so admission and disconnect tests exercise real timing.
+optional per-token delay so admission and disconnect tests exercise real timing. Given a
+`grammar` it writes `model.grammar_output` instead (a canned reply a test sets: JSON, tool
+calls), enforcing nothing; the grammar itself is in `model.calls` for tests to inspect. The
+chat template is ChatML through `engine.chat.render_chat`, so tools and tool messages get the
+engine's fallback rendering.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import time
 
 import numpy as np
 
+from engine.chat import render_chat
 from server.engine_api import ChatTemplateError, ContextOverflowError, GeneratedToken
 
 BOS, EOS, IM_START, IM_END = 256, 257, 258, 259
@@ -23,6 +28,7 @@ SPECIAL_TEXT = {v: k for k, v in SPECIALS.items()}
 
 # Greedy output: multi-byte characters check that text deltas stay UTF-8 safe.
 SCRIPT = "Hello there, caf\u00e9 \U0001f642 friend. The quick brown fox jumps over the lazy dog."
+GRAMMAR_OUTPUT = '{"answer": 42}'
 WORDS = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india"]
 
 
@@ -105,13 +111,16 @@ class FakeModel:
         self.max_active = 0
         self.cancelled = 0
         self.embed_calls: list[list] = []  # the inputs of every embed call
+        self.grammar_output = GRAMMAR_OUTPUT  # what generate writes when given a grammar
+        self.templates: list[dict] = []    # the arguments of every apply_chat_template call
         self._lock = threading.Lock()
 
     def apply_chat_template(self, messages, add_generation_prompt=True, tools=None) -> str:
         if not self.has_chat_template:
             raise ChatTemplateError(f"model {self.id} has no chat template")
-        text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
-        return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
+        self.templates.append({"messages": messages, "tools": tools})
+        return render_chat(None, messages, add_generation_prompt=add_generation_prompt,
+                           tools=tools)
 
     def logits(self, ids) -> np.ndarray:
         out = np.zeros((len(ids), self.n_vocab), dtype=np.float32)  # (n_tokens, n_vocab)
@@ -148,7 +157,8 @@ class FakeModel:
 
     def generate(self, prompt_ids, *, max_tokens=256, stop=(), temperature=1.0, top_k=0,
                  top_p=1.0, min_p=0.0, seed=None, repetition_penalty=1.0, presence_penalty=0.0,
-                 frequency_penalty=0.0, logit_bias=None, logprobs=None, should_stop=None):
+                 frequency_penalty=0.0, logit_bias=None, logprobs=None, should_stop=None,
+                 grammar=None):
         if len(prompt_ids) >= self.n_ctx:
             raise ContextOverflowError(
                 f"prompt of {len(prompt_ids)} tokens does not fit the context of {self.n_ctx}")
@@ -156,14 +166,16 @@ class FakeModel:
         del opts["self"], opts["should_stop"]
         self.calls.append(opts)
         return self._run(list(prompt_ids), max_tokens, stop, temperature, seed, logit_bias,
-                         logprobs, should_stop)
+                         logprobs, should_stop, grammar)
 
-    def _script(self, temperature, seed, logit_bias):
+    def _script(self, temperature, seed, logit_bias, grammar=None):
         forced = [int(t) for t, b in (logit_bias or {}).items() if b >= 50]
         if forced:
             while True:
                 yield forced[0]
-        if temperature == 0:
+        if grammar is not None:
+            yield from self.grammar_output.encode()
+        elif temperature == 0:
             yield from SCRIPT.encode()
         else:
             rng = random.Random(seed)
@@ -171,22 +183,23 @@ class FakeModel:
         yield EOS
 
     def _run(self, prompt_ids, max_tokens, stop, temperature, seed, logit_bias, logprobs,
-             should_stop):
+             should_stop, grammar):
         with self._lock:
             self.active += 1
             self.max_active = max(self.max_active, self.active)
         try:
             yield from self._tokens(prompt_ids, max_tokens, stop, temperature, seed, logit_bias,
-                                    logprobs, should_stop)
+                                    logprobs, should_stop, grammar)
         finally:
             with self._lock:
                 self.active -= 1
 
     def _tokens(self, prompt_ids, max_tokens, stop, temperature, seed, logit_bias, logprobs,
-                should_stop):
+                should_stop, grammar):
         decoder, matcher = self.tokenizer.decoder(), StopMatcher(stop)
         room = min(max_tokens, self.n_ctx - len(prompt_ids))
-        for n, id in enumerate(self._script(temperature, seed, logit_bias), start=1):
+        script = self._script(temperature, seed, logit_bias, grammar)
+        for n, id in enumerate(script, start=1):
             if should_stop is not None and should_stop():
                 self.cancelled += 1
                 yield GeneratedToken(id=-1, text=matcher.flush(), finish_reason="cancelled")

@@ -140,8 +140,9 @@ def test_errors_as_client_exceptions(oai):
     assert e.value.param == "max_tokens"
     with pytest.raises(openai.BadRequestError) as e:
         oai.chat.completions.create(model="fake-model", messages=MESSAGES,
-                                    tools=[{"type": "function", "function": {"name": "f"}}])
-    assert e.value.param == "tools" and "not supported" in e.value.message
+                                    tools=[{"type": "function", "function": {"name": "f"}}],
+                                    tool_choice={"type": "function", "function": {"name": "g"}})
+    assert e.value.param == "tool_choice" and "'g'" in e.value.message
     with pytest.raises(openai.BadRequestError) as e:
         oai.chat.completions.create(model="fake-model", messages=[], temperature=0)
     assert e.value.param == "messages"
