@@ -219,7 +219,10 @@ def _validate(spec: str, where: str, tokenizer=None) -> tuple[str, ...]:
 # -- one generation ---------------------------------------------------------------------------
 
 # Masks are computed here while the model runs its forward pass (llguidance drops the GIL).
+# OVERLAP_MASK = False computes them in the generating thread instead (bench/constrain_bench.py
+# measures both).
 _MASK_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="numbalm-mask")
+OVERLAP_MASK = True
 
 
 class Constraint:
@@ -232,6 +235,7 @@ class Constraint:
         self._bitmask = allocate_token_bitmask(1, n_vocab)  # (1, n_words) int32
         self._fill = fill_next_token_bitmask
         self._pending: Future | None = None
+        self._overlap = OVERLAP_MASK
 
     def fill_mask(self) -> None:
         """Compute the mask for the next token (after the tokens consumed so far)."""
@@ -239,7 +243,10 @@ class Constraint:
 
     def fill_mask_async(self) -> None:
         """Start `fill_mask` in a worker thread; `mask` waits for it."""
-        self._pending = _MASK_POOL.submit(self.fill_mask)
+        if self._overlap:
+            self._pending = _MASK_POOL.submit(self.fill_mask)
+        else:
+            self.fill_mask()
 
     @property
     def mask(self) -> np.ndarray:

@@ -98,3 +98,54 @@ def test_logprobs_of_chosen_and_top_n():
 def test_invalid_parameters_are_clear_errors(bad):
     with pytest.raises(EngineError):
         SamplingParams(**bad).validate(n_vocab=5)
+
+
+# -- a grammar's mask (llguidance bitmask: bit i of int32 word i // 32 allows token i) -------
+
+def mask_of(*allowed: int, n_vocab: int = 5) -> np.ndarray:
+    bits = np.zeros(32 * ((n_vocab + 31) // 32), dtype=np.uint8)
+    bits[list(allowed)] = 1
+    return np.packbits(bits, bitorder="little").view(np.int32).copy()
+
+
+def masked_draws(params: SamplingParams, mask: np.ndarray, n=4000, logits=LOGITS):
+    sampler = Sampler(params)
+    return Counter(sampler(logits, [], mask).token for _ in range(n))
+
+
+def test_greedy_picks_the_best_allowed_token():
+    assert masked_draws(SamplingParams(temperature=0.0), mask_of(1, 3), n=5) == Counter({1: 5})
+
+
+def test_full_distribution_is_renormalized_over_allowed_tokens():
+    counts = masked_draws(SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=8),
+                          mask_of(1, 3, 4), n=20000)
+    assert set(counts) == {1, 3, 4}
+    p = np.exp(LOGITS[[1, 3, 4]])
+    np.testing.assert_allclose([counts[i] / 20000 for i in (1, 3, 4)], p / p.sum(), atol=0.015)
+
+
+def test_truncation_never_keeps_only_forbidden_tokens():
+    # top-k 1 / top-p 0.5 alone would keep only token 0; the mask forbids it.
+    for params in (SamplingParams(top_k=1, seed=9), SamplingParams(top_p=0.5, seed=9),
+                   SamplingParams(min_p=0.9, seed=9)):
+        assert masked_draws(params, mask_of(2, 4), n=200) == Counter({2: 200})
+
+
+def test_mask_applies_after_logit_bias():
+    params = SamplingParams(temperature=0.0, logit_bias={0: 100.0, 4: 50.0})
+    assert masked_draws(params, mask_of(1, 4), n=3) == Counter({4: 3})
+
+
+def test_masked_logprobs_are_of_the_masked_distribution():
+    choice = Sampler(SamplingParams(temperature=0.0, logprobs=4))(LOGITS, [], mask_of(1, 3))
+    p = np.exp(LOGITS[[1, 3]].astype(np.float64))
+    assert choice.token == 1
+    assert choice.logprob == pytest.approx(np.log(p[0] / p.sum()), abs=1e-6)
+    assert [t for t, _ in choice.top_logprobs] == [1, 3]  # forbidden tokens are not listed
+
+
+def test_mask_leaves_the_callers_logits_alone():
+    logits = LOGITS.copy()
+    Sampler(SamplingParams(temperature=0.0))(logits, [], mask_of(2))
+    np.testing.assert_array_equal(logits, LOGITS)
