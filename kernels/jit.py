@@ -21,6 +21,10 @@ FASTMATH = {"contract", "reassoc", "nsz", "arcp"}
 
 njit = functools.partial(numba.njit, cache=True, fastmath=FASTMATH, nogil=True)
 pnjit = functools.partial(numba.njit, cache=True, fastmath=FASTMATH, nogil=True, parallel=True)
+# No fastmath, for kernels whose rounding decisions must match their NumPy twin bit for bit
+# (`arcp` alone turns x * (1 / d) into x / d, which moves a rounding tie).
+njit_strict = functools.partial(numba.njit, cache=True, nogil=True)
+pnjit_strict = functools.partial(numba.njit, cache=True, nogil=True, parallel=True)
 
 
 def cpu_flags() -> set[str]:

@@ -1,18 +1,31 @@
 """Quantized linear layers: `y = x @ W.T` with W in the packed layout of `kernels.qpack`.
 
-Activations are quantized to 8 bits per block of 32 (llama.cpp's Q8_1 idea) so the dot product
-runs on integers:
+Activations are quantized per block of 32 (llama.cpp's Q8_1 idea) so the dot product runs on
+integers. With one term (`terms=1`, llama.cpp's rounding):
 
     xd[t, j]  = max |x[t, 32j : 32j+32]| / 127           float32 scale per 32 activations
     xq[t, e]  = round(x[t, e] / xd[t, e // 32])          int8 in [-127, 127]
     xs[t, i]  = xd[t, i // 2] * sum(xq[t, 16i : 16i+16]) float32 sum per 16 (for the offsets m)
 
+With two terms (`terms=2`, the default) x is rounded to 15 bits instead, in steps of xd / 128,
+and that integer is split into a high and a low byte, each run through the int8 kernel:
+
+    xu[t, e]  = round(128 x[t, e] / xd[t, e // 32])      |xu| <= 127 * 128
+    xu = 128 q1 + q2,  q1 = round_half_up(xu / 128) in [-127, 127],  q2 in [-64, 63]
+    x^ = xd / 128 * xu                                   the activations the kernel sees
+
+Rows t of `xq` hold q1 and rows n + t hold q2; `xs` sums x^. The kernels add
+`128 * sum(u q1) + sum(u q2)` exactly in int32, so each weight load serves both bytes and only
+the integer work doubles (decode is bound by weight bandwidth, so it barely notices).
+
 The integer maths is exact; the only error against the float product `x @ W.T` is the rounding
-of the activations, at most `xd / 2` per element, so for every output
+of the activations, at most `xd / 2` per element with one term and `xd / 256` with two, so for
+every output
 
-    |y[t, r] - (x @ W.T)[t, r]| <= sum_e |W[r, e]| * xd[t, e // 32] / 2
+    |y[t, r] - (x @ W.T)[t, r]| <= sum_e |W[r, e]| * xd[t, e // 32] / (2 or 256)
 
-which is typically ~0.5 % of `|W| @ |x|` (as in llama.cpp). The tests assert this bound.
+(plus float32 rounding): typically ~0.5 % of `|W| @ |x|` with one term (as in llama.cpp) and
+~0.004 % with two, close to a float32 product. The tests assert this bound.
 
 Paths (chosen by `isa`, default `kernels.jit.ISA`): `vnni` (AVX-512 VNNI, `kernels.vnni`;
 `vnni-serial` runs it on one thread, chosen by default for small products), `generic` and
@@ -31,41 +44,107 @@ from kernels import jit
 from kernels.qpack import LAYOUT_BYTE16, LAYOUT_NIBBLE32, PackedWeight, unpack_ref
 
 GROUP = 16
+TERMS = 2  # activation terms per block by default (see the module docstring)
+FINE_BITS = 7
+FINE = 1 << FINE_BITS  # the second term counts in units of xd / FINE (exact scaling)
 
 # --- activation quantization ---------------------------------------------------------------------
 
 
-def quantize_activations_ref(x: np.ndarray):
-    """x (n, n_in) float32 -> xq (n, n_in) int8, xd (n, n_in/32), xs (n, n_in/16) float32."""
+def quantize_activations_ref(x: np.ndarray, terms: int = 1):
+    """x (n, n_in) float32 -> xq (terms*n, n_in) int8, xd (n, n_in/32), xs (n, n_in/16) float32.
+
+    Rows t of xq hold q1, rows n+t (terms=2) q2 (module docstring); xs is the sum per 16 of
+    the activations the kernels see (`dequantize_activations_ref`).
+    """
     n, n_in = x.shape
     blocks = x.reshape(n, n_in // 32, 32)
     xd = np.abs(blocks).max(axis=2) / np.float32(127)  # (n, nb)
     inv = np.divide(1, xd, out=np.zeros_like(xd), where=xd > 0)
-    xq = np.rint(blocks * inv[..., None]).astype(np.int8)  # (n, nb, 32)
-    sums = xq.reshape(n, n_in // 16, 16).sum(axis=2, dtype=np.int32)  # (n, n_in/16)
-    xs = np.repeat(xd, 2, axis=1) * sums.astype(np.float32)
-    return xq.reshape(n, n_in), xd.astype(np.float32), xs.astype(np.float32)
+    s = blocks * inv[..., None]  # (n, nb, 32) x in units of xd
+    if terms == 1:
+        units = np.rint(s).astype(np.int32)  # (n, nb, 32) x in units of xd
+        xq = [units]
+    else:  # x in units of xd / FINE (15 bits), split into a high and a low byte
+        units = np.rint(s * np.float32(FINE)).astype(np.int32)
+        q1 = (units + FINE // 2) >> FINE_BITS  # |q1| <= 127
+        xq = [q1, units - q1 * FINE]  # q2 in [-64, 63]
+    xq = np.concatenate([q.astype(np.int8).reshape(n, n_in) for q in xq])
+    sums = units.reshape(n, n_in // 16, 16).sum(axis=2)  # (n, n_in/16)
+    unit = np.float32(1 if terms == 1 else 1 / FINE)
+    xs = np.repeat(xd, 2, axis=1) * (sums.astype(np.float32) * unit)
+    return xq, xd.astype(np.float32), xs.astype(np.float32)
 
 
-@jit.njit
-def quantize_activations(x, xq, xd, xs):
-    """Numba twin of `quantize_activations_ref`, writing into xq, xd, xs."""
+def dequantize_activations_ref(xq: np.ndarray, xd: np.ndarray) -> np.ndarray:
+    """The activations x^ (n, n_in) float32 the kernels see: xd * (q1 + q2 / FINE)."""
+    n = xd.shape[0]
+    units = xq[:n].astype(np.float32)
+    if xq.shape[0] == 2 * n:
+        units += xq[n:].astype(np.float32) / np.float32(FINE)
+    return units * np.repeat(xd, 32, axis=1)
+
+
+# 1.5 * 2^23: (v + MAGIC) - MAGIC rounds v to the nearest integer (ties to even) for |v| < 2^22,
+# as np.rint does, without a libm call; valid only without fastmath (which would cancel it).
+MAGIC = np.float32(12582912.0)
+
+
+@jit.njit_strict
+def _quantize_rows(x, xq, xd, xs, t_lo, t_hi):
+    """Tokens t_lo..t_hi-1 of `quantize_activations`, in passes simple enough to vectorize."""
     n, n_in = x.shape
-    for t in range(n):
-        for j in range(n_in // 32):
-            amax = np.float32(0.0)
+    nb = n_in // 32
+    fine = xq.shape[0] == 2 * n
+    mult = np.float32(FINE) if fine else np.float32(1)
+    unit = np.float32(1.0 / FINE) if fine else np.float32(1)
+    units = np.empty(n_in, np.int32)  # x in units of xd (or xd / FINE)
+    amax = np.empty(nb, np.int32)  # max |x| per block as float32 bits (they sort as the floats)
+    amax_f = amax.view(np.float32)
+    inv = np.empty(nb, np.float32)
+    bits = x.view(np.int32)
+    for t in range(t_lo, t_hi):
+        for j in range(nb):
+            m = np.int32(0)
             for e in range(32 * j, 32 * j + 32):
-                amax = max(amax, abs(x[t, e]))
-            d = amax / np.float32(127)
-            inv = np.float32(1) / d if d > 0 else np.float32(0)
+                m = max(m, bits[t, e] & np.int32(0x7FFFFFFF))
+            amax[j] = m
+        for j in range(nb):
+            d = amax_f[j] / np.float32(127)
+            inv[j] = (np.float32(1) / d if d > 0 else np.float32(0)) * mult
             xd[t, j] = d
-            for h in range(2):
-                s = 0
-                for e in range(32 * j + 16 * h, 32 * j + 16 * h + 16):
-                    q = np.int32(np.rint(x[t, e] * inv))
-                    xq[t, e] = q
-                    s += q
-                xs[t, 2 * j + h] = d * np.float32(s)
+        for j in range(nb):
+            s = inv[j]
+            for e in range(32 * j, 32 * j + 32):
+                units[e] = np.int32((x[t, e] * s + MAGIC) - MAGIC)
+        for i in range(n_in // 16):
+            total = np.int32(0)
+            for e in range(16 * i, 16 * i + 16):
+                total += units[e]
+            xs[t, i] = xd[t, i // 2] * (np.float32(total) * unit)
+        if fine:  # units = FINE * q1 + q2, q1 rounded half up
+            for e in range(n_in):
+                q = (units[e] + np.int32(FINE // 2)) >> np.int32(FINE_BITS)
+                xq[t, e] = q
+                xq[n + t, e] = units[e] - q * np.int32(FINE)
+        else:
+            for e in range(n_in):
+                xq[t, e] = units[e]
+
+
+@jit.njit_strict
+def quantize_activations(x, xq, xd, xs):
+    """Numba twin of `quantize_activations_ref`, writing into xq, xd, xs; the number of terms
+    is xq.shape[0] // x.shape[0] (1 or 2). Strict float maths: the rounding must match."""
+    _quantize_rows(x, xq, xd, xs, 0, x.shape[0])
+
+
+@jit.pnjit_strict
+def quantize_activations_parallel(x, xq, xd, xs):
+    """`quantize_activations` on all threads, 16 tokens per task (prefill)."""
+    n = x.shape[0]
+    for c in prange((n + 15) // 16):
+        _quantize_rows(x, xq, xd, xs, 16 * c, min(n, 16 * c + 16))
 
 
 # --- portable fallback over the packed layout ----------------------------------------------------
@@ -88,7 +167,10 @@ def _half(lo, hi):
 @jit.pnjit
 def qmatmul_generic(w, layout, block_bytes, xq, xd, xs, n_out, out):
     """Same contract as `kernels.vnni.qmatmul_vnni`, in plain Numba: one group per iteration."""
-    n_tok, n_in = xq.shape
+    n_tok, n_x32 = xd.shape
+    n_in = n_x32 * 32
+    terms = xq.shape[0] // n_tok
+    unit = np.float32(1.0 / FINE) if terms == 2 else np.float32(1)
     blk = 16 if layout == LAYOUT_BYTE16 else 32
     nibble = layout == LAYOUT_NIBBLE32
     n_chunks = blk // 4 // (2 if nibble else 1)
@@ -103,16 +185,20 @@ def qmatmul_generic(w, layout, block_bytes, xq, xd, xs, n_out, out):
             e0 = b * blk
             for t in range(n_tok):
                 isum[:] = 0
-                for k in range(n_chunks):
+                for term in range(terms):  # sum_e u * (q1 * FINE + q2), exact in int32
+                    row = term * n_tok + t
                     for r in range(GROUP):
-                        for i in range(4):
-                            byte = np.int32(w[base + 64 * k + 4 * r + i])
-                            if nibble:
-                                isum[r] += (byte & 15) * np.int32(xq[t, e0 + 4 * k + i])
-                                isum[r] += (byte >> 4) * np.int32(xq[t, e0 + 16 + 4 * k + i])
-                            else:
-                                isum[r] += byte * np.int32(xq[t, e0 + 4 * k + i])
-                xd_t = xd[t, e0 // 32]
+                        isum[r] *= FINE
+                    for k in range(n_chunks):
+                        for r in range(GROUP):
+                            for i in range(4):
+                                byte = np.int32(w[base + 64 * k + 4 * r + i])
+                                if nibble:
+                                    isum[r] += (byte & 15) * np.int32(xq[row, e0 + 4 * k + i])
+                                    isum[r] += (byte >> 4) * np.int32(xq[row, e0 + 16 + 4 * k + i])
+                                else:
+                                    isum[r] += byte * np.int32(xq[row, e0 + 4 * k + i])
+                xd_t = xd[t, e0 // 32] * unit
                 xsum = xs[t, e0 // 16] + (xs[t, e0 // 16 + 1] if blk == 32 else np.float32(0))
                 for r in range(GROUP):
                     d = _half(w[sbase + 2 * r], w[sbase + 2 * r + 1])
@@ -126,17 +212,18 @@ def qmatmul_generic(w, layout, block_bytes, xq, xd, xs, n_out, out):
 # --- public entry points -------------------------------------------------------------------------
 
 
-def matmul_ref(x: np.ndarray, w: PackedWeight) -> np.ndarray:
+def matmul_ref(x: np.ndarray, w: PackedWeight, terms: int = TERMS) -> np.ndarray:
     """x (n, n_in) float32 -> (n, n_out): the float product with x rounded as the kernels do."""
     if w.data is None:
         return x @ w.dense.T
-    xq, xd, _ = quantize_activations_ref(x)
-    x_used = xq.astype(np.float32) * np.repeat(xd, 32, axis=1)  # (n, n_in) dequantized x
-    return x_used @ unpack_ref(w).T
+    xq, xd, _ = quantize_activations_ref(x, terms)
+    return dequantize_activations_ref(xq, xd) @ unpack_ref(w).T
 
 
-def matmul(x: np.ndarray, w: PackedWeight, out: np.ndarray | None = None, isa: str | None = None):
-    """Prefill: x (n, n_in) float32 -> out (n, n_out) float32 = x @ W.T (activations 8-bit)."""
+def matmul(x: np.ndarray, w: PackedWeight, out: np.ndarray | None = None, isa: str | None = None,
+           terms: int = TERMS):
+    """x (n, n_in) float32 -> out (n, n_out) float32 = x @ W.T, activations rounded to
+    `terms` (1 or 2) 8-bit terms per block of 32 (error bound: module docstring)."""
     if x.dtype != np.float32 or not x.flags.c_contiguous:
         x = np.ascontiguousarray(x, dtype=np.float32)
     n, n_in = x.shape
@@ -144,22 +231,25 @@ def matmul(x: np.ndarray, w: PackedWeight, out: np.ndarray | None = None, isa: s
         out = np.empty((n, w.n_out), np.float32)
     if w.data is None:  # dense float weights: BLAS
         return np.matmul(x, w.dense.T, out=out)
-    xq = np.empty((n, n_in), np.int8)
+    if terms not in (1, 2):
+        raise ValueError(f"terms must be 1 or 2, not {terms}")
+    xq = np.empty((terms * n, n_in), np.int8)  # term k of token t is row k*n + t
     xd = np.empty((n, n_in // 32), np.float32)
     xs = np.empty((n, n_in // 16), np.float32)
-    quantize_activations(x, xq, xd, xs)
+    (quantize_activations_parallel if n >= 32 else quantize_activations)(x, xq, xd, xs)
     if isa is None:
         isa = jit.ISA
-        if isa == "vnni" and n * w.data.size < SERIAL_BYTES:
+        if isa == "vnni" and terms * n * w.data.size < SERIAL_BYTES:
             isa = "vnni-serial"
     kernel = _KERNELS.get(isa) or _load_kernel(isa)
     kernel(w.data, w.layout, w.block_bytes, xq, xd, xs, w.n_out, out)
     return out
 
 
-def matvec(x: np.ndarray, w: PackedWeight, out: np.ndarray | None = None, isa: str | None = None):
+def matvec(x: np.ndarray, w: PackedWeight, out: np.ndarray | None = None, isa: str | None = None,
+           terms: int = TERMS):
     """Decode: x (n_in,) float32 -> out (n_out,) float32 = W @ x."""
-    res = matmul(x.reshape(1, -1), w, None if out is None else out.reshape(1, -1), isa)
+    res = matmul(x.reshape(1, -1), w, None if out is None else out.reshape(1, -1), isa, terms)
     return res.reshape(-1)
 
 

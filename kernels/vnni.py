@@ -7,8 +7,11 @@ plain Numba in `qmatmul_vnni`. Per block of one group and one token:
     acc_i32[r] = sum_e u[r, e] * xq[e]             vpdpbusd: unsigned weight x signed activation
     acc_f32[r] += d[r] * xd * acc_i32[r] + m[r] * xsum
 
-which is `sum_e (d u + m)[r, e] * (xd xq)[e]` exactly, with `xsum = xd * sum_e xq[e]`. A tile of
-`nt` tokens shares each 64-byte weight load. Only call these when `jit.HAS_AVX512_VNNI`.
+which is `sum_e (d u + m)[r, e] * (xd xq)[e]` exactly, with `xsum = xd * sum_e xq[e]`. With two
+activation terms (`kernels.qmatmul`: x = xd / 128 * (128 q1 + q2)) the integer sum becomes
+`(sum u q1) << 7 + sum u q2` (two independent vpdpbusd chains; |sum| < 2^28 per block, no
+overflow) and the scale `xd / 128`, so only the integer work doubles. A tile of `nt` tokens
+shares each 64-byte weight load. Only call these when `jit.HAS_AVX512_VNNI`.
 
 The driver lives in this module too: Numba's `cache=True` would not notice an edit of the IR
 generator if it sat in another file.
@@ -22,6 +25,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from kernels.jit import njit, pnjit
+from kernels.qmatmul import FINE_BITS
 from kernels.qpack import LAYOUT_BYTE16, LAYOUT_NIBBLE32
 
 GROUP = 16
@@ -45,13 +49,14 @@ def _ptr(builder, base, offset, pointee):
     return builder.bitcast(builder.gep(base, [offset]), pointee.as_pointer())
 
 
-def _make_group_dot(layout: int, nt: int):
+def _make_group_dot(layout: int, nt: int, terms: int):
     """An intrinsic computing 16 output rows x `nt` tokens for one group (see module doc).
 
-    Call as `group_dot(w, w_off, xq, xd, xs, t0, n_in, out, out_off, n_out, n_valid)`:
-    w (uint8 flat) from byte w_off; xq int8 (n_tok, n_in); xd float32 (n_tok, n_in/32);
-    xs float32 (n_tok, n_in/16); tokens t0..t0+nt-1; out float32 flat, rows of length n_out,
-    written at out_off + t*n_out for the first n_valid of the 16 lanes.
+    Call as `group_dot(w, w_off, xq, xd, xs, t0, n_in, q2_off, out, out_off, n_out, n_valid)`:
+    w (uint8 flat) from byte w_off; xq int8 (terms * n_tok, n_in), the second term's rows from
+    element q2_off; xd float32 (n_tok, n_in/32); xs float32 (n_tok, n_in/16); tokens
+    t0..t0+nt-1; out float32 flat, rows of length n_out, written at out_off + t*n_out for the
+    first n_valid of the 16 lanes.
     """
     blk = 16 if layout == LAYOUT_BYTE16 else 32
     nibble = layout == LAYOUT_NIBBLE32
@@ -59,12 +64,13 @@ def _make_group_dot(layout: int, nt: int):
     block_bytes = 64 * n_chunks + 64
 
     @intrinsic
-    def group_dot(typingctx, w, w_off, xq, xd, xs, t0, n_in, out, out_off, n_out, n_valid):
-        sig = types.void(w, w_off, xq, xd, xs, t0, n_in, out, out_off, n_out, n_valid)
+    def group_dot(typingctx, w, w_off, xq, xd, xs, t0, n_in, q2_off, out, out_off, n_out,
+                  n_valid):
+        sig = types.void(w, w_off, xq, xd, xs, t0, n_in, q2_off, out, out_off, n_out, n_valid)
 
         def codegen(context, builder, signature, args):
             tys = signature.args
-            w_, w_off_, xq_, xd_, xs_, t0_, n_in_, out_, out_off_, n_out_, n_valid_ = [
+            w_, w_off_, xq_, xd_, xs_, t0_, n_in_, q2_off_, out_, out_off_, n_out_, n_valid_ = [
                 context.cast(builder, a, ty, types.int64) if isinstance(ty, types.Integer) else a
                 for a, ty in zip(args, tys, strict=True)
             ]
@@ -75,7 +81,7 @@ def _make_group_dot(layout: int, nt: int):
 
             wp, xqp = data(w_, tys[0], _i8), data(xq_, tys[2], _i8)
             xdp, xsp = data(xd_, tys[3], ir.FloatType()), data(xs_, tys[4], ir.FloatType())
-            outp = data(out_, tys[7], ir.FloatType())
+            outp = data(out_, tys[8], ir.FloatType())
             mod = builder.module
             dpbusd = cgutils.get_or_insert_function(
                 mod,
@@ -94,6 +100,8 @@ def _make_group_dot(layout: int, nt: int):
                 cgutils.alloca_once_value(builder, ir.Constant(_f32x16, None)) for _ in range(nt)
             ]
             low4 = _splat(builder, _i8(0x0F), _i8x64)
+            shift = _splat(builder, _i32(FINE_BITS), _i32x16)
+            unit = _splat(builder, ir.Constant(ir.FloatType(), 2.0**-FINE_BITS), _f32x16)
             four = _splat(builder, _i8(4), _i8x64)
             with cgutils.for_range(builder, n_blocks) as loop:
                 b = loop.index
@@ -122,19 +130,26 @@ def _make_group_dot(layout: int, nt: int):
                     tok = builder.add(t0_, _i64(t))
                     xrow = builder.add(builder.mul(tok, n_in_), e0)
 
-                    def xdword(e, xrow=xrow):  # 4 activations broadcast to 16 lanes
-                        v = builder.load(
-                            _ptr(builder, xqp, builder.add(xrow, _i64(e)), _i32), align=1
-                        )
-                        return builder.bitcast(_splat(builder, v, _i32x16), _i8x64)
+                    def chain(row):  # sum_e u[r, e] * xq[row + e] over the block
+                        def xdword(e):  # 4 activations broadcast to 16 lanes
+                            v = builder.load(
+                                _ptr(builder, xqp, builder.add(row, _i64(e)), _i32), align=1
+                            )
+                            return builder.bitcast(_splat(builder, v, _i32x16), _i8x64)
 
-                    acc = ir.Constant(_i32x16, None)
-                    for k in range(n_chunks):
-                        if nibble:
-                            acc = builder.call(dpbusd, [acc, lo[k], xdword(4 * k)])
-                            acc = builder.call(dpbusd, [acc, hi[k], xdword(16 + 4 * k)])
-                        else:
-                            acc = builder.call(dpbusd, [acc, chunks[k], xdword(4 * k)])
+                        acc = ir.Constant(_i32x16, None)
+                        for k in range(n_chunks):
+                            if nibble:
+                                acc = builder.call(dpbusd, [acc, lo[k], xdword(4 * k)])
+                                acc = builder.call(dpbusd, [acc, hi[k], xdword(16 + 4 * k)])
+                            else:
+                                acc = builder.call(dpbusd, [acc, chunks[k], xdword(4 * k)])
+                        return acc
+
+                    acc = chain(xrow)
+                    if terms == 2:  # (sum u q1) * 128 + sum u q2
+                        fine = chain(builder.add(xrow, q2_off_))
+                        acc = builder.add(builder.shl(acc, shift), fine)
                     # activation scale of this block and the sum of its dequantized activations
                     ix = builder.add(builder.mul(tok, n_x32), builder.sdiv(e0, _i64(32)))
                     xd_t = builder.load(builder.gep(xdp, [ix]))
@@ -144,6 +159,8 @@ def _make_group_dot(layout: int, nt: int):
                         nxt = builder.load(builder.gep(xsp, [builder.add(is16, _i64(1))]))
                         xsum = builder.fadd(xsum, nxt)
                     scale = builder.fmul(d, _splat(builder, xd_t, _f32x16))
+                    if terms == 2:
+                        scale = builder.fmul(scale, unit)
                     total = builder.load(accs[t])
                     total = builder.fadd(total, builder.fmul(builder.sitofp(acc, _f32x16), scale))
                     total = builder.fadd(total, builder.fmul(m, _splat(builder, xsum, _f32x16)))
@@ -173,47 +190,77 @@ def _make_group_dot(layout: int, nt: int):
 
 
 TILE = 4  # tokens per weight load in the prefill kernel
-_dot_n32_t1 = _make_group_dot(0, 1)
-_dot_n32_t4 = _make_group_dot(0, TILE)
-_dot_b32_t1 = _make_group_dot(1, 1)
-_dot_b32_t4 = _make_group_dot(1, TILE)
-_dot_b16_t1 = _make_group_dot(2, 1)
-_dot_b16_t4 = _make_group_dot(2, TILE)
+# one intrinsic per (layout, tile of 1 or TILE tokens, activation terms)
+_dot_n32_t1 = _make_group_dot(0, 1, 1)
+_dot_n32_t4 = _make_group_dot(0, TILE, 1)
+_dot_b32_t1 = _make_group_dot(1, 1, 1)
+_dot_b32_t4 = _make_group_dot(1, TILE, 1)
+_dot_b16_t1 = _make_group_dot(2, 1, 1)
+_dot_b16_t4 = _make_group_dot(2, TILE, 1)
+_dot2_n32_t1 = _make_group_dot(0, 1, 2)
+_dot2_n32_t4 = _make_group_dot(0, TILE, 2)
+_dot2_b32_t1 = _make_group_dot(1, 1, 2)
+_dot2_b32_t4 = _make_group_dot(1, TILE, 2)
+_dot2_b16_t1 = _make_group_dot(2, 1, 2)
+_dot2_b16_t4 = _make_group_dot(2, TILE, 2)
+
+
+@njit
+def _dot(layout, terms, tile, w, w_off, xq, xd, xs, t, n_in, q2_off, outf, o, n_out, n_valid):
+    """Dispatch one tile (`tile` = 1 or TILE tokens from t) to its intrinsic."""
+    a = (w, w_off, xq, xd, xs, t, n_in, q2_off, outf, o, n_out, n_valid)
+    if terms == 1:
+        if tile == TILE:
+            if layout == 0:
+                _dot_n32_t4(*a)
+            elif layout == 1:
+                _dot_b32_t4(*a)
+            else:
+                _dot_b16_t4(*a)
+        elif layout == 0:
+            _dot_n32_t1(*a)
+        elif layout == 1:
+            _dot_b32_t1(*a)
+        else:
+            _dot_b16_t1(*a)
+    elif tile == TILE:
+        if layout == 0:
+            _dot2_n32_t4(*a)
+        elif layout == 1:
+            _dot2_b32_t4(*a)
+        else:
+            _dot2_b16_t4(*a)
+    elif layout == 0:
+        _dot2_n32_t1(*a)
+    elif layout == 1:
+        _dot2_b32_t1(*a)
+    else:
+        _dot2_b16_t1(*a)
 
 
 @njit
 def _group(w, layout, group_bytes, xq, xd, xs, n_out, outf, g):
     """Rows 16g..16g+15 for every token: tiles of TILE tokens, then the remainder one by one."""
-    n_tok, n_in = xq.shape
+    n_tok = xd.shape[0]
+    n_in = xq.shape[1]
+    terms = xq.shape[0] // n_tok
+    q2_off = n_tok * n_in  # first element of the second term's rows
     w_off = g * group_bytes
     n_valid = min(GROUP, n_out - g * GROUP)
     t = 0
-    while t + TILE <= n_tok:
-        o = t * n_out + g * GROUP
-        if layout == 0:
-            _dot_n32_t4(w, w_off, xq, xd, xs, t, n_in, outf, o, n_out, n_valid)
-        elif layout == 1:
-            _dot_b32_t4(w, w_off, xq, xd, xs, t, n_in, outf, o, n_out, n_valid)
-        else:
-            _dot_b16_t4(w, w_off, xq, xd, xs, t, n_in, outf, o, n_out, n_valid)
-        t += TILE
     while t < n_tok:
+        tile = TILE if t + TILE <= n_tok else 1
         o = t * n_out + g * GROUP
-        if layout == 0:
-            _dot_n32_t1(w, w_off, xq, xd, xs, t, n_in, outf, o, n_out, n_valid)
-        elif layout == 1:
-            _dot_b32_t1(w, w_off, xq, xd, xs, t, n_in, outf, o, n_out, n_valid)
-        else:
-            _dot_b16_t1(w, w_off, xq, xd, xs, t, n_in, outf, o, n_out, n_valid)
-        t += 1
+        _dot(layout, terms, tile, w, w_off, xq, xd, xs, t, n_in, q2_off, outf, o, n_out, n_valid)
+        t += tile
 
 
 @pnjit
 def qmatmul_vnni(w, layout, block_bytes, xq, xd, xs, n_out, out):
     """out (n_tok, n_out) = x @ W.T for a packed W and quantized x (see kernels.qmatmul).
 
-    w: uint8 group stream; xq (n_tok, n_in) int8; xd (n_tok, n_in/32), xs (n_tok, n_in/16).
-    Groups of 16 rows are shared out between the threads.
+    w: uint8 group stream; xq (terms * n_tok, n_in) int8; xd (n_tok, n_in/32),
+    xs (n_tok, n_in/16). Groups of 16 rows are shared out between the threads.
     """
     group_bytes = block_bytes * (xq.shape[1] // (16 if layout == 2 else 32))
     outf = out.reshape(-1)

@@ -43,6 +43,9 @@ class FusedWeight:
 
 class FastBackend:
     name = "fast"
+    # 8-bit terms per activation block in `linear` (kernels.qmatmul): 2 is float-like, 1 is
+    # llama.cpp's rounding
+    act_terms = qmatmul.TERMS
 
     def __init__(self):
         self.threading_layer = jit.check_threading_layer()  # logs a warning when slow
@@ -77,13 +80,13 @@ class FastBackend:
 
     def linear(self, x: np.ndarray, w: PackedWeight) -> np.ndarray:
         """(n, n_in) float32 -> (n, n_out) = x @ W.T. Where the time goes."""
-        return qmatmul.matmul(x, w)
+        return qmatmul.matmul(x, w, terms=self.act_terms)
 
     def linear_many(self, x: np.ndarray, w: FusedWeight) -> list[np.ndarray]:
         """(n, n_in) -> one (n, n_out_i) per matrix of `w`, in one kernel call when stacked."""
         if w.stacked is None:
-            return [qmatmul.matmul(x, p) for p in w.parts]
-        y = qmatmul.matmul(x, w.stacked)  # (n, sum of n_out)
+            return [qmatmul.matmul(x, p, terms=self.act_terms) for p in w.parts]
+        y = qmatmul.matmul(x, w.stacked, terms=self.act_terms)  # (n, sum of n_out)
         return np.split(y, np.cumsum(w.sizes)[:-1], axis=1)
 
     def rms_norm(self, x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
