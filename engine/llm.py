@@ -7,8 +7,10 @@ the engine only through it.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -25,6 +27,8 @@ from .tokenizer import Tokenizer
 # (bert: {"embeddings"}). The server lists these per model and routes requests by them.
 CAPABILITIES = frozenset({"completion", "chat", "embeddings"})
 MAX_BATCH_TOKENS = 8192  # tokens per encoder forward pass when embedding many inputs
+MIN_SHARD_TOKENS = 48  # a smaller pass is not worth a second thread (BLAS is slow below)
+_POOL_LOCK = threading.Lock()
 
 
 class LLM:
@@ -43,6 +47,7 @@ class LLM:
         self.backend = get_backend(backend)
         self.model = module.Model(self.args, gf, self.backend)
         self.capabilities = frozenset(getattr(module, "CAPABILITIES", CAPABILITIES))
+        self._encoder_pool: ThreadPoolExecutor | None = None  # made on first big batch
         self.n_ctx = min(n_ctx or self.args.n_ctx, self.args.n_ctx)
         self.n_vocab = self.args.n_vocab
         self.dim = self.args.dim
@@ -141,7 +146,8 @@ class LLM:
         return ids
 
     def _encode_packed(self, ids_lists: list[list[int]], pooling: str) -> np.ndarray:
-        """Encoder: inputs packed back to back (no padding), MAX_BATCH_TOKENS per forward."""
+        """Encoder: inputs packed back to back (no padding), at most MAX_BATCH_TOKENS per
+        forward pass; a big pass is split by sentences over the backend's worker threads."""
         out = np.empty((len(ids_lists), self.dim), dtype=np.float32)
         first = 0
         while first < len(ids_lists):
@@ -150,14 +156,31 @@ class LLM:
                                              n + len(ids_lists[last]) <= MAX_BATCH_TOKENS):
                 n += len(ids_lists[last])
                 last += 1
-            group = ids_lists[first:last]
-            starts = np.zeros(len(group) + 1, dtype=np.int64)  # (B+1,) sentence boundaries
-            np.cumsum([len(ids) for ids in group], out=starts[1:])
-            ids = np.fromiter((t for seq in group for t in seq), np.int64, count=int(starts[-1]))
-            hidden = self.model.forward(ids, starts)  # (n, dim)
-            out[first:last] = pool_packed(hidden, starts, pooling)
+            shards = split_tokens(first, last, ids_lists, self._encoder_workers())
+            jobs = [(a, b, self._encoder_pool.submit(self._encode_shard, ids_lists[a:b], pooling))
+                    for a, b in shards[1:]]
+            a, b = shards[0]
+            out[a:b] = self._encode_shard(ids_lists[a:b], pooling)  # this thread's share
+            for a, b, job in jobs:
+                out[a:b] = job.result()
             first = last
         return out
+
+    def _encode_shard(self, group: list[list[int]], pooling: str) -> np.ndarray:
+        """One forward pass over `group` packed → (len(group), dim) pooled vectors."""
+        starts = np.zeros(len(group) + 1, dtype=np.int64)  # (B+1,) sentence boundaries
+        np.cumsum([len(ids) for ids in group], out=starts[1:])
+        ids = np.fromiter((t for seq in group for t in seq), np.int64, count=int(starts[-1]))
+        return pool_packed(self.model.forward(ids, starts), starts, pooling)  # (B, dim)
+
+    def _encoder_workers(self) -> int:
+        workers = getattr(self.backend, "encoder_workers", None)
+        n = workers() if workers else 1
+        if n > 1 and self._encoder_pool is None:
+            with _POOL_LOCK:
+                if self._encoder_pool is None:
+                    self._encoder_pool = ThreadPoolExecutor(n - 1, thread_name_prefix="encode")
+        return n
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
                             tools=None) -> str:
@@ -209,6 +232,20 @@ def pool_packed(hidden: np.ndarray, starts: np.ndarray, pooling: str) -> np.ndar
     if pooling == "last":
         return hidden[starts[1:] - 1]
     return hidden[starts[:-1]]  # cls / first
+
+
+def split_tokens(first: int, last: int, ids_lists: list[list[int]],
+                 workers: int) -> list[tuple[int, int]]:
+    """Inputs first..last-1 → up to `workers` runs (a, b) of about equal token counts, each
+    at least MIN_SHARD_TOKENS long (one run when the batch is small)."""
+    lengths = np.array([len(ids) for ids in ids_lists[first:last]])
+    total = int(lengths.sum())
+    k = max(1, min(workers, total // MIN_SHARD_TOKENS, last - first))
+    if k == 1:
+        return [(first, last)]
+    ends = np.searchsorted(np.cumsum(lengths), [total * (i + 1) / k for i in range(k - 1)])
+    bounds = [first] + [first + int(e) + 1 for e in ends] + [last]
+    return [(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
 
 
 def load_model(name_or_path: str, backend: str | None = None, n_ctx: int | None = None) -> LLM:

@@ -13,7 +13,7 @@ import math
 import numpy as np
 from numba import prange
 
-from kernels.jit import pnjit
+from kernels.jit import njit, pnjit
 
 
 def attention_ref(q, k, v, pos0: int, window: int, scale: float) -> np.ndarray:
@@ -127,17 +127,19 @@ def encoder_attention_ref(qkv, starts, scale: float) -> np.ndarray:
     return out.reshape(n, n_head * hd)
 
 
-@pnjit
+@njit
 def encoder_attention(qkv, starts, scale, out):
     """Numba twin of `encoder_attention_ref`, writing out (n, n_head * hd).
 
-    One parallel job per (sequence, head); sentences are short, so a job's keys and values
-    stay in cache: for each query, scores over its sequence, softmax, weighted sum of values.
-    The q, k, v rows are read in place from the contiguous qkv (no copies).
+    One job per (sequence, head); sentences are short, so a job's keys and values stay in
+    cache: for each query, scores over its sequence, softmax, weighted sum of values. The
+    q, k, v rows are read in place from the contiguous qkv (no copies). Single-threaded on
+    purpose: encoders get their parallelism from whole sentences run on separate threads
+    (engine.llm), which needs no OpenMP pool spinning between the BLAS calls.
     """
     n, _, n_head, hd = qkv.shape
     n_seq = starts.shape[0] - 1
-    for job in prange(n_seq * n_head):
+    for job in range(n_seq * n_head):
         s, h = job // n_head, job % n_head
         a, b = starts[s], starts[s + 1]
         scores = np.empty(b - a, np.float32)  # (len,)

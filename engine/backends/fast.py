@@ -11,6 +11,7 @@ Extras beyond the Backends table (docs/internals.md, "Fast backend extras"): `pr
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 
 from kernels import attention as attn_kernels
@@ -179,6 +180,11 @@ class FastBackend:
         out = np.empty((n, qkv.shape[1] // 3), np.float32)
         attn_kernels.encoder_attention(qkv4, np.asarray(starts, np.int64), float(scale), out)
         return out
+
+    def encoder_workers(self) -> int:
+        """Threads an encoder may split a batch of sentences over (each runs single-threaded
+        kernels and one-thread BLAS, without the GIL): Numba's thread count."""
+        return numba.get_num_threads()
 
 
 def _contiguous_buffer(a: np.ndarray) -> np.ndarray:

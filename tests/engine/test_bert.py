@@ -65,6 +65,17 @@ def test_many_inputs_span_several_forward_passes(tiny, monkeypatch):
     np.testing.assert_allclose(tiny.embed(inputs), whole, rtol=1e-5, atol=1e-6)
 
 
+def test_big_batches_split_over_threads(tiny, monkeypatch):
+    import engine.llm
+
+    inputs = [SENTENCES[i % 4] for i in range(11)]
+    whole = tiny.embed(inputs)
+    monkeypatch.setattr(engine.llm, "MIN_SHARD_TOKENS", 1)
+    monkeypatch.setattr(tiny.backend, "encoder_workers", lambda: 3, raising=False)
+    assert len(engine.llm.split_tokens(0, len(inputs), inputs, 3)) == 3
+    np.testing.assert_allclose(tiny.embed(inputs), whole, rtol=1e-5, atol=1e-6)
+
+
 def test_too_long_is_an_error_unless_truncated(tiny):
     long = [1] + [5] * (tiny.n_ctx + 3) + [2]
     with pytest.raises(ContextOverflowError, match="truncate=True"):
