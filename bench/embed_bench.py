@@ -1,6 +1,9 @@
-"""Embeddings per second through `model.embed` for batches of 1, 8 and 32 short texts.
+"""Embeddings per second through `model.embed` for batches of 1, 8, 32 and 128 short texts.
 
     .venv/bin/python bench/embed_bench.py [--model smollm2-135m-instruct] [--backend fast]
+
+An encoder (`--model all-minilm-l6-v2`) runs each batch as packed forward passes; see
+bench/minilm_bench.py for it against sentence-transformers.
 """
 
 from __future__ import annotations
@@ -33,9 +36,10 @@ def main() -> None:
     args = ap.parse_args()
     model = load_model(args.model, backend=args.backend)
     model.embed(texts(2))  # compile / warm up
-    print(f"{model.id} ({args.backend}), mean pooling, normalized")
+    pooling = getattr(model.args, "pooling", "mean")
+    print(f"{model.id} ({args.backend}), {pooling} pooling, normalized")
     print(f"{'batch':>5} {'tokens/text':>11} {'ms/batch':>9} {'embeddings/s':>12}")
-    for batch in (1, 8, 32):
+    for batch in (1, 8, 32, 128):
         inputs = texts(batch)
         n_tok = sum(len(model.tokenizer.encode(t)) for t in inputs) / batch
         runs, start = 0, time.perf_counter()
