@@ -2,8 +2,9 @@
 
 Weights stay quantized: `prepare` repacks each matrix once at load time into 16-row interleaved
 groups (`kernels.qpack`) and `linear` runs the int8 kernel (`kernels.qmatmul`; AVX-512 VNNI where
-the CPU has it). Activations are rounded to 8 bits per block of 32 inside `linear`, so logits
-differ from the reference backend by ~0.5 % per matmul, as llama.cpp's do from float maths.
+the CPU has it). Activations are rounded to 15 bits per block of 32 inside `linear` (two int8
+terms), so each matmul is within ~0.004 % of the float product and greedy decoding follows the
+reference backend; `act_terms = 1` gives llama.cpp's 8-bit rounding (~0.5 %).
 
 Extras beyond the Backends table (docs/internals.md, "Fast backend extras"): `prepare_many` +
 `linear_many` run several matrices that read the same input (q|k|v, gate|up) as one kernel call.
@@ -57,8 +58,8 @@ class FastBackend:
     def prepare(self, t: TensorInfo, precise: bool = False) -> PackedWeight:
         """Repack a weight matrix `(n_out, n_in)` for `linear` (dense float32 if no layout).
 
-        `precise=True` keeps the matrix as dense float32, so its input is not rounded to
-        8 bits: for the few projections whose error the model amplifies (see gemma3.py).
+        `precise=True` keeps the matrix as dense float32 (BLAS), so its input is not rounded
+        at all: for a projection whose error a model amplifies (none needs it at 15 bits).
         """
         if precise:
             dense = dequantize(t.data, t.qtype, t.shape)
