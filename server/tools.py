@@ -8,12 +8,12 @@ Whatever the model, calls are written in the Hermes / Qwen form, one tagged JSON
     </tool_call>
 
 and the grammar (llguidance Lark, JSON schemas inlined with `%json`) makes the model write
-exactly that: `required` → one or more calls (exactly one without `parallel_tool_calls`),
-a named function → one call of it, `auto` → either free text that never contains the
-`<tool_call>` tag or calls, `none` → such text only. Each call's JSON is one `anyOf` branch
-per tool, so the arguments always match the schema of the function they name.
-`ToolCallParser` turns the generated text back into OpenAI's `tool_calls`, incrementally,
-so a stream sends the same calls as a whole response.
+exactly that: `required` → one or more calls (exactly one without `parallel_tool_calls`), a
+named function → one call of it, `auto` → either free text (never holding the `<tool_call>`
+tag, nor starting with "<") or calls, `none` → such text only. Each call's JSON is one
+`anyOf` branch per tool, so the arguments always match the schema of the function they name.
+`ToolCallParser` turns the generated text back into OpenAI's `tool_calls`, incrementally, so
+a stream sends the same calls as a whole response.
 """
 
 from __future__ import annotations
@@ -34,8 +34,10 @@ NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 # Separators fixed, as the fallback chat format writes past calls: a 135M model given free
 # whitespace between JSON tokens may wander into runs of spaces and newlines.
 JSON_STYLE = {"whitespace_flexible": False, "key_separator": ": ", "item_separator": ", "}
-# Free text: anything but the call tag, so no tag ever reaches `content`.
-TEXT_RULE = r"TEXT: /(.|\n)+/ & ~/(.|\n)*<tool_call>(.|\n)*/"
+# Free text beside tools: never the call tag, so no tag reaches `content`, and not starting
+# with "<": a small model shown <tool_call> and <tool_response> blocks likes to open its
+# reply with one of them (llguidance's own docs keep Llama's text from starting with "{").
+TEXT_RULE = r"TEXT: /[^<](.|\n)*/ & ~/(.|\n)*<tool_call>(.|\n)*/"
 
 
 @dataclass
@@ -92,9 +94,9 @@ def _tool(tool, i: int) -> dict:
     if strict is not None and not isinstance(strict, bool):
         raise _invalid(f"'{at}.function.strict' must be a boolean.", f"{at}.function.strict",
                        "invalid_type")
-    out = {"name": name, "parameters": params}
-    if description is not None:
-        out["description"] = description
+    out = {"name": name, "description": description, "parameters": params}
+    if description is None:
+        del out["description"]
     return {"type": "function", "function": out}
 
 

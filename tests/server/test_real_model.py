@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import time
 
+import jsonschema
 import openai
 import pytest
 
@@ -112,3 +114,114 @@ def test_disconnect_frees_the_slot(real):
     while admission.active and time.monotonic() < deadline:
         time.sleep(0.01)
     assert admission.active == 0
+
+
+# --- structured output and tools (the grammar does the work; SmolLM2 knows no tools) ---------
+
+PERSON = {"type": "object", "properties": {"name": {"type": "string"},
+                                           "age": {"type": "integer", "minimum": 0}},
+          "required": ["name", "age"], "additionalProperties": False}
+WEATHER = {"type": "object", "properties": {
+    "city": {"type": "string"}, "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+    "required": ["city"], "additionalProperties": False}
+ADD = {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+       "required": ["a", "b"], "additionalProperties": False}
+TOOLS = [{"type": "function", "function": {"name": "get_weather",
+                                           "description": "Current weather in a city",
+                                           "parameters": WEATHER}},
+         {"type": "function", "function": {"name": "add", "description": "Add two integers",
+                                           "parameters": ADD}}]
+PARAMETERS = {"get_weather": WEATHER, "add": ADD}
+ASK_WEATHER = [{"role": "user", "content": "What is the weather like in Paris?"}]
+
+
+def test_json_schema_reply_validates(real):
+    _, oai = real
+    r = oai.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Invent a person: name and age."}],
+        response_format={"type": "json_schema",
+                         "json_schema": {"name": "person", "schema": PERSON, "strict": True}},
+        temperature=0, max_tokens=80)
+    jsonschema.validate(json.loads(r.choices[0].message.content), PERSON)
+    assert r.choices[0].finish_reason == "stop"
+
+
+def test_json_object_on_completions(real):
+    _, oai = real
+    r = oai.completions.create(model=MODEL, prompt="A JSON object describing a cat:",
+                               extra_body={"response_format": {"type": "json_object"}},
+                               temperature=0, max_tokens=80)  # the client has no such arg
+    assert isinstance(json.loads(r.choices[0].text), dict)
+
+
+@pytest.mark.parametrize("choice, names", [
+    ("required", {"get_weather", "add"}),
+    ({"type": "function", "function": {"name": "get_weather"}}, {"get_weather"}),
+    ({"type": "function", "function": {"name": "add"}}, {"add"}),
+])
+def test_tool_calls_are_valid(real, choice, names):
+    _, oai = real
+    r = oai.chat.completions.create(model=MODEL, messages=ASK_WEATHER, tools=TOOLS,
+                                    tool_choice=choice, temperature=0, max_tokens=160)
+    message = r.choices[0].message
+    assert r.choices[0].finish_reason == "tool_calls" and message.content is None
+    assert message.tool_calls and (len(message.tool_calls) == 1 or choice == "required")
+    for call in message.tool_calls:
+        assert call.id.startswith("call_") and call.function.name in names
+        jsonschema.validate(json.loads(call.function.arguments), PARAMETERS[call.function.name])
+
+
+def test_tool_choice_none_is_text(real):
+    _, oai = real
+    r = oai.chat.completions.create(model=MODEL, messages=ASK_WEATHER, tools=TOOLS,
+                                    tool_choice="none", temperature=0, max_tokens=40)
+    message = r.choices[0].message
+    assert message.tool_calls is None and message.content and "<tool" not in message.content
+
+
+def test_tool_round_trip(real, smollm2):
+    _, oai = real
+    first = oai.chat.completions.create(model=MODEL, messages=ASK_WEATHER, tools=TOOLS[:1],
+                                        tool_choice="required", parallel_tool_calls=False,
+                                        temperature=0, max_tokens=60)
+    call = first.choices[0].message.tool_calls[0]
+    assert call.function.name == "get_weather"
+    assert json.loads(call.function.arguments)["city"] == "Paris"
+    result = {"city": "Paris", "temperature_c": 18, "sky": "sunny"}
+    messages = ASK_WEATHER + [first.choices[0].message.model_dump(exclude_none=True),
+                              {"role": "tool", "tool_call_id": call.id,
+                               "content": json.dumps(result)}]
+    # "none": the answer must be text (this 135M model, left to "auto", calls again)
+    final = oai.chat.completions.create(model=MODEL, messages=messages, tools=TOOLS[:1],
+                                        tool_choice="none", temperature=0, max_tokens=60)
+    answer = final.choices[0].message.content
+    assert final.choices[0].finish_reason == "stop" and final.choices[0].message.tool_calls is None
+    assert answer and "<tool" not in answer
+    assert any(word in answer.lower() for word in ("18", "sunny", "paris", "celsius"))
+    # the call and its result reached the prompt, in the documented fallback format
+    sent = ASK_WEATHER + [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": call.id, "type": "function",
+         "function": {"name": "get_weather", "arguments": call.function.arguments}}]},
+        {"role": "tool", "tool_call_id": call.id, "content": json.dumps(result)}]
+    assert final.usage.prompt_tokens == len(smollm2.chat_prompt_ids(sent, tools=TOOLS[:1]))
+
+
+def test_streamed_tool_calls_equal_non_streamed(real):
+    _, oai = real
+    kw = dict(model=MODEL, messages=ASK_WEATHER, tools=TOOLS, tool_choice="required",
+              temperature=0, seed=5, max_tokens=160)
+    whole = oai.chat.completions.create(**kw)
+    chunks = list(oai.chat.completions.create(**kw, stream=True,
+                                              stream_options={"include_usage": True}))
+    calls: dict[int, list[str]] = {}
+    for chunk in chunks:
+        for delta in (chunk.choices[0].delta.tool_calls or []) if chunk.choices else []:
+            if delta.id:
+                calls[delta.index] = [delta.function.name, ""]
+            calls[delta.index][1] += delta.function.arguments
+        assert not (chunk.choices and chunk.choices[0].delta.content)
+    expected = [[c.function.name, c.function.arguments]
+                for c in whole.choices[0].message.tool_calls]
+    assert [calls[i] for i in sorted(calls)] == expected
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens

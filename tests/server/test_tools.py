@@ -87,6 +87,12 @@ def test_named_function_grammar_takes_only_that_function():
     assert not accepts(lark_grammar(spec), SUM + "\n" + SUM)  # exactly one call
 
 
+def test_text_beside_tools_does_not_start_with_a_tag():
+    spec = parse_tools({"tools": TOOLS, "tool_choice": "none"})
+    assert not accepts(lark_grammar(spec), "<tool_response>18 C</tool_response>")
+    assert not accepts(lark_grammar(spec), "<b>hi</b>")
+
+
 def test_calls_may_end_with_a_newline():
     # a model that wants to write on after a call may end the line, then must stop or call
     spec = parse_tools({"tools": TOOLS, "tool_choice": "required"})
