@@ -45,6 +45,8 @@ GEMMA3 = [
 MODELS = {"smollm2": SMOLLM2, "gemma3": GEMMA3}
 CASES = [(m, *row[:3]) for m, rows in MODELS.items() for row in rows]
 PREFILL = 128  # tokens per prefill call in the per-kernel benchmarks
+# activation terms (kernels.qmatmul): 2 (15 bits, the default) and llama.cpp's 8-bit rounding
+TERMS, TERM_IDS = [2, 1], ["x15bit", "x8bit"]
 
 
 def _weight(qtype, shape, seed=0) -> PackedWeight:
@@ -57,14 +59,15 @@ def _report(benchmark, n_bytes, flops):
     benchmark.extra_info["GFLOP/s"] = round(flops / t / 1e9, 1)
 
 
+@pytest.mark.parametrize("terms", TERMS, ids=TERM_IDS)
 @pytest.mark.parametrize("n_tok", [1, PREFILL], ids=["decode", "prefill"])
 @pytest.mark.parametrize("model, name, qtype, shape", CASES, ids=lambda v: getattr(v, "name", v))
-def test_qmatmul(benchmark, model, name, qtype, shape, n_tok):
+def test_qmatmul(benchmark, model, name, qtype, shape, n_tok, terms):
     benchmark.group = f"{model}-{name}-{qtype.name}-{'decode' if n_tok == 1 else 'prefill'}"
     w = _weight(qtype, shape)
     x = np.random.default_rng(0).standard_normal((n_tok, shape[1])).astype(np.float32)
     out = np.empty((n_tok, shape[0]), np.float32)
-    benchmark(qmatmul.matmul, x, w, out)
+    benchmark(qmatmul.matmul, x, w, out, terms=terms)
     _report(benchmark, w.nbytes, 2 * n_tok * shape[0] * shape[1])
 
 
@@ -112,10 +115,11 @@ def _model_weights(model: str, fused: bool) -> list[PackedWeight]:
     return weights + [_weight(qtype, shape)]
 
 
+@pytest.mark.parametrize("terms", TERMS, ids=TERM_IDS)
 @pytest.mark.parametrize("fused", [False, True], ids=["separate", "fused"])
 @pytest.mark.parametrize("n_tok", [1, 256], ids=["decode", "prefill256"])
 @pytest.mark.parametrize("model", list(MODELS))
-def test_model_linear_tok_s(benchmark, model, n_tok, fused):
+def test_model_linear_tok_s(benchmark, model, n_tok, fused, terms):
     """Every matmul of one forward step: tokens/s = n_tok / time (matmuls only)."""
     benchmark.group = f"model-{model}"
     ws = _model_weights(model, fused)
@@ -129,7 +133,7 @@ def test_model_linear_tok_s(benchmark, model, n_tok, fused):
 
     def step():
         for w, out in zip(ws, outs, strict=True):
-            qmatmul.matmul(xs[w.n_in][: out.shape[0]], w, out)
+            qmatmul.matmul(xs[w.n_in][: out.shape[0]], w, out, terms=terms)
 
     benchmark.pedantic(step, rounds=5 if n_tok == 1 else 2, warmup_rounds=1)
     n_bytes = sum(w.nbytes for w in ws)
@@ -138,7 +142,8 @@ def test_model_linear_tok_s(benchmark, model, n_tok, fused):
     tok_s = n_tok / benchmark.stats.stats.min
     benchmark.extra_info["tok/s"] = round(tok_s, 1)
     print(
-        f"\n{model} {'decode' if n_tok == 1 else 'prefill'} {'fused' if fused else ''}: "
+        f"\n{model} {'decode' if n_tok == 1 else 'prefill'} {'fused' if fused else ''} "
+        f"{terms} term(s): "
         f"{tok_s:.0f} tok/s (matmuls only), {n_bytes / benchmark.stats.stats.min / 1e9:.1f} "
         f"GB/s, {flops / benchmark.stats.stats.min / 1e9:.0f} GFLOP/s"
     )
