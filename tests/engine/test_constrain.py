@@ -4,6 +4,11 @@ under one is valid: JSON that parses and validates against its schema.
 The validity tests sample at temperature 1.0 with top-k, top-p and min-p all off (top_k=0,
 top_p=1.0, min_p=0.0: the model's full distribution), so the grammar's mask is the only thing
 keeping the output in shape. 10 seeds per schema by default; `-m slow` runs 50.
+
+Strings in the schemas carry a maxLength (and numbers bounds): a 135M model sampled that way
+sometimes writes a string that never ends (measured: 1 in 50 under an unbounded "city"). That
+output is still a valid JSON prefix, but max_tokens would cut it, and these tests want every
+sample complete.
 """
 
 from __future__ import annotations
@@ -31,9 +36,9 @@ SCHEMAS = {
     "nested": ({
         "type": "object",
         "properties": {
-            "name": {"type": "string"},
+            "name": {"type": "string", "maxLength": 40},
             "address": {"type": "object",
-                        "properties": {"city": {"type": "string"},
+                        "properties": {"city": {"type": "string", "maxLength": 40},
                                        "zip": {"type": "string", "pattern": "^[0-9]{5}$"}},
                         "required": ["city", "zip"], "additionalProperties": False},
         },
@@ -65,7 +70,8 @@ SCHEMAS = {
     }, {"age": 34, "temperature": 21.5, "ratio": 0.25}),
     "optional": ({
         "type": "object",
-        "properties": {"title": {"type": "string"}, "subtitle": {"type": "string"},
+        "properties": {"title": {"type": "string", "maxLength": 60},
+                       "subtitle": {"type": "string", "maxLength": 60},
                        "year": {"type": "integer", "minimum": 1900, "maximum": 2100},
                        "draft": {"type": "boolean"}},
         "required": ["title"], "additionalProperties": False,
@@ -263,17 +269,24 @@ CASES = [*SCHEMAS, "json_object"]
 
 
 def check_samples(model, name: str, n: int) -> None:
+    """n seeded samples at the full distribution: each must end by itself and be valid."""
     schema, example = SCHEMAS.get(name, (None, {"title": "Dune", "author": "Frank Herbert"}))
     grammar = Grammar.json_object() if schema is None else Grammar.json_schema(schema)
     ids = chat_ids(model, schema, example)
+    bad = []
     for seed in range(n):
         text, steps = sample_text(model, ids, grammar, seed)
-        assert steps[-1].finish_reason == "stop", (seed, text)
-        value = json.loads(text)
-        if schema is None:
-            assert isinstance(value, dict), (seed, text)
-        else:
-            jsonschema.validate(value, schema)
+        try:
+            assert steps[-1].finish_reason == "stop", f"finish_reason {steps[-1].finish_reason}"
+            value = json.loads(text)
+            if schema is None:
+                assert isinstance(value, dict), "not an object"
+            else:
+                jsonschema.validate(value, schema)
+        except (AssertionError, ValueError, jsonschema.ValidationError) as e:
+            bad.append(f"seed {seed}: {str(e)[:80]} in {text[:120]!r}")
+    print(f"{name}: {n - len(bad)}/{n} valid")
+    assert not bad, f"{len(bad)}/{n} invalid:\n" + "\n".join(bad)
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -283,5 +296,20 @@ def test_samples_are_valid(smollm2_fast, name):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", CASES)
-def test_fifty_samples_are_valid(smollm2_fast, name):
+def test_fifty_samples_are_valid(smollm2_fast, name, request):
+    if "slow" not in request.config.getoption("markexpr", ""):
+        pytest.skip("50 samples per schema take minutes: run with -m slow")
     check_samples(smollm2_fast, name, n=50)
+
+
+def test_gemma3_sentencepiece_vocabulary(gemma3_fast):
+    # 262k tokens, SentencePiece, thousands of <unusedN> control tokens that must stay unused.
+    tok = gemma3_fast.tokenizer
+    llt = ll_tokenizer(tok)
+    assert llt.vocab_size == tok.n_vocab and set(llt.eos_tokens) == set(tok.eot_ids)
+    assert llt.tokenize_str(" a {\"b\": 1}") == tok.encode(" a {\"b\": 1}", add_bos=False)
+    schema, _ = SCHEMAS["enums"]
+    ids = tok.encode('A product as JSON with color, size and in_stock: ')
+    text, steps = sample_text(gemma3_fast, ids, Grammar.json_schema(schema), 0, temperature=0.0)
+    jsonschema.validate(json.loads(text), schema)
+    assert steps[-1].finish_reason == "stop"
