@@ -149,7 +149,8 @@ class Tokenizer:
 
             return WordPieceTokenizer(metadata)
         raise TokenizerError(f"tokenizer model {model!r} is not supported: numbalm reads 'gpt2' "
-                             f"(byte-level BPE) and 'llama' (SentencePiece) vocabularies")
+                             f"(byte-level BPE), 'llama' (SentencePiece) and 'bert' (WordPiece) "
+                             f"vocabularies")
 
     # -- building ---------------------------------------------------------------------------
 

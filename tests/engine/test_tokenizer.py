@@ -186,8 +186,8 @@ def test_spm_without_byte_tokens_falls_back_to_unknown():
 
 
 def test_unknown_tokenizer_model_is_a_clear_error():
-    with pytest.raises(TokenizerError, match="'bert' is not supported"):
-        Tokenizer.from_metadata({"tokenizer.ggml.model": "bert", "tokenizer.ggml.tokens": ["a"]})
+    with pytest.raises(TokenizerError, match="'t5' is not supported"):
+        Tokenizer.from_metadata({"tokenizer.ggml.model": "t5", "tokenizer.ggml.tokens": ["a"]})
 
 
 def test_unknown_pre_tokenizer_is_a_clear_error():
