@@ -3,7 +3,6 @@
 import json
 
 import pytest
-from conftest import model_path
 
 from engine.chat import (
     CHATML_TEMPLATE,
@@ -17,8 +16,10 @@ from engine.gguf_file import open_gguf
 
 
 @pytest.fixture(scope="module")
-def smollm2_template() -> str:
-    return open_gguf(model_path("smollm2")).metadata["tokenizer.chat_template"]
+def smollm2_template(smollm2_path) -> str:
+    # the path comes from tests/conftest.py as a fixture: `from conftest import` would find
+    # tests/server/conftest.py when both directories are collected in one run
+    return open_gguf(smollm2_path).metadata["tokenizer.chat_template"]
 
 
 def user(text):
