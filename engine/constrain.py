@@ -29,9 +29,9 @@ from .errors import EngineError
 
 # llguidance's JSON output style. A fixed ", " / ": " with no free whitespace: a small model
 # sampled at temperature 1 would otherwise wander into runs of newlines and spaces, which
-# are valid JSON but never end. Schemas may still override this via "x-guidance".
-JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": ",
-                "lenient": False}
+# are valid JSON but never end. A schema may still ask for another style via "x-guidance";
+# it cannot turn on `lenient` (that is `strict=False`'s job).
+JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
 class GrammarError(EngineError):
@@ -154,9 +154,9 @@ class Grammar:
             raise GrammarError(f"{where}: the schema must be a JSON object, "
                                f"not {type(schema).__name__}")
         llg = _llguidance()
-        options = dict(JSON_OPTIONS, lenient=not strict)
         try:
-            spec = llg.LLMatcher.grammar_from_json_schema(json.dumps(schema), overrides=options)
+            spec = llg.LLMatcher.grammar_from_json_schema(
+                json.dumps(schema), defaults=JSON_STYLE, overrides={"lenient": not strict})
         except (ValueError, TypeError) as e:
             raise GrammarError(f"{where}: {e}") from None
         return cls(spec, "json_schema", where, _validate(spec, where))
@@ -188,10 +188,9 @@ class Grammar:
             template = self._matchers.get(tokenizer)
             if template is None:
                 llt = ll_tokenizer(tokenizer)
-                _validate(self.spec, self.where, llt)
                 template = _llguidance().LLMatcher(llt, self.spec, log_level=0)
                 if template.is_error():
-                    raise GrammarError(f"{self.where}: {template.get_error()}")
+                    raise _error(template.get_error(), self.where)
                 self._matchers[tokenizer] = template
             return template
 
@@ -206,14 +205,18 @@ class Grammar:
 def _validate(spec: str, where: str, tokenizer=None) -> tuple[str, ...]:
     """llguidance's validator → GrammarError on an error, the warnings otherwise."""
     is_error, messages = _llguidance().LLMatcher.validate_grammar_with_warnings(spec, tokenizer)
-    if not is_error:
-        return tuple(messages)
-    message = messages[0] if messages else "invalid grammar"
+    if is_error:
+        raise _error(messages[0] if messages else "invalid grammar", where)
+    return tuple(messages)
+
+
+def _error(message: str, where: str) -> GrammarError:
+    """llguidance's message → GrammarError; an unimplemented keyword is named as such."""
     unimplemented = _UNIMPLEMENTED.search(message)
     if unimplemented:
         keyword = unimplemented.group(1)
-        raise GrammarError(f"{where}: keyword {keyword!r} is not supported", keyword=keyword)
-    raise GrammarError(f"{where}: {message.strip()}")
+        return GrammarError(f"{where}: keyword {keyword!r} is not supported", keyword=keyword)
+    return GrammarError(f"{where}: {message.strip()}")
 
 
 # -- one generation ---------------------------------------------------------------------------

@@ -112,6 +112,9 @@ def generate(model, tokenizer, prompt_ids: list[int], *, n_ctx: int, max_tokens:
     """
     params = params or SamplingParams()
     params.validate(tokenizer.n_vocab)
+    if grammar is not None and not isinstance(grammar, Grammar):
+        raise EngineError(f"grammar must be an engine.constrain.Grammar, not "
+                          f"{type(grammar).__name__}")
     if max_tokens < 1:
         raise EngineError(f"max_tokens must be at least 1, got {max_tokens}")
     check_prompt(prompt_ids, n_ctx, tokenizer.n_vocab)

@@ -87,6 +87,11 @@ class LLM:
     def compile_grammar(self, grammar):
         """Check `grammar` against this model's vocabulary and build its matcher once (also
         the llguidance tokenizer, ~0.2 s on first use); raises GrammarError. Returns it."""
+        from .constrain import Grammar
+
+        if not isinstance(grammar, Grammar):
+            raise EngineError(f"grammar must be an engine.constrain.Grammar, not "
+                              f"{type(grammar).__name__}")
         grammar.compile_for(self.tokenizer)
         return grammar
 

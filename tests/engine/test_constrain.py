@@ -122,6 +122,12 @@ def test_unsupported_keywords_are_named_errors(keyword, schema):
     assert isinstance(err.value, EngineError)
 
 
+def test_a_schema_cannot_make_itself_lenient():
+    with pytest.raises(GrammarError, match="uniqueItems"):
+        Grammar.json_schema({"type": "array", "uniqueItems": True,
+                             "x-guidance": {"lenient": True}})
+
+
 def test_not_strict_drops_unsupported_keywords_and_says_so():
     grammar = Grammar.json_schema({"type": "array", "uniqueItems": True}, strict=False)
     assert any("uniqueItems" in w for w in grammar.warnings)
@@ -191,6 +197,11 @@ def test_greedy_json_stops_when_the_grammar_is_complete(smollm2_fast):
     assert all(s.finish_reason is None for s in steps[:-1])
     assert steps[-1].id not in smollm2_fast.tokenizer.eot_ids  # ended by the grammar, not EOS
     assert text == smollm2_fast.tokenizer.decode([s.id for s in steps])
+
+
+def test_grammar_must_be_a_grammar(smollm2_fast):
+    with pytest.raises(EngineError, match="Grammar"):
+        smollm2_fast.generate([1, 2], grammar={"type": "object"})
 
 
 def test_max_tokens_cuts_a_grammar_short_with_length(smollm2_fast):
