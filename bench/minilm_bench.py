@@ -127,9 +127,10 @@ class Worker:
 
 
 def throughput(repeats: int, st_dir: str) -> None:
-    workers = {"numbalm": Worker("numbalm", None),
-               "sentence-transformers": Worker("st", st_dir)}
+    workers: dict[str, Worker] = {}
     try:
+        workers["numbalm"] = Worker("numbalm", None)
+        workers["sentence-transformers"] = Worker("st", st_dir)
         check = texts(8, offset=1000)
         vecs = {k: w.ask({"vectors": check})["vectors"] for k, w in workers.items()}
         worst = min(sum(a * b for a, b in zip(u, v))
