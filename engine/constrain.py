@@ -64,7 +64,9 @@ class _Vocabulary:
     """What llguidance's TokenizerWrapper reads: token bytes, special ids, EOS, an encoder."""
 
     def __init__(self, tokenizer):
-        self._tokenizer = tokenizer
+        # A weak reference: llguidance keeps this object alive, and the caches above are keyed
+        # weakly on the tokenizer, which a strong reference here would pin forever.
+        self._tokenizer = weakref.ref(tokenizer)
         self.eos_token_id = tokenizer.eos_id
         self.bos_token_id = tokenizer.bos_id
         self.special_token_ids = special_token_ids(tokenizer)
@@ -78,7 +80,7 @@ class _Vocabulary:
         """Plain text → ids with the engine's own encoder (no BOS, control text stays text)."""
         if not isinstance(text, str):
             raise TypeError("expects str")  # tells llguidance to hand us str, not bytes
-        return self._tokenizer.encode(text, add_bos=False, special=False)
+        return self._tokenizer().encode(text, add_bos=False, special=False)
 
 
 def special_token_ids(tokenizer) -> list[int]:

@@ -180,6 +180,22 @@ def test_ll_tokenizer_is_built_once_from_our_vocabulary(smollm2_fast):
     assert llt.tokenize_str(text) == tok.encode(text, add_bos=False)
 
 
+def test_caches_let_a_tokenizer_go(smollm2_fast):
+    import gc
+    import weakref
+
+    from engine.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_metadata(smollm2_fast.metadata)
+    grammar = Grammar.json_object()
+    grammar.start(tok)
+    assert ll_tokenizer(tok).tokenize_str("{}") == tok.encode("{}")
+    gone = weakref.ref(tok)
+    del tok
+    gc.collect()
+    assert gone() is None
+
+
 def test_special_token_names_are_checked_against_the_model(smollm2_fast):
     smollm2_fast.compile_grammar(Grammar.lark('start: "yes" <|im_end|>'))
     with pytest.raises(GrammarError):
