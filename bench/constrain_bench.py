@@ -4,9 +4,9 @@
 
 Both modes generate the same number of tokens from the same prompt with the same sampling
 settings: end of turn is banned (logit bias) and the schema asks for at least 1,000 items, so
-neither can finish early. Runs alternate (free, json, json-sync, free, ...) so that drift on a
-busy machine hits every mode alike; each figure is the median over --repeats runs. Decode time
-runs from the first generated token to the last (prefill excluded). "json" computes the next
+neither can finish early. Runs alternate (free, json, json-sync, then rotated) so that drift
+on a busy machine hits every mode alike; each figure is the median over --repeats runs. Decode
+time runs from the first generated token to the last (prefill excluded). "json" computes the next
 mask in a worker thread while the model runs its forward pass; "json-sync" computes it in the
 generating thread, after the forward pass.
 """
@@ -95,8 +95,10 @@ def main() -> None:
     for grammar_, overlap in modes.values():  # compile, warm caches
         decode_seconds_per_token(model, ids, 8, grammar_, overlap, seed=0)
     times: dict[str, list[float]] = {m: [] for m in modes}
+    names = list(modes)
     for r in range(args.repeats):
-        for mode, (grammar_, overlap) in modes.items():
+        for mode in names[r % 3:] + names[: r % 3]:  # rotate: no mode always runs first
+            grammar_, overlap = modes[mode]
             times[mode].append(decode_seconds_per_token(model, ids, args.tokens, grammar_,
                                                         overlap, seed=r))
     free = statistics.median(times["free"])
