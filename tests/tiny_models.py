@@ -13,6 +13,16 @@ from gguf.quants import quantize
 VOCAB = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)] + ["▁a", "▁b", "ab"]
 
 
+
+def add_tiny_vocab(w) -> None:
+    """The shared tiny SentencePiece vocabulary: <unk> <s> </s>, 256 byte tokens, 3 pieces."""
+    w.add_tokenizer_model("llama")
+    w.add_token_list(VOCAB)
+    w.add_token_scores([0.0] * 3 + [0.0] * 256 + [-1.0, -1.0, -2.0])
+    w.add_token_types([2, 3, 3] + [6] * 256 + [1, 1, 1])
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+
 def _tensor(writer: GGUFWriter, name: str, array: np.ndarray, qtype=GGMLQuantizationType.F32):
     """Add `array` (NumPy order, (n_out, n_in)) to the file, quantized to `qtype`."""
     array = array.astype(np.float32)
@@ -39,12 +49,7 @@ def write_tiny(path, arch: str = "llama", seed: int = 0, qtype=GGMLQuantizationT
     w.add_value_length(head_dim)
     if arch == "gemma3":
         w.add_sliding_window(sliding_window)
-    w.add_tokenizer_model("llama")
-    w.add_token_list(VOCAB)
-    w.add_token_scores([0.0] * 3 + [0.0] * 256 + [-1.0, -1.0, -2.0])
-    w.add_token_types([2, 3, 3] + [6] * 256 + [1, 1, 1])
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
+    add_tiny_vocab(w)
 
     def rand(*shape, scale=0.2):
         return rng.normal(0, scale, size=shape)
@@ -96,12 +101,7 @@ def write_tiny_bert(path, seed: int = 0, qtype=GGMLQuantizationType.F32, n_layer
     w.add_pooling_type(PoolingType(pooling))
     if max_seq_length is not None:
         w.add_uint32("bert.max_seq_length", max_seq_length)
-    w.add_tokenizer_model("llama")
-    w.add_token_list(VOCAB)
-    w.add_token_scores([0.0] * 3 + [0.0] * 256 + [-1.0, -1.0, -2.0])
-    w.add_token_types([2, 3, 3] + [6] * 256 + [1, 1, 1])
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
+    add_tiny_vocab(w)
     names = get_tensor_name_map(MODEL_ARCH.BERT, n_layers)
 
     def rand(*shape, scale=0.2):
