@@ -223,11 +223,24 @@ def _error(message: str, where: str) -> GrammarError:
 
 # -- one generation ---------------------------------------------------------------------------
 
-# Masks are computed here while the model runs its forward pass (llguidance drops the GIL).
-# OVERLAP_MASK = False computes them in the generating thread instead (bench/constrain_bench.py
-# measures both).
+def _spare_core() -> bool:
+    """True when the machine has a core that Numba's forward-pass threads do not use."""
+    import os
+
+    import numba
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return (cores or 1) > numba.get_num_threads()
+
+
+# With a spare core, the next mask is computed in a worker thread while the model runs its
+# forward pass (llguidance drops the GIL). Without one, that thread takes a core from the
+# forward pass's parallel loops, which then wait for it: on 2 cores and 2 Numba threads it
+# cost 7-15 % per token against 0-4 % computed in the generating thread after the forward
+# pass (bench/constrain_bench.py measures both). None decides on first use (asking Numba for
+# its thread count starts its threads); True or False forces either.
 _MASK_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="numbalm-mask")
-OVERLAP_MASK = True
+OVERLAP_MASK: bool | None = None
 
 
 class Constraint:
@@ -240,6 +253,9 @@ class Constraint:
         self._bitmask = allocate_token_bitmask(1, n_vocab)  # (1, n_words) int32
         self._fill = fill_next_token_bitmask
         self._pending: Future | None = None
+        global OVERLAP_MASK
+        if OVERLAP_MASK is None:
+            OVERLAP_MASK = _spare_core()
         self._overlap = OVERLAP_MASK
 
     def fill_mask(self) -> None:
@@ -247,7 +263,8 @@ class Constraint:
         self._fill(self.matcher, self._bitmask)
 
     def fill_mask_async(self) -> None:
-        """Start `fill_mask` in a worker thread; `mask` waits for it."""
+        """Start `fill_mask` in a worker thread (`mask` waits for it), or run it now when
+        there is no spare core to overlap it with the forward pass (OVERLAP_MASK)."""
         if self._overlap:
             self._pending = _MASK_POOL.submit(self.fill_mask)
         else:
