@@ -1,14 +1,17 @@
 """Structured output: grammars are validated up front, and every sample the real SmolLM2 draws
-under one is valid: JSON that parses and validates against its schema.
+under one is valid: JSON that parses and validates against its schema, ended by the grammar.
 
-The validity tests sample at temperature 1.0 with top-k, top-p and min-p all off (top_k=0,
-top_p=1.0, min_p=0.0: the model's full distribution), so the grammar's mask is the only thing
-keeping the output in shape. 10 seeds per schema by default; `-m slow` runs 50.
+The validity tests sample at temperature 1.0 two ways, 10 seeds per schema by default and 50
+with `-m slow`:
 
-Strings in the schemas carry a maxLength (and numbers bounds): a 135M model sampled that way
-sometimes writes a string that never ends (measured: 1 in 50 under an unbounded "city"). That
-output is still a valid JSON prefix, but max_tokens would cut it, and these tests want every
-sample complete.
+- as a client that sets only `temperature: 1.0` gets it (the engine keeps top-k 40, top-p 0.95
+  and min-p 0.05), on the schemas as written below but with every `maxLength` removed;
+- with the model's full distribution (top_k=0, top_p=1.0, min_p=0.0), so the grammar's mask
+  is the only thing keeping the output in shape, on the schemas as written. Their strings carry
+  a maxLength: a 135M model sampled that way sometimes writes prose that never ends in an
+  unbounded string (measured: 3 in 50 under "subtitle" of "optional"). That output is still a
+  valid JSON prefix, but max_tokens would cut it. json_object has no such bound; see
+  `check_samples` for how its cut samples are counted.
 """
 
 from __future__ import annotations
@@ -24,7 +27,9 @@ from engine.constrain import Grammar, GrammarError, ll_tokenizer
 from engine.errors import EngineError
 
 FULL_DISTRIBUTION = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0)
-MAX_TOKENS = 400  # never reached by the samples below (measured: longest ~150 tokens)
+TEMPERATURE_ONLY = dict(temperature=1.0)  # the engine's default truncation stays on
+SAMPLING = {"full": FULL_DISTRIBUTION, "temperature-only": TEMPERATURE_ONLY}
+MAX_TOKENS = 400  # never reached by the samples below (measured: longest ~200 tokens)
 
 POINT = {"type": "object",
          "properties": {"x": {"type": "integer", "minimum": -1000, "maximum": 1000},
@@ -272,6 +277,23 @@ def test_stop_sequences_still_apply(smollm2_fast):
     assert steps[-1].finish_reason == "stop" and '"size"' not in text and text.startswith("{")
 
 
+def test_mask_overlaps_the_forward_pass_only_with_a_spare_core(monkeypatch, smollm2_fast):
+    import os
+
+    import numba
+
+    from engine import constrain
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(numba, "get_num_threads", lambda: 2)
+    assert not constrain._spare_core()  # 2 cores, both running the forward pass
+    monkeypatch.setattr(numba, "get_num_threads", lambda: 1)
+    assert constrain._spare_core()
+    monkeypatch.setattr(constrain, "OVERLAP_MASK", None)  # decided on first use
+    assert Grammar.json_object().start(smollm2_fast.tokenizer)._overlap is True
+    assert constrain.OVERLAP_MASK is True
+
+
 def test_one_grammar_shared_by_concurrent_generations(smollm2_fast):
     schema, example = SCHEMAS["refs"]
     grammar = Grammar.json_schema(schema)
@@ -292,31 +314,46 @@ def test_one_grammar_shared_by_concurrent_generations(smollm2_fast):
 
 # -- every sample valid ------------------------------------------------------------------------
 
-CASES = [*SCHEMAS, "json_object"]
+CASES = [(name, sampling) for sampling in SAMPLING for name in [*SCHEMAS, "json_object"]]
 
 
-def check_samples(model, name: str, n: int) -> None:
-    """n seeded samples at the full distribution: each must end by itself and be valid.
+def without_max_length(schema):
+    if isinstance(schema, dict):
+        return {k: without_max_length(v) for k, v in schema.items() if k != "maxLength"}
+    if isinstance(schema, list):
+        return [without_max_length(v) for v in schema]
+    return schema
 
-    json_object is the exception: its strings are unbounded, and about 1 sample in 10 is a
-    string the model never closes (a valid JSON prefix that max_tokens cuts, as OpenAI's
-    json_object mode can). Those are checked to be prefixes the grammar accepts, and at
-    most 10 % may end that way.
+
+def check_samples(model, name: str, sampling: str, n: int) -> None:
+    """n seeded samples: each must be ended by the grammar (not max_tokens) and be valid.
+
+    One exception: json_object under the full distribution. Its strings are unbounded and,
+    with no truncation at all, about 1 sample in 50 is a string the model never closes (a URL,
+    a run of prose; measured 1/50). That is a valid JSON prefix that max_tokens cuts, as in
+    OpenAI's json_object mode; it is checked to be one the grammar accepted token by token,
+    and at most 10 % may end that way. With the truncation a client gets (temperature-only),
+    every json_object sample is complete.
     """
     schema, example = SCHEMAS.get(name, (None, {"title": "Dune", "author": "Frank Herbert"}))
+    if schema is not None and sampling == "temperature-only":
+        schema = without_max_length(schema)
     grammar = Grammar.json_object() if schema is None else Grammar.json_schema(schema)
+    may_be_cut = schema is None and sampling == "full"
     ids = chat_ids(model, schema, example)
-    bad, cut = [], 0
+    bad, cut, longest = [], 0, 0
     for seed in range(n):
-        text, steps = sample_text(model, ids, grammar, seed)
+        text, steps = sample_text(model, ids, grammar, seed, **SAMPLING[sampling])
+        longest = max(longest, len(steps))
         try:
-            if schema is None and steps[-1].finish_reason == "length":
+            if may_be_cut and steps[-1].finish_reason == "length":
                 constraint = grammar.start(model.tokenizer)
                 for step in steps:
                     constraint.consume(step.id)  # raises if the grammar rejects a token
                 cut += 1
                 continue
             assert steps[-1].finish_reason == "stop", f"finish_reason {steps[-1].finish_reason}"
+            assert steps[-1].id not in model.tokenizer.eot_ids, "ended by end of turn"
             value = json.loads(text)
             if schema is None:
                 assert isinstance(value, dict), "not an object"
@@ -324,22 +361,23 @@ def check_samples(model, name: str, n: int) -> None:
                 jsonschema.validate(value, schema)
         except (AssertionError, ValueError, EngineError, jsonschema.ValidationError) as e:
             bad.append(f"seed {seed}: {str(e)[:80]} in {text[:120]!r}")
-    print(f"{name}: {n - len(bad) - cut}/{n} complete and valid, {cut} cut by max_tokens")
+    print(f"{name} ({sampling}): {n - len(bad) - cut}/{n} complete and valid, {cut} cut by "
+          f"max_tokens, longest {longest} tokens")
     assert not bad, f"{len(bad)}/{n} invalid:\n" + "\n".join(bad)
     assert cut <= n // 10, f"{cut}/{n} json_object samples never ended"
 
 
-@pytest.mark.parametrize("name", CASES)
-def test_samples_are_valid(smollm2_fast, name):
-    check_samples(smollm2_fast, name, n=10)
+@pytest.mark.parametrize("name, sampling", CASES)
+def test_samples_are_valid(smollm2_fast, name, sampling):
+    check_samples(smollm2_fast, name, sampling, n=10)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", CASES)
-def test_fifty_samples_are_valid(smollm2_fast, name, request):
+@pytest.mark.parametrize("name, sampling", CASES)
+def test_fifty_samples_are_valid(smollm2_fast, name, sampling, request):
     if "slow" not in request.config.getoption("markexpr", ""):
         pytest.skip("50 samples per schema take minutes: run with -m slow")
-    check_samples(smollm2_fast, name, n=50)
+    check_samples(smollm2_fast, name, sampling, n=50)
 
 
 def test_gemma3_sentencepiece_vocabulary(gemma3_fast):
