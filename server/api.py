@@ -133,8 +133,13 @@ def _sse(events, check: StopCheck):
 
 
 def _chat_events(plan, shaper: Shaper, check: StopCheck, stats: Stats):
+    tools = plan.req.tools
+    # OpenAI's first delta: content "" for a reply that will be text, null for one that will
+    # be calls. Only tool_choice required or a named function makes the latter certain.
+    calls_only = tools is not None and tools.choice in ("required", "function")
     for choice, prompt in plan.jobs():
-        yield shaper.chat_chunk(choice, {"role": "assistant", "content": ""})
+        yield shaper.chat_chunk(choice, {"role": "assistant",
+                                         "content": None if calls_only else ""})
         result = ChoiceResult(choice, prompt)
         for tok in run_choice(plan, result, check, stats):
             logprobs = shaper.chat_logprobs([tok]) if is_sampled(tok) else None
