@@ -49,8 +49,9 @@ except ImportError:
 
 
 try:  # pragma: no cover
-    from engine.constrain import Grammar, GrammarError
+    from engine.constrain import JSON_STYLE, Grammar, GrammarError
 except ImportError:  # no engine, or one without constrained decoding
+    JSON_STYLE = {}  # the engine's whitespace rules for JSON (llguidance's "x-guidance")
 
     class GrammarError(EngineError):
         """A grammar or JSON schema the engine cannot enforce; `.keyword` names the culprit."""

@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass, field
 
 from server.errors import APIError, bad_request
-from server.tools import NAME, ToolSpec, build_grammar, parse_tools
+from server.tools import NAME, NO_CALLS, ToolSpec, build_grammar, parse_tools
 
 MAX_STOP = 4
 MAX_TOP_LOGPROBS = 20
@@ -128,9 +128,12 @@ def _unsupported_fields(body: dict, kind: str) -> None:
         checks["tool_choice"] = lambda v: v not in (None, "none", "auto")
         checks["suffix"] = lambda v: v not in (None, "")
         checks["best_of"] = lambda v: v not in (None, 1, body.get("n") or 1)
+    instead = {"functions": "tools", "function_call": "tool_choice"}  # OpenAI's successors
     for name, refused in checks.items():
         if refused(body.get(name)):
-            raise bad_request(f"'{name}' is not supported by this server.", param=name,
+            hint = (f" It is the deprecated form of '{instead[name]}'; send that instead."
+                    if name in instead else "")
+            raise bad_request(f"'{name}' is not supported by this server.{hint}", param=name,
                               code="unsupported_parameter")
 
 
@@ -348,7 +351,12 @@ def parse_chat(body: dict, cap: int, max_n: int = 8) -> GenerationRequest:
     req.messages = _messages(messages)
     req.tools = parse_tools(body)
     req.response_format, schema = _response_format(body)
-    req.grammar = build_grammar(req.response_format, schema, req.tools)
+    tools = req.tools
+    if tools is None and any(m.get("tool_calls") or m["role"] == "tool" for m in req.messages):
+        # Past calls are in the prompt (as <tool_call> blocks where the template has no tool
+        # support) but none may be made now: the reply is text that never holds the tag.
+        tools = NO_CALLS
+    req.grammar = build_grammar(req.response_format, schema, tools)
     top = _integer(body, "top_logprobs", None, lo=0, hi=MAX_TOP_LOGPROBS)
     if _bool(body, "logprobs"):
         req.logprobs = top or 0

@@ -24,6 +24,7 @@ import secrets
 import string
 from dataclasses import dataclass, field
 
+from server.engine_api import JSON_STYLE as RESPONSE_JSON_STYLE
 from server.engine_api import Grammar, GrammarError
 from server.errors import APIError, bad_request
 
@@ -31,8 +32,9 @@ OPEN, CLOSE = "<tool_call>", "</tool_call>"
 ALPHABET = string.ascii_letters + string.digits
 MAX_TOOLS = 128
 NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-# Separators fixed, as the fallback chat format writes past calls: a 135M model given free
-# whitespace between JSON tokens may wander into runs of spaces and newlines.
+# A call's JSON has fixed separators, as the fallback chat format writes past calls: a 135M
+# model given free whitespace between JSON tokens may wander into runs of spaces and newlines.
+# (response_format JSON beside tools follows the engine's bounded style, RESPONSE_JSON_STYLE.)
 JSON_STYLE = {"whitespace_flexible": False, "key_separator": ": ", "item_separator": ", "}
 # Free text beside tools: never the call tag, so no tag reaches `content`, and not starting
 # with "<": a small model shown <tool_call> and <tool_response> blocks likes to open its
@@ -56,6 +58,10 @@ class ToolSpec:
         if self.choice == "function":
             return [t for t in self.tools if t["function"]["name"] == self.function]
         return self.tools if self.calls_allowed else []
+
+
+# A request without tools whose history holds calls: the reply may not make one.
+NO_CALLS = ToolSpec([], "none")
 
 
 # --- request validation -----------------------------------------------------------------------
@@ -210,8 +216,8 @@ def build_grammar(kind: str, schema: dict | None, tools: ToolSpec | None) -> Gra
         where = f"tools[{i}].function.parameters"
         params = tool["function"]["parameters"]
         _compile(lambda p=params, w=where: Grammar.json_schema(p, where=w), where)
-    text_rule = None if schema is None else "%json " + json.dumps({**schema,
-                                                                   "x-guidance": JSON_STYLE})
+    text_rule = None if schema is None else "%json " + json.dumps(
+        {**schema, "x-guidance": RESPONSE_JSON_STYLE})
     return _compile(lambda: Grammar.lark(lark_grammar(tools, text_rule), where="tools"),
                     "tools")
 

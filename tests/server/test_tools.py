@@ -52,9 +52,9 @@ class Bytes:
 BYTES = llguidance.LLTokenizer(llguidance.TokenizerWrapper(Bytes()))
 
 
-def accepts(lark: str, text: str) -> bool:
-    matcher = llguidance.LLMatcher(BYTES, llguidance.LLMatcher.grammar_from_lark(lark),
-                                   log_level=0)
+def accepts(lark: str | Grammar, text: str) -> bool:
+    spec = lark.spec if isinstance(lark, Grammar) else llguidance.LLMatcher.grammar_from_lark(lark)
+    matcher = llguidance.LLMatcher(BYTES, spec, log_level=0)
     assert not matcher.is_error(), matcher.get_error()
     return matcher.consume_tokens(list(text.encode())) and matcher.is_accepting()
 
@@ -263,6 +263,21 @@ def test_none_offers_no_calls_but_keeps_tools_in_the_prompt(client, model):
     assert isinstance(lark, Grammar) and lark.kind == "lark"
 
 
+def test_past_calls_without_tools_keep_the_tag_out_of_the_reply(client, model):
+    # The fallback writes the history's call as a <tool_call> block; a small model then likes
+    # to write one too. With no tools offered, the grammar keeps the reply to plain text.
+    messages = [{"role": "user", "content": "Weather in Paris?"},
+                {"role": "assistant", "content": None, "tool_calls": [CALL]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "18 C"}]
+    model.grammar_output = "It is 18 C in Paris."
+    r = client.post("/v1/chat/completions", json=chat_body(messages=messages))
+    message = r.get_json()["choices"][0]["message"]
+    assert message["content"] == "It is 18 C in Paris." and "tool_calls" not in message
+    grammar = model.calls[-1]["grammar"]
+    assert accepts(grammar, "It is 18 C in Paris.") and not accepts(grammar, PARIS)
+    assert model.templates[-1]["tools"] is None
+
+
 def test_no_tools_no_grammar(client, model):
     r = client.post("/v1/chat/completions", json=chat_body(temperature=0))
     assert r.get_json()["choices"][0]["message"]["content"] == SCRIPT
@@ -318,6 +333,7 @@ def test_stream_tool_call_deltas(client, model):
     deltas = [c["choices"][0]["delta"] for c in chunks if c["choices"]]
     calls = [d["tool_calls"] for d in deltas if "tool_calls" in d]
     assert not any(d.get("content") for d in deltas)  # no tag text, no content
+    assert deltas[0] == {"role": "assistant", "content": None}  # calls are certain: null
     assert calls[0] == [{"index": 0, "id": calls[0][0]["id"], "type": "function",
                          "function": {"name": "get_weather", "arguments": ""}}]
     assert all(set(c[0]) == {"index", "function"} and set(c[0]["function"]) == {"arguments"}
@@ -348,4 +364,14 @@ def test_stream_auto_text_holds_back_only_a_possible_tag(client, model):
     chunks = stream_chunks(client, calls_body())
     text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
     assert text == "<tool> tips"
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+@pytest.mark.parametrize("extra, successor", [
+    ({"functions": [{"name": "f"}]}, "tools"),
+    ({"function_call": {"name": "f"}}, "tool_choice"),
+])
+def test_legacy_function_fields_point_to_their_successors(client, extra, successor):
+    err = error_of(client.post("/v1/chat/completions", json=chat_body(**extra)), 400)
+    assert err["code"] == "unsupported_parameter" and f"'{successor}'" in err["message"]
