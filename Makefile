@@ -41,9 +41,14 @@ lint: dev
 test: dev models lint
 	$(PY) -m pytest -q
 
+# Peers (llama-cpp-python, transformers, sentence-transformers) are measured when installed:
+# $(PIP) install -e '.[bench]' (llama-cpp-python compiles for ~8 minutes on 2 cores).
 bench: dev models
 	$(PY) -m pytest bench -q --benchmark-only
 	$(PY) bench/compare.py
+	$(PY) bench/constrain_bench.py
+	@if $(PY) -c "import sentence_transformers" 2>/dev/null; then $(PY) bench/minilm_bench.py; \
+	else echo "bench/minilm_bench.py not run: it measures against sentence-transformers ('.[bench]')"; fi
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

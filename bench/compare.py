@@ -151,10 +151,13 @@ def main() -> None:
 
     from engine.registry import resolve_model_path
 
-    engines = args.engines or available_engines()
-    missing = [e for e in ENGINES if e not in engines]
+    installed = available_engines()
+    engines = args.engines or installed
+    missing = [e for e in ENGINES if e not in installed]
     if missing:
         print(f"not measured (not installed; pip install '.[bench]'): {', '.join(missing)}")
+    if args.engines:  # a peer left out on purpose is not reported missing
+        engines = [e for e in engines if e in installed]
     rows = []
     for model_id in args.models:
         path = resolve_model_path(model_id)
