@@ -108,11 +108,15 @@ def main() -> None:
     free = statistics.median(times["free"])
     print(f"{model.id} ({args.backend}), {len(ids)}-token prompt, {args.tokens} tokens/run, "
           f"median of {args.repeats}, llama.cpp sampling defaults, end of turn banned")
-    print(f"{'mode':>12} {'ms/token':>9} {'tok/s':>7} {'overhead':>9} {'ms':>7}")
+    print("overhead: the median over rounds of (mode / free in the same round) - 1, which a "
+          "drifting machine moves less than a ratio of medians; range: its lowest and highest")
+    print(f"{'mode':>12} {'ms/token':>9} {'tok/s':>7} {'overhead':>9} {'range':>15}")
     for mode in modes:
         t = statistics.median(times[mode])
-        print(f"{mode:>12} {1e3 * t:>9.3f} {1 / t:>7.1f} {100 * (t / free - 1):>8.1f}% "
-              f"{1e3 * (t - free):>7.3f}" + ("  default" if mode == default else ""))
+        paired = [100 * (m / f - 1) for m, f in zip(times[mode], times["free"], strict=True)]
+        print(f"{mode:>12} {1e3 * t:>9.3f} {1 / t:>7.1f} {statistics.median(paired):>8.1f}% "
+              f"{min(paired):>6.1f}..{max(paired):>5.1f}%"
+              + ("  default" if mode == default else ""))
     plain, masked = constraint_seconds_per_token(model, ids, args.tokens, grammar)
     print(f"without the model (same tokens, random logits): sampling {1e3 * plain:.3f} ms/token, "
           f"mask + masked sampling + consume {1e3 * masked:.3f} ms/token "
