@@ -129,6 +129,9 @@ class GGUFFile:
         return sum(t.n_elements for t in self.tensors.values())
 
 
+_U64 = struct.Struct("<Q")
+
+
 class _Cursor:
     """Reads little-endian values from a byte buffer; every read is bounds-checked."""
 
@@ -164,6 +167,27 @@ class _Cursor:
         n = self.u64(f"length of {what}")
         return bytes(self.take(n, what)).decode("utf-8", errors="replace")
 
+    def strings(self, count: int, what: str) -> list[str]:
+        """`count` strings in a row (a vocabulary: 262k for Gemma-3). The same reads as
+        `string`, in one loop with local names: ~4x faster, which a model load feels."""
+        buf, pos, end = self.buf, self.pos, len(self.buf)
+        length_at = _U64.unpack_from
+        out = []
+        for i in range(count):
+            if pos + 8 > end:
+                self.pos = pos
+                raise self.fail(f"truncated: {what}[{i}] has no length at offset {pos}")
+            (n,) = length_at(buf, pos)
+            pos += 8
+            if n > end - pos:
+                self.pos = pos
+                raise self.fail(f"truncated: needs {n} bytes for {what}[{i}] at offset "
+                                f"{pos}, but the file is {end} bytes")
+            out.append(str(buf[pos:pos + n], "utf-8", "replace"))
+            pos += n
+        self.pos = pos
+        return out
+
     def value_type(self, what: str) -> GGUFValueType:
         raw = self.u32(f"type of {what}")
         try:
@@ -186,7 +210,7 @@ class _Cursor:
         if etype == GGUFValueType.STRING:
             if count * 8 > remaining:  # each string needs at least its 8-byte length
                 raise self.fail(f"{what}: array of {count} strings cannot fit in the file")
-            return [self.string(f"{what}[{i}]") for i in range(count)]
+            return self.strings(count, what)
         if etype == GGUFValueType.ARRAY:
             if count > remaining:
                 raise self.fail(f"{what}: nested array of {count} cannot fit in the file")
