@@ -303,4 +303,3 @@ class Constraint:
     def _check(self) -> None:
         if self.matcher.is_error():
             raise EngineError(f"constrained decoding failed: {self.matcher.get_error()}")
-
