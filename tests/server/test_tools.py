@@ -217,7 +217,7 @@ CALL = {"id": "call_1", "type": "function",
      "messages[0].role"),
 ])
 def test_bad_tool_messages_are_400(client, messages, param):
-    err = error_of(client.post("/v1/chat/completions", json=chat_body(messages=messages)), 400)
+    err = error_of(client.post("/v1/chat/completions", json=chat_body(messages=ROUND_TRIP)), 400)
     assert err["param"] == param
 
 
@@ -263,14 +263,17 @@ def test_none_offers_no_calls_but_keeps_tools_in_the_prompt(client, model):
     assert isinstance(lark, Grammar) and lark.kind == "lark"
 
 
+# A call, its result, and the answer still to come.
+ROUND_TRIP = [{"role": "user", "content": "Weather in Paris?"},
+              {"role": "assistant", "content": None, "tool_calls": [CALL]},
+              {"role": "tool", "tool_call_id": "call_1", "content": "18 C"}]
+
+
 def test_past_calls_without_tools_keep_the_tag_out_of_the_reply(client, model):
     # The fallback writes the history's call as a <tool_call> block; a small model then likes
     # to write one too. With no tools offered, the grammar keeps the reply to plain text.
-    messages = [{"role": "user", "content": "Weather in Paris?"},
-                {"role": "assistant", "content": None, "tool_calls": [CALL]},
-                {"role": "tool", "tool_call_id": "call_1", "content": "18 C"}]
     model.grammar_output = "It is 18 C in Paris."
-    r = client.post("/v1/chat/completions", json=chat_body(messages=messages))
+    r = client.post("/v1/chat/completions", json=chat_body(messages=ROUND_TRIP))
     message = r.get_json()["choices"][0]["message"]
     assert message["content"] == "It is 18 C in Paris." and "tool_calls" not in message
     grammar = model.calls[-1]["grammar"]
@@ -304,11 +307,8 @@ def test_cut_short_call_is_length(client, model):
 
 
 def test_round_trip_messages_render_the_fallback(client, model):
-    messages = [{"role": "user", "content": "Weather in Paris?"},
-                {"role": "assistant", "content": None, "tool_calls": [CALL]},
-                {"role": "tool", "tool_call_id": "call_1", "content": "18 C"}]
     model.grammar_output = "It is 18 C in Paris."
-    r = client.post("/v1/chat/completions", json=calls_body(messages=messages))
+    r = client.post("/v1/chat/completions", json=calls_body(messages=ROUND_TRIP))
     assert r.get_json()["choices"][0]["message"]["content"] == "It is 18 C in Paris."
     sent = model.templates[-1]["messages"]
     assert sent[1] == {"role": "assistant", "content": None, "tool_calls": [CALL]}
