@@ -217,7 +217,7 @@ CALL = {"id": "call_1", "type": "function",
      "messages[0].role"),
 ])
 def test_bad_tool_messages_are_400(client, messages, param):
-    err = error_of(client.post("/v1/chat/completions", json=chat_body(messages=ROUND_TRIP)), 400)
+    err = error_of(client.post("/v1/chat/completions", json=chat_body(messages=messages)), 400)
     assert err["param"] == param
 
 
