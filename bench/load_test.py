@@ -179,7 +179,7 @@ def main(argv=None) -> dict:
             raise SystemExit("load_test: only loopback servers (127.0.0.1, localhost, ::1)")
         host, port = parts.hostname, parts.port or 80
     else:
-        from server.serve import ServerThread
+        from server.http.wsgi import ServerThread
 
         server = ServerThread(in_process_app(args)).__enter__()
         parts = urlsplit(server.url)

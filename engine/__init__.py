@@ -7,6 +7,7 @@
         print(tok.text, end="")
 """
 
+__version__ = "0.1.0"  # the one definition (setup.cfg reads it)
 __all__ = ["load_model", "LLM"]
 
 

@@ -43,7 +43,3 @@ class KVCache:
         self.k[layer][:, pos:pos + n] = k.transpose(1, 0, 2)
         self.v[layer][:, pos:pos + n] = v.transpose(1, 0, 2)
         return self.k[layer][:, : pos + n], self.v[layer][:, : pos + n]
-
-    def truncate(self, length: int) -> None:
-        """Forget positions from `length` on (to reuse a shared prompt prefix)."""
-        self.length = min(self.length, length)

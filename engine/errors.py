@@ -33,5 +33,9 @@ class TokenizerError(EngineError):
     """The tokenizer metadata is unusable or an input cannot be tokenized."""
 
 
+class TokenIdError(EngineError):
+    """A token id outside the model's vocabulary."""
+
+
 class CapabilityError(EngineError):
     """The model cannot do what was asked (say, generate text with an embedding-only model)."""

@@ -7,8 +7,9 @@
 
 Every sampled token yields one `GeneratedToken`; the last one carries `finish_reason`.
 
-With a grammar (engine/constrain.py) each step also asks it which tokens may come next; that
-mask is computed in a worker thread while the model runs the previous token's forward pass.
+With a grammar (engine/constrain.py) each step also asks it which tokens may come next. That
+mask is computed in a worker thread during the forward pass only when a core is free beyond
+Numba's threads (`constrain.OVERLAP_MASK`); otherwise right after it, in this thread.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from .cache import KVCache
 from .constrain import Grammar
 from .errors import ContextOverflowError, EngineError
 from .sampling import Sampler, SamplingParams
+from .tokenizer import check_token_ids
 
 
 @dataclass
@@ -84,9 +86,7 @@ def check_prompt(prompt_ids: list[int], n_ctx: int, n_vocab: int) -> None:
             f"the prompt has {n_prompt} tokens but the context window is {n_ctx}: "
             f"shorten the prompt (at least one position must be left to generate)"
         )
-    bad = [t for t in prompt_ids if not 0 <= t < n_vocab]
-    if bad:
-        raise EngineError(f"token id {bad[0]} is outside the vocabulary (0..{n_vocab - 1})")
+    check_token_ids(prompt_ids, n_vocab, "the prompt")
 
 
 def prefill(model, cache: KVCache, prompt_ids: list[int]) -> np.ndarray:
@@ -112,9 +112,6 @@ def generate(model, tokenizer, prompt_ids: list[int], *, n_ctx: int, max_tokens:
     """
     params = params or SamplingParams()
     params.validate(tokenizer.n_vocab)
-    if grammar is not None and not isinstance(grammar, Grammar):
-        raise EngineError(f"grammar must be an engine.constrain.Grammar, not "
-                          f"{type(grammar).__name__}")
     if max_tokens < 1:
         raise EngineError(f"max_tokens must be at least 1, got {max_tokens}")
     check_prompt(prompt_ids, n_ctx, tokenizer.n_vocab)

@@ -1,7 +1,7 @@
 """`load_model`: a GGUF file (or registry id) → a ready model with tokenizer and generate().
 
-This is the public face of the engine (see docs/internals.md); the server and the CLI reach
-the engine only through it.
+This is the public face of the engine (docs/internals.md): `LLM` implements
+`engine.api.LanguageModel`, the surface the server and the CLI reach the engine through.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from .generate import GeneratedToken, check_prompt, generate
 from .gguf_file import GGUFFile, open_gguf
 from .models import architecture_module
 from .sampling import SamplingParams
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, check_token_ids
 
 # What a model can do; an architecture module may narrow it with its own CAPABILITIES
 # (bert: {"embeddings"}). The server lists these per model and routes requests by them.
@@ -45,6 +45,7 @@ class LLM:
         module = architecture_module(gf.architecture, gf.path)
         self.args = module.ModelArgs.from_gguf(gf)
         self.backend = get_backend(backend)
+        self.backend_name: str = self.backend.name
         self.model = module.Model(self.args, gf, self.backend)
         self.capabilities = frozenset(getattr(module, "CAPABILITIES", CAPABILITIES))
         self._encoder_pool: ThreadPoolExecutor | None = None  # made on first big batch
@@ -86,7 +87,10 @@ class LLM:
 
     def compile_grammar(self, grammar):
         """Check `grammar` against this model's vocabulary and build its matcher once (also
-        the llguidance tokenizer, ~0.2 s on first use); raises GrammarError. Returns it."""
+        the llguidance tokenizer, ~0.2 s on first use); raises GrammarError. Returns it.
+
+        The one check of a grammar: `generate` calls it, and the server calls it before a
+        request waits for a slot."""
         from .constrain import Grammar
 
         if not isinstance(grammar, Grammar):
@@ -144,10 +148,7 @@ class LLM:
             sep = getattr(self.tokenizer, "eos_id", None)
             keep_last = self.architecture == "bert" and ids[-1] == sep
             ids = ids[: self.n_ctx - 1] + [ids[-1]] if keep_last else ids[: self.n_ctx]
-        arr = np.asarray(ids)
-        if arr.min() < 0 or arr.max() >= self.n_vocab:
-            bad = int(arr[(arr < 0) | (arr >= self.n_vocab)][0])
-            raise EngineError(f"token id {bad} is outside the vocabulary (0..{self.n_vocab - 1})")
+        check_token_ids(ids, self.n_vocab, f"input {i}")
         return ids
 
     def _encode_packed(self, ids_lists: list[list[int]], pooling: str) -> np.ndarray:
@@ -218,14 +219,12 @@ POOLINGS = ("mean", "last", "cls", "first")
 
 
 def pool(hidden: np.ndarray, pooling: str) -> np.ndarray:
-    """(n, dim) hidden states → (dim,) one vector for the sequence."""
+    """(n, dim) hidden states → (dim,) one vector for the sequence (`pooling` in POOLINGS)."""
     if pooling == "mean":
         return hidden.mean(axis=0)
     if pooling == "last":
         return hidden[-1]
-    if pooling in ("cls", "first"):
-        return hidden[0]
-    raise EngineError(f"unknown pooling {pooling!r} (choose mean, last or cls)")
+    return hidden[0]  # cls / first
 
 
 def pool_packed(hidden: np.ndarray, starts: np.ndarray, pooling: str) -> np.ndarray:

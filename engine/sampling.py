@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import EngineError
+from .tokenizer import check_token_ids
 
 
 @dataclass
@@ -54,9 +55,7 @@ class SamplingParams:
             raise EngineError(f"min_p must be in [0, 1], got {self.min_p}")
         if self.repetition_penalty <= 0:
             raise EngineError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        for token in self.logit_bias:
-            if not 0 <= int(token) < n_vocab:
-                raise EngineError(f"logit_bias names token {token}, outside 0..{n_vocab - 1}")
+        check_token_ids(self.logit_bias, n_vocab, "logit_bias")
 
 
 @dataclass
@@ -67,8 +66,25 @@ class Choice:
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits.astype(np.float64) - np.max(logits)
-    return shifted - np.log(np.sum(np.exp(shifted)))
+    """Log-probabilities over the last axis, in float64: (..., n_vocab) → (..., n_vocab)."""
+    shifted = logits.astype(np.float64) - np.max(logits, axis=-1, keepdims=True)
+    return shifted - np.log(np.sum(np.exp(shifted), axis=-1, keepdims=True))
+
+
+def prompt_logprobs(logits: np.ndarray, ids: list[int],
+                    k: int) -> list[tuple[float | None, list[tuple[int, float]]]]:
+    """Each prompt token's log-prob given the ones before it, and the top `k` alternatives.
+
+    logits (len(ids), n_vocab) are a model's logits at every position of `ids`
+    (`LLM.logits`); the first token has no prediction, so it gets (None, []).
+    """
+    logp = log_softmax(logits)  # (n, n_vocab)
+    out: list[tuple[float | None, list]] = [(None, [])]
+    for i in range(1, len(ids)):
+        row = logp[i - 1]
+        top = np.argsort(-row)[:k] if k else []
+        out.append((float(row[ids[i]]), [(int(t), float(row[t])) for t in top]))
+    return out
 
 
 def apply_penalties(logits: np.ndarray, history: list[int], p: SamplingParams) -> np.ndarray:

@@ -24,7 +24,7 @@ from collections.abc import Callable
 import numpy as np
 import regex
 
-from .errors import TokenizerError
+from .errors import TokenIdError, TokenizerError
 
 # tokenizer.ggml.token_type values (llama.cpp's llama_token_type)
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -398,6 +398,18 @@ class SPMTokenizer(Tokenizer):
         if kind == BYTE:
             return _byte_token_value(text)
         return text.encode("utf-8")
+
+
+def check_token_ids(ids, n_vocab: int, where: str = "the input") -> None:
+    """Raise TokenIdError naming the first id of `ids` outside 0..n_vocab-1 and `where` it was.
+
+    The one check for token ids that come from a user (prompts, logit_bias keys, embedding
+    inputs); the server calls it before a request waits for a slot.
+    """
+    bad = next((int(t) for t in ids if not 0 <= int(t) < n_vocab), None)
+    if bad is not None:
+        raise TokenIdError(f"token id {bad} in {where} is outside the vocabulary "
+                           f"(0..{n_vocab - 1})")
 
 
 def _tolist(values) -> list:

@@ -1,10 +1,19 @@
 """numbalm's OpenAI-compatible HTTP server: `create_app(config)` builds the Flask app.
 
     app = create_app({"models": ["smollm2-135m-instruct"]})       # loads in the background
-    app = create_app(pool=ModelPool.from_models([my_model]))      # tests: inject a model
+    app = create_app(pool=ModelPool.from_models([my_llm]))         # tests: inject a model
 
-The engine is reached only through `app.extensions["numbalm"]` (a `Runtime` holding the
-`ModelPool`, the admission queue and the metrics).
+The parts, one folder each:
+- `server/http/`: the app's plumbing, whatever the protocol: errors in OpenAI's shape, request
+  ids, API keys, CORS, access logs, server-sent events, the health routes, waitress;
+- `server/serving/`: what runs a request: settings, the model pool, the admission queue,
+  generation, the structured-output grammar and tool-call parsing, metrics (`Runtime` holds
+  them all);
+- `server/openai/`: OpenAI's wire format: request parsing, response shapes and the `/v1` routes;
+- `server/cli/`: the `numbalm` command line, a client of the engine and of this app.
+
+The engine is reached only through `app.extensions["numbalm"]` (the `Runtime`), whose pool
+holds `engine.LLM`s (or test doubles with the same surface, `engine.api.LanguageModel`).
 """
 
 from __future__ import annotations
@@ -13,10 +22,13 @@ from collections.abc import Mapping
 
 from flask import Flask
 
-from server import api, embeddings, errors, hooks, ops
-from server.config import ServerConfig, build_config
-from server.models import ModelPool
-from server.runtime import Runtime
+from server.http import errors, hooks, ops
+from server.openai import embeddings, routes
+from server.serving.config import ServerConfig, build_config
+from server.serving.pool import ModelPool
+from server.serving.runtime import Runtime
+
+BLUEPRINTS = (ops.bp, routes.bp, embeddings.bp)
 
 
 def create_app(config: ServerConfig | Mapping | None = None, *, pool: ModelPool | None = None,
@@ -39,9 +51,8 @@ def create_app(config: ServerConfig | Mapping | None = None, *, pool: ModelPool 
     app.extensions["numbalm"] = Runtime(config, pool)
     errors.init_app(app)
     hooks.init_app(app)
-    app.register_blueprint(api.bp)
-    app.register_blueprint(ops.bp)
-    embeddings.init_app(app)
+    for bp in BLUEPRINTS:
+        app.register_blueprint(bp)
     return app
 
 

@@ -16,7 +16,7 @@ import pytest  # noqa: E402
 from fake_engine import FakeModel  # noqa: E402
 
 from server import ModelPool, create_app  # noqa: E402
-from server.serve import ServerThread  # noqa: E402
+from server.http.wsgi import ServerThread  # noqa: E402
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""A small deterministic stand-in for `engine.Model`, following docs/internals.md.
+"""A small deterministic stand-in for `engine.LLM`: it implements `engine.api.LanguageModel`.
 
 Byte-level tokenizer (ids 0..255 are bytes) plus four control tokens; a ChatML chat template;
 `generate` writes a fixed script when greedy and seeded random words when sampling, honouring
@@ -20,7 +20,8 @@ import time
 import numpy as np
 
 from engine.chat import render_chat
-from server.engine_api import ChatTemplateError, ContextOverflowError, GeneratedToken
+from engine.errors import ChatTemplateError, ContextOverflowError
+from engine.generate import GeneratedToken, StopMatcher
 
 BOS, EOS, IM_START, IM_END = 256, 257, 258, 259
 SPECIALS = {"<s>": BOS, "</s>": EOS, "<|im_start|>": IM_START, "<|im_end|>": IM_END}
@@ -69,34 +70,11 @@ class IncrementalDecoder:
         return self.utf8.decode(self.tokenizer.token_bytes(id))
 
 
-class StopMatcher:
-    """Holds back text that could still become a stop sequence; drops the stop itself."""
-
-    def __init__(self, stop):
-        self.stop = [s for s in stop if s]
-        self.pending = ""
-
-    def push(self, text: str) -> tuple[str, bool]:
-        self.pending += text
-        for s in self.stop:
-            at = self.pending.find(s)
-            if at >= 0:
-                out, self.pending = self.pending[:at], ""
-                return out, True
-        keep = max((k for s in self.stop for k in range(1, len(s)) if self.pending.endswith(s[:k])),
-                   default=0)
-        cut = len(self.pending) - keep
-        out, self.pending = self.pending[:cut], self.pending[cut:]
-        return out, False
-
-    def flush(self) -> str:
-        out, self.pending = self.pending, ""
-        return out
-
-
 class FakeModel:
     architecture = "fake"
+    backend_name = "fake"
     dim = 8
+    capabilities = frozenset({"completion", "chat", "embeddings"})
 
     def __init__(self, id: str = "fake-model", n_ctx: int = 512, delay: float = 0.0,
                  chat_template: bool = True):
@@ -121,6 +99,14 @@ class FakeModel:
         self.templates.append({"messages": messages, "tools": tools})
         return render_chat(None, messages, add_generation_prompt=add_generation_prompt,
                            tools=tools)
+
+    def chat_prompt_ids(self, messages, tools=None) -> list[int]:
+        text = self.apply_chat_template(messages, tools=tools)
+        return self.tokenizer.encode(text, add_bos=None, special=True)
+
+    def compile_grammar(self, grammar):
+        """Any grammar fits a byte vocabulary well enough for a fake: nothing to check."""
+        return grammar
 
     def logits(self, ids) -> np.ndarray:
         out = np.zeros((len(ids), self.n_vocab), dtype=np.float32)  # (n_tokens, n_vocab)

@@ -9,9 +9,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fake_engine import FakeModel  # noqa: E402
 
 from server import ModelPool, create_app  # noqa: E402
-from server.config import ServerConfig  # noqa: E402
-from server.logs import setup_logging  # noqa: E402
-from server.serve import GracefulServer  # noqa: E402
+from server.http.logs import setup_logging  # noqa: E402
+from server.http.wsgi import GracefulServer  # noqa: E402
+from server.serving.config import ServerConfig  # noqa: E402
 
 if __name__ == "__main__":
     port, delay, grace = int(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3])

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from server.admission import Admission, QueueFull, QueueTimeout
+from server.serving.admission import Admission, QueueFull, QueueTimeout
 
 
 def test_slots_then_queue_then_refusal():

@@ -231,7 +231,7 @@ def test_readiness_waits_for_loading():
     gate.set()
     assert app.extensions["numbalm"].pool.wait_ready(5)
     assert client.get("/readyz").get_json() == {"status": "ready", "models": ["m1"]}
-    assert len(app.extensions["numbalm"].pool.models["m1"].model.calls) == 1  # the warm-up
+    assert len(app.extensions["numbalm"].pool.models["m1"].llm.calls) == 1  # the warm-up
 
 
 def test_failed_load_keeps_readyz_503():

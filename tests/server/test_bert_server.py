@@ -77,7 +77,7 @@ def minilm():
 @pytest.fixture(scope="module")
 def served(minilm):
     """(app, openai client) with MiniLM served (warmed up) by waitress on loopback."""
-    from server.serve import ServerThread
+    from server.http.wsgi import ServerThread
 
     pool = ModelPool.from_models([minilm], aliases={"text-embedding-3-small": MINILM},
                                  warmup=True)

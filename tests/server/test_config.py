@@ -7,13 +7,14 @@ import json
 
 import pytest
 
-from server.config import ConfigError, ServerConfig, build_config
-from server.serve import DEFAULT_MODEL, add_serve_parser, config_from_args
+from engine.registry import DEFAULT_MODEL
+from server.cli.serve import add_parser, config_from_args
+from server.serving.config import ConfigError, ServerConfig, build_config
 
 
 def parse(argv):
     parser = argparse.ArgumentParser()
-    add_serve_parser(parser.add_subparsers())
+    add_parser(parser.add_subparsers())
     return parser.parse_args(["serve", *argv])
 
 

@@ -15,7 +15,7 @@ import pytest
 from fake_engine import FakeModel
 from test_real_model import MODEL, load_model, real, smollm2  # noqa: F401 - fixtures
 
-from server.embeddings import EXTENSION, EmbeddingCache
+from server.serving.embedding_cache import EmbeddingCache
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 
@@ -215,7 +215,7 @@ def test_cache_can_be_turned_off(model):
     client = app.test_client()
     post(client, input="x")
     post(client, input="x")
-    assert len(model.embed_calls) == 2 and len(app.extensions[EXTENSION]) == 0
+    assert len(model.embed_calls) == 2 and len(app.extensions["numbalm"].embedding_cache) == 0
 
 
 # --- admission ------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ def smollm2():
 @pytest.fixture(scope="module")
 def real(smollm2):
     """(app, openai client) with SmolLM2 served (warmed up) by waitress on loopback."""
-    from server.serve import ServerThread
+    from server.http.wsgi import ServerThread
 
     pool = ModelPool.from_models([smollm2], aliases={"gpt-4o-mini": MODEL}, warmup=True)
     app = create_app({"max_concurrent": 1, "queue_size": 2}, pool=pool)

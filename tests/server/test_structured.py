@@ -11,7 +11,7 @@ from conftest import chat_body
 from fake_engine import SCRIPT
 from test_app import error_of
 
-from server.engine_api import Grammar
+from engine.constrain import Grammar
 
 PERSON = {"type": "object", "properties": {"name": {"type": "string"},
                                            "age": {"type": "integer"}},

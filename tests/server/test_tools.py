@@ -11,8 +11,10 @@ from conftest import chat_body
 from fake_engine import SCRIPT, FakeModel
 from test_app import error_of
 
-from server.engine_api import Grammar
-from server.tools import ToolCallParser, lark_grammar, parse_output, parse_tools
+from engine.constrain import Grammar
+from server.openai.tools import parse_tools
+from server.serving.grammar import lark_grammar
+from server.serving.toolcalls import ToolCallParser, parse_output
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Current weather in a city",

@@ -8,6 +8,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from engine.backends import BACKENDS, DEFAULT_BACKEND
+
 ENV_PREFIX = "NUMBALM_"
 
 
@@ -21,7 +23,7 @@ class ServerConfig:
     port: int = 8080
     models: list[str] = field(default_factory=list)       # "REF" or "NAME=REF" (REF: id or path)
     aliases: dict[str, str] = field(default_factory=dict)  # request name -> served model name
-    backend: str = "fast"                                  # engine backend: fast | reference
+    backend: str = DEFAULT_BACKEND                         # engine backend: fast | reference
     threads: int = 0                     # waitress worker threads; 0: max_concurrent + queue + 4
     compute_threads: int = 0             # Numba threads (NUMBA_NUM_THREADS); 0: Numba's default
     max_concurrent: int = 1              # generations running at once
@@ -58,8 +60,9 @@ class ServerConfig:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.log_format not in ("text", "json"):
             raise ConfigError(f"log_format must be text or json, got {self.log_format!r}")
-        if self.backend not in ("fast", "reference"):
-            raise ConfigError(f"backend must be fast or reference, got {self.backend!r}")
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, "
+                              f"got {self.backend!r}")
 
     @property
     def worker_threads(self) -> int:

@@ -1,4 +1,5 @@
-"""Request bodies -> validated requests. The one place that turns bad input into 400s.
+"""OpenAI request bodies -> validated requests. The one place that turns their bad input into
+400s.
 
 Unknown fields are ignored, as OpenAI's API does for forward compatibility; a known field
 whose value we cannot honour (audio, a schema keyword the grammar engine cannot enforce, ...)
@@ -9,49 +10,16 @@ waits for a slot, so a schema we cannot enforce is a 400 at once, never a silent
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from server.errors import APIError, bad_request
-from server.tools import NAME, NO_CALLS, ToolSpec, build_grammar, parse_tools
+from server.http.errors import APIError, bad_request
+from server.openai.tools import NAME, parse_tools
+from server.serving.grammar import NO_CALLS, build_grammar
+from server.serving.request import GenerationRequest, Sampling
 
 MAX_STOP = 4
 MAX_TOP_LOGPROBS = 20
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-
-
-@dataclass
-class Sampling:
-    """Options passed through to `Model.generate`."""
-
-    max_tokens: int | None = None  # None: up to the cap or the end of the context
-    # Not given (None): the engine's defaults, llama.cpp's (0.8, 0.95, 40, 0.05).
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    min_p: float | None = None
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0
-    logit_bias: dict[int, float] | None = None
-
-
-@dataclass
-class GenerationRequest:
-    kind: str                       # "chat" | "completion"
-    model: str | None
-    sampling: Sampling
-    n: int = 1
-    stream: bool = False
-    include_usage: bool = False
-    logprobs: int | None = None     # top alternatives per token; None: no logprobs at all
-    echo: bool = False              # completions: prepend the prompt
-    messages: list[dict] = field(default_factory=list)      # chat: [{"role", "content": str}]
-    prompts: list[str | list[int]] = field(default_factory=list)  # completions
-    tools: ToolSpec | None = None   # chat: tools offered, tool_choice, parallel_tool_calls
-    response_format: str = "text"   # "text" | "json_object" | "json_schema"
-    grammar: object = None          # an engine Grammar the output must match, or None
 
 
 def parse_json(raw: bytes) -> dict:

@@ -1,25 +1,23 @@
-"""The `numbalm` command line: model management, generate, chat, serve.
+"""The `numbalm` command line: model management, convert, generate, chat, serve.
 
-Each command group lives in its own module and registers itself with `add_parser(sub)`;
-this module only wires them together and turns a user's mistake into one line on stderr and
-a non-zero exit code (`--verbose` shows the traceback too).
+Each command group lives in its own module of this package and registers itself with
+`add_parser(sub)`; this module only wires them together and turns a user's mistake into one
+line on stderr and a non-zero exit code (`--verbose` shows the traceback too). The CLI is a
+client of the engine (`engine.load_model`) and of the HTTP app (`server.create_app`).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 import traceback
 
-# (module, function) pairs; each function adds its subcommands to the parser.
-COMMAND_MODULES = (
-    ("server.cli_model", "add_parser"),
-    ("server.cli_convert", "add_parser"),
-    ("server.cli_generate", "add_parser"),
-    ("server.serve", "add_serve_parser"),
-)
+from engine import __version__
+from engine.errors import EngineError
+from server.cli import convert, generate, model, serve
+
+COMMANDS = (model, convert, generate, serve)  # each adds its subcommands to the parser
 
 EXIT_USER_ERROR = 1
 EXIT_INTERRUPTED = 130
@@ -32,15 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--verbose", action="store_true",
                         default=os.environ.get("NUMBALM_VERBOSE", "") not in ("", "0"),
                         help="show tracebacks on errors (env NUMBALM_VERBOSE)")
+    parser.add_argument("--version", action="version", version=f"numbalm {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module_name, func_name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as e:
-            if e.name != module_name:  # a real import error inside the module
-                raise
-            continue
-        getattr(module, func_name)(sub)
+    for command in COMMANDS:
+        command.add_parser(sub)
     return parser
 
 
@@ -50,8 +43,6 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    from engine.errors import EngineError
-
     try:
         return int(args.func(args) or 0)
     except EngineError as e:
@@ -67,7 +58,3 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"numbalm: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
-
-
-if __name__ == "__main__":
-    sys.exit(main())

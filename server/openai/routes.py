@@ -7,8 +7,10 @@ import time
 
 from flask import Blueprint, Response, current_app, g, jsonify, request
 
-from server.errors import APIError
-from server.generation import (
+from server.http.sse import EventStream, sse_lines
+from server.openai.requests import parse_chat, parse_completion, parse_json
+from server.openai.shapes import Shaper
+from server.serving.generation import (
     ChoiceResult,
     Stats,
     StopCheck,
@@ -17,10 +19,8 @@ from server.generation import (
     plan,
     run_choice,
 )
-from server.responses import Shaper, sse
-from server.runtime import Runtime
-from server.schema import parse_chat, parse_completion, parse_json
-from server.tools import finish_reason
+from server.serving.runtime import Runtime
+from server.serving.toolcalls import finish_reason
 
 log = logging.getLogger("numbalm.server")
 bp = Blueprint("v1", __name__, url_prefix="/v1")
@@ -78,7 +78,7 @@ def _generate(parse):
 
     if req.stream:  # the slot passes to the response body, which frees it when closed
         events = _chat_events if req.kind == "chat" else _text_events
-        chunks = _sse(events(the_plan, Shaper(the_plan), check, stats), check)
+        chunks = sse_lines(events(the_plan, Shaper(the_plan), check, stats), check)
         return Response(EventStream(chunks, check, finish), mimetype="text/event-stream",
                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     try:
@@ -92,45 +92,6 @@ def _generate(parse):
 
 
 # --- streaming --------------------------------------------------------------------------------
-
-class EventStream:
-    """The body of a streamed response; it holds the admission slot until the server closes it
-    (after the last chunk, or when the client has gone and a write failed)."""
-
-    def __init__(self, chunks, check: StopCheck, on_close):
-        self.chunks = chunks
-        self.check = check
-        self.on_close = on_close
-        self.finished = self.closed = False
-
-    def __iter__(self):
-        yield from self.chunks
-        self.finished = True
-
-    def close(self):
-        if not self.closed:
-            self.closed = True
-            if not self.finished and self.check.reason is None:
-                self.check.reason = "disconnect"  # a write failed: the client has gone
-            self.chunks.close()  # stops the engine's generator where it is
-            self.on_close()
-
-
-def _sse(events, check: StopCheck):
-    """Chunks as SSE lines, an error event if the stream breaks off, then `[DONE]`."""
-    try:
-        for event in events:
-            yield sse(event)
-        if check.reason in ("timeout", "shutdown"):
-            yield sse(check.error().body())
-    except APIError as e:
-        yield sse(e.body())
-    except Exception:  # noqa: BLE001 - the status line is gone; tell the client in-band
-        log.exception("error while streaming")
-        yield sse(APIError(500, "Internal server error while streaming.").body())
-    if check.reason != "disconnect":
-        yield sse("[DONE]")
-
 
 def _chat_events(plan, shaper: Shaper, check: StopCheck, stats: Stats):
     tools = plan.req.tools

@@ -6,25 +6,42 @@ import argparse
 import os
 import sys
 
+from engine.backends import BACKENDS, DEFAULT_BACKEND
 from engine.registry import DEFAULT_MODEL
+from engine.sampling import SamplingParams
+
+DEFAULTS = SamplingParams()  # the engine's sampling defaults, shown in --help
 
 
-def _env(name: str, default):
-    return os.environ.get(f"NUMBALM_{name}", default)
+def _env(name: str, default, kind=str):
+    """NUMBALM_<NAME> from the environment when set, else `default`."""
+    value = os.environ.get(f"NUMBALM_{name}")
+    if value is None:
+        return default
+    try:
+        return kind(value)
+    except ValueError:
+        raise SystemExit(f"numbalm: error: NUMBALM_{name}={value!r} is not a valid "
+                         f"{kind.__name__}") from None
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
+    """Options of `generate` and `chat`; each also reads NUMBALM_<OPTION> from the environment."""
     p.add_argument("-m", "--model", default=_env("MODEL", DEFAULT_MODEL),
                    help="registry id, alias or .gguf path (env NUMBALM_MODEL)")
-    p.add_argument("--backend", choices=("fast", "reference"), default=_env("BACKEND", None),
-                   help="fast (Numba, default) or reference (NumPy) (env NUMBALM_BACKEND)")
-    p.add_argument("--max-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--top-k", type=int, default=40)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--min-p", type=float, default=0.05)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--backend", choices=BACKENDS, default=_env("BACKEND", None),
+                   help=f"{DEFAULT_BACKEND} (Numba, default) or reference (NumPy) "
+                        "(env NUMBALM_BACKEND)")
+    for flag, kind, default in (("--max-tokens", int, 256),
+                                ("--temperature", float, DEFAULTS.temperature),
+                                ("--top-k", int, DEFAULTS.top_k),
+                                ("--top-p", float, DEFAULTS.top_p),
+                                ("--min-p", float, DEFAULTS.min_p),
+                                ("--repetition-penalty", float, DEFAULTS.repetition_penalty),
+                                ("--seed", int, None)):
+        env = flag[2:].replace("-", "_").upper()
+        p.add_argument(flag, type=kind, default=_env(env, default, kind),
+                       help=f"default {default} (env NUMBALM_{env})")
     p.add_argument("--stop", action="append", default=[], help="stop sequence (repeatable)")
 
 

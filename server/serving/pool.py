@@ -2,9 +2,9 @@
 
 It loads the configured models by id (`engine.load_model`), warms each up (one greedy token,
 or one embedding for an embedding-only model, which compiles the Numba kernels), and resolves
-a request's `model` (an id or an alias) to a loaded model that can do what the route needs
-(`capabilities`: "completion", "chat", "embeddings"). Tests build one with
-`ModelPool.from_models([...])` around fake models.
+a request's `model` (an id or an alias) to a served model whose LLM can do what the route
+needs (`capabilities`: "completion", "chat", "embeddings"). Tests build one with
+`ModelPool.from_models([...])` around fakes that implement `engine.api.LanguageModel`.
 """
 
 from __future__ import annotations
@@ -14,14 +14,13 @@ import threading
 import time
 from dataclasses import dataclass
 
-from server import engine_api
-from server.config import ConfigError
-from server.errors import APIError, bad_request
+import engine
+from engine.api import LanguageModel
+from server.http.errors import APIError, bad_request
+from server.serving.config import ConfigError
 
 log = logging.getLogger("numbalm.server")
 
-# What a model that does not say (a test double, an older engine) is taken to do.
-DECODER_CAPABILITIES = ("completion", "chat", "embeddings")
 WHAT = {"completion": "a completions model", "chat": "a chat model",
         "embeddings": "an embeddings model"}
 ROUTE = {"completion": "/v1/completions", "chat": "/v1/chat/completions",
@@ -30,14 +29,16 @@ ROUTE = {"completion": "/v1/completions", "chat": "/v1/chat/completions",
 
 @dataclass
 class ServedModel:
-    id: str          # the name clients use; also what responses report as `model`
-    model: object    # an engine Model (or a test double with the same contract)
-    created: int     # unix time it was loaded
+    """An LLM under the name clients use."""
+
+    id: str              # the name clients use; also what responses report as `model`
+    llm: LanguageModel   # an engine.LLM (or a test double with the same surface)
+    created: int         # unix time it was loaded
 
     @property
     def capabilities(self) -> list[str]:
         """What the model can do, sorted: a subset of completion, chat, embeddings."""
-        return sorted(getattr(self.model, "capabilities", DECODER_CAPABILITIES))
+        return sorted(self.llm.capabilities)
 
 
 def parse_model_spec(spec: str) -> tuple[str | None, str]:
@@ -56,7 +57,7 @@ class ModelPool:
         self.aliases = dict(aliases or {})
         self.backend = backend
         self.warmup = warmup
-        self.loader = loader or engine_api.load_model
+        self.loader = loader or engine.load_model
         self.models: dict[str, ServedModel] = {}
         self.error: str | None = None
         self._ready = threading.Event()
@@ -100,7 +101,7 @@ class ModelPool:
             for name, ref in self.specs:
                 t0 = time.perf_counter()
                 model = self.loader(ref, backend=self.backend)
-                served = name or getattr(model, "id", None) or ref
+                served = name or model.id
                 self._add(served, model)
                 log.info("loaded model %s (%s) in %.1f s", served, ref, time.perf_counter() - t0)
             self._finish()
@@ -129,11 +130,11 @@ class ModelPool:
         pays for it."""
         t0 = time.perf_counter()
         if "completion" not in served.capabilities:
-            served.model.embed(["Hello"])
+            served.llm.embed(["Hello"])
             log.info("warmed up %s in %.1f s", served.id, time.perf_counter() - t0)
             return
-        ids = served.model.tokenizer.encode("Hello", add_bos=None)
-        for _ in served.model.generate(ids, max_tokens=1, temperature=0.0):
+        ids = served.llm.tokenizer.encode("Hello", add_bos=None)
+        for _ in served.llm.generate(ids, max_tokens=1, temperature=0.0):
             pass
         log.info("warmed up %s in %.1f s", served.id, time.perf_counter() - t0)
 

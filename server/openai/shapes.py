@@ -3,31 +3,17 @@
 from __future__ import annotations
 
 import hashlib
-import json
-import secrets
-import string
 import time
 
-from server.generation import ChoiceResult, Plan, prompt_logprobs
-from server.tools import Delta, finish_reason
-
-ALPHABET = string.ascii_letters + string.digits
-VERSION = "0.1.0"
-
-
-def new_id(prefix: str) -> str:
-    return prefix + "".join(secrets.choice(ALPHABET) for _ in range(29))
+from engine import __version__
+from server.serving.generation import ChoiceResult, Plan, prompt_logprobs
+from server.serving.ids import new_id
+from server.serving.toolcalls import Delta, finish_reason
 
 
 def fingerprint(model_id: str, backend: str = "") -> str:
-    digest = hashlib.sha256(f"numbalm {VERSION} {model_id} {backend}".encode()).hexdigest()
+    digest = hashlib.sha256(f"numbalm {__version__} {model_id} {backend}".encode()).hexdigest()
     return "fp_" + digest[:10]
-
-
-def sse(payload) -> bytes:
-    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False,
-                                                               separators=(",", ":"))
-    return f"data: {data}\n\n".encode()
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
@@ -44,9 +30,8 @@ class Shaper:
         self.id = new_id("chatcmpl-" if self.chat else "cmpl-")
         self.created = int(time.time())
         self.model = plan.served.id
-        self.tokenizer = plan.served.model.tokenizer
-        backend = getattr(getattr(plan.served.model, "backend", None), "name", "")
-        self.fingerprint = fingerprint(self.model, backend)
+        self.tokenizer = plan.served.llm.tokenizer
+        self.fingerprint = fingerprint(self.model, plan.served.llm.backend_name)
 
     def _envelope(self, obj: str, choices: list) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
@@ -93,7 +78,7 @@ class Shaper:
     def echo_entries(self, prompt) -> list:
         if self.plan.req.logprobs is None:
             return []
-        lps = prompt_logprobs(self.plan.served.model, prompt.ids, self.plan.req.logprobs)
+        lps = prompt_logprobs(self.plan.served.llm, prompt.ids, self.plan.req.logprobs)
         return [(id, lp, top) for id, (lp, top) in zip(prompt.ids, lps, strict=True)]
 
     # --- whole responses --------------------------------------------------------------------
@@ -119,9 +104,7 @@ class Shaper:
     def delta_chunk(self, index: int, delta: Delta | None, logprobs=None) -> dict | None:
         """A chunk for what the parser let through (None when nothing is worth sending)."""
         body = {}
-        if delta is None:
-            pass
-        elif delta.content:
+        if delta is not None and delta.content:
             body["content"] = delta.content
         if delta is not None and delta.calls:
             body["tool_calls"] = delta.calls

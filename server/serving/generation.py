@@ -1,8 +1,8 @@
-"""From a validated request to tokens: tokenize, check the context, run `Model.generate`.
+"""From a validated request to tokens: tokenize, check the context, run `LLM.generate`.
 
-The server calls the engine only through `model.generate(...)` (plus the tokenizer, the chat
-template and, for echo with logprobs, `model.logits`). All of it runs in the request's thread
-while it holds an admission slot.
+The server reaches the engine only through the `engine.api.LanguageModel` surface: the
+tokenizer, `chat_prompt_ids`, `compile_grammar`, `generate` and, for echo with logprobs,
+`logits`. Generation runs in the request's thread while it holds an admission slot.
 """
 
 from __future__ import annotations
@@ -10,19 +10,20 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
-
-from server.engine_api import ChatTemplateError, ContextOverflowError, EngineError, GrammarError
-from server.errors import APIError, bad_request
-from server.models import ServedModel
-from server.schema import GenerationRequest
-from server.tools import Delta, ToolCallParser
+from engine.constrain import GrammarError
+from engine.errors import ChatTemplateError, ContextOverflowError, EngineError, TokenIdError
+from engine.sampling import prompt_logprobs as _prompt_logprobs
+from engine.tokenizer import check_token_ids
+from server.http.errors import APIError, bad_request
+from server.serving.pool import ServedModel
+from server.serving.request import GenerationRequest
+from server.serving.toolcalls import Delta, ToolCallParser
 
 
 @dataclass
 class Prompt:
     ids: list[int]
-    text: str         # what echo prepends
+    text: str         # what echo prepends (completions; "" for chat)
     max_tokens: int   # completion budget for this prompt
 
 
@@ -43,34 +44,33 @@ class Plan:
                 yield p * self.req.n + i, prompt
 
 
-def _chat_prompt(req: GenerationRequest, model) -> tuple[list[int], str]:
+def _chat_prompt(req: GenerationRequest, llm) -> tuple[list[int], str]:
+    tools = req.tools.tools if req.tools else None
     try:
-        tools = req.tools.tools if req.tools else None
-        text = model.apply_chat_template(req.messages, add_generation_prompt=True, tools=tools)
+        return llm.chat_prompt_ids(req.messages, tools=tools), ""
     except ChatTemplateError as e:
         raise APIError(422, f"Cannot build a chat prompt for this model: {e}. Use "
                        "/v1/completions for models without a chat template.",
                        param="messages", code="chat_template_error") from None
-    ids = model.tokenizer.encode(text, add_bos=None, special=True)
-    bos = getattr(model.tokenizer, "bos_id", None)
-    if len(ids) > 1 and ids[0] == ids[1] == bos:  # the template wrote BOS and so did encode
-        ids = ids[1:]
-    return ids, text
 
 
-def _completion_prompt(prompt, model) -> tuple[list[int], str]:
+def _completion_prompt(prompt, llm) -> tuple[list[int], str]:
     if isinstance(prompt, str):
-        return model.tokenizer.encode(prompt, add_bos=None, special=True), prompt
-    bad = [t for t in prompt if not 0 <= t < model.n_vocab]
-    if bad:
-        raise bad_request(f"Token id {bad[0]} in 'prompt' is outside the vocabulary "
-                          f"(0..{model.n_vocab - 1}).", param="prompt", code="invalid_value")
-    return list(prompt), model.tokenizer.decode(prompt)
+        return llm.tokenizer.encode(prompt, add_bos=None, special=True), prompt
+    _check_ids(prompt, llm, "prompt")
+    return list(prompt), llm.tokenizer.decode(prompt)
 
 
-def _budget(n_prompt: int, req: GenerationRequest, model, cap: int) -> int:
+def _check_ids(ids, llm, param: str) -> None:
+    try:
+        check_token_ids(ids, llm.n_vocab, f"'{param}'")
+    except TokenIdError as e:
+        raise bad_request(f"Invalid '{param}': {e}.", param=param, code="invalid_value") from None
+
+
+def _budget(n_prompt: int, req: GenerationRequest, llm, cap: int) -> int:
     """max_tokens for one prompt, or a 400 when prompt + completion cannot fit the context."""
-    n_ctx = model.n_ctx
+    n_ctx = llm.n_ctx
     what = "messages" if req.kind == "chat" else "prompt"
     if n_prompt == 0:
         raise bad_request(f"The {what} is empty.", param=what, code="invalid_value")
@@ -86,32 +86,27 @@ def _budget(n_prompt: int, req: GenerationRequest, model, cap: int) -> int:
 
 def plan(req: GenerationRequest, served: ServedModel, cap: int) -> Plan:
     """Tokenize and check everything that can be checked before taking a slot."""
-    model = served.model
-    bias = req.sampling.logit_bias or {}
-    bad = [t for t in bias if not 0 <= t < model.n_vocab]
-    if bad:
-        raise bad_request(f"Token id {bad[0]} in 'logit_bias' is outside the vocabulary "
-                          f"(0..{model.n_vocab - 1}).", param="logit_bias", code="invalid_value")
+    llm = served.llm
+    _check_ids(req.sampling.logit_bias or {}, llm, "logit_bias")
     try:
         if req.kind == "chat":
-            raw = [_chat_prompt(req, model)]
+            raw = [_chat_prompt(req, llm)]
         else:
-            raw = [_completion_prompt(p, model) for p in req.prompts]
+            raw = [_completion_prompt(p, llm) for p in req.prompts]
     except EngineError as e:  # tokenizer trouble with user text
         raise APIError(422, str(e), code="tokenizer_error") from None
-    prompts = [Prompt(ids, text, _budget(len(ids), req, model, cap)) for ids, text in raw]
-    _check_grammar(req, model)
+    prompts = [Prompt(ids, text, _budget(len(ids), req, llm, cap)) for ids, text in raw]
+    _check_grammar(req, llm)
     return Plan(req, served, prompts)
 
 
-def _check_grammar(req: GenerationRequest, model) -> None:
+def _check_grammar(req: GenerationRequest, llm) -> None:
     """Fit the grammar to this model's vocabulary now (built once per model and grammar), so
     a grammar naming tokens the model lacks is a 400 before the request takes a slot."""
-    compile_grammar = getattr(model, "compile_grammar", None)
-    if req.grammar is None or compile_grammar is None:
+    if req.grammar is None:
         return
     try:
-        compile_grammar(req.grammar)
+        llm.compile_grammar(req.grammar)
     except GrammarError as e:
         param = "tools" if req.tools else "response_format"
         raise bad_request(f"Invalid '{param}' for this model: {e}", param=param,
@@ -195,7 +190,7 @@ def run_choice(plan: Plan, result: ChoiceResult, should_stop, stats: Stats):
     if tools is not None and tools.calls_allowed and plan.req.kind == "chat":
         result.parser = ToolCallParser()
     try:
-        tokens = plan.served.model.generate(result.prompt.ids, **opts)
+        tokens = plan.served.llm.generate(result.prompt.ids, **opts)
         for tok in tokens:
             if stats.first_token is None:
                 stats.first_token = time.perf_counter()
@@ -235,14 +230,6 @@ def collect(plan: Plan, should_stop, stats: Stats) -> list[ChoiceResult]:
     return results
 
 
-def prompt_logprobs(model, ids: list[int], k: int) -> list[tuple[float | None, list]]:
+def prompt_logprobs(llm, ids: list[int], k: int) -> list[tuple[float | None, list]]:
     """(logprob, top-k [(id, logprob)]) of each prompt token given the ones before it."""
-    logits = np.asarray(model.logits(ids), dtype=np.float64)  # (n_tokens, n_vocab)
-    logits -= logits.max(axis=1, keepdims=True)
-    logp = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
-    out: list[tuple[float | None, list]] = [(None, [])]
-    for i in range(1, len(ids)):
-        row = logp[i - 1]
-        top = np.argsort(-row)[:k] if k else []
-        out.append((float(row[ids[i]]), [(int(t), float(row[t])) for t in top]))
-    return out
+    return _prompt_logprobs(llm.logits(ids), ids, k)

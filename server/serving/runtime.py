@@ -5,11 +5,12 @@ from __future__ import annotations
 import threading
 import time
 
-from server.admission import Admission, QueueFull, QueueTimeout
-from server.config import ServerConfig
-from server.errors import APIError
-from server.metrics import Metrics
-from server.models import ModelPool
+from server.http.errors import APIError
+from server.serving.admission import Admission, QueueFull, QueueTimeout
+from server.serving.config import ServerConfig
+from server.serving.embedding_cache import EmbeddingCache
+from server.serving.metrics import Metrics
+from server.serving.pool import ModelPool
 
 
 class Runtime:
@@ -19,6 +20,7 @@ class Runtime:
         self.admission = Admission(config.max_concurrent, config.queue_size, config.queue_timeout)
         self.metrics = Metrics(self.admission)
         self.metrics.ready.set_function(lambda: 1 if self.ready else 0)
+        self.embedding_cache = EmbeddingCache(config.embeddings_cache_bytes)
         self.shutdown = threading.Event()   # set: cancel every running generation
         self.draining = False               # set on SIGTERM: refuse new work, finish the rest
 

@@ -10,8 +10,8 @@ import time
 
 from flask import Flask, current_app, g, request
 
-from server.errors import APIError
-from server.logs import request_id
+from server.http.errors import APIError
+from server.http.logs import request_id
 
 access_log = logging.getLogger("numbalm.access")
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")

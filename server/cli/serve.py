@@ -1,0 +1,107 @@
+"""`numbalm serve`: run the app under waitress (or Flask's dev server), drain on SIGTERM.
+
+`add_parser(subparsers)` adds the sub-command and sets `func=serve_command`;
+`serve_command(args)` returns the process exit code. The server itself is
+`server.http.wsgi.GracefulServer`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from engine.backends import BACKENDS, DEFAULT_BACKEND
+from engine.registry import DEFAULT_MODEL
+from server import create_app
+from server.http.logs import setup_logging
+from server.http.wsgi import GracefulServer
+from server.serving.config import ConfigError, ServerConfig, build_config
+
+
+def _pairs(values):
+    if values is None:
+        return None
+    out = {}
+    for v in values:
+        name, sep, target = v.partition("=")
+        if not sep or not name or not target:
+            raise ConfigError(f"invalid --alias {v!r}; use ALIAS=MODEL")
+        out[name] = target
+    return out
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Add `serve` to an argparse sub-parser set. Unset options fall back to NUMBALM_* env
+    variables, then to the config file, then to the defaults."""
+    p = subparsers.add_parser("serve", help="run the OpenAI-compatible HTTP server",
+                              description="Serve models over an OpenAI-compatible HTTP API. "
+                              "Every option can also be set as NUMBALM_<OPTION> (e.g. "
+                              "NUMBALM_PORT) or in the --config file; the command line wins.")
+    a = p.add_argument
+    a("-m", "--model", dest="models", action="append", metavar="[NAME=]REF",
+      help=f"model to serve (registry id, alias or .gguf path); repeatable (default "
+           f"{DEFAULT_MODEL})")
+    a("--alias", dest="aliases", action="append", metavar="ALIAS=MODEL",
+      help="another name a request may use for a served model; repeatable")
+    a("--host", help="address to bind (default 127.0.0.1)")
+    a("--port", type=int, help="port (default 8080)")
+    a("--dev", action="store_true", help="use Flask's development server instead of waitress")
+    a("--config", help="TOML or JSON file of settings (env NUMBALM_CONFIG)")
+    a("--backend", choices=BACKENDS, help=f"engine backend (default {DEFAULT_BACKEND})")
+    a("--threads", type=int, help="HTTP worker threads (default max-concurrent + queue-size + 4)")
+    a("--compute-threads", type=int, help="Numba threads per generation (default: all cores)")
+    a("--max-concurrent", type=int, help="generations running at once (default 1)")
+    a("--queue-size", type=int, help="requests waiting for a slot before 429 (default 8)")
+    a("--queue-timeout", type=float, help="seconds to wait for a slot before 503 (default 30)")
+    a("--request-timeout", type=float, help="seconds one generation may run (default 600)")
+    a("--max-body-size", type=int, help="largest request body in bytes (default 4 MiB)")
+    a("--max-tokens-cap", type=int, help="largest max_tokens accepted, and the default (4096)")
+    a("--max-n", type=int, help="largest n accepted (default 8)")
+    a("--embeddings-max-batch", type=int, help="inputs per /v1/embeddings request (256)")
+    a("--embeddings-cache-bytes", type=int,
+      help="bytes of recent embeddings kept (64 MiB; 0 turns the cache off)")
+    a("--api-key", dest="api_keys", action="append", metavar="KEY",
+      help="accept this Bearer key; repeatable; none: no authentication")
+    a("--cors-origin", dest="cors_origins", action="append", metavar="ORIGIN",
+      help="allow browser requests from ORIGIN ('*' for any); repeatable")
+    a("--log-level", help="debug, info, warning, error (default info)")
+    a("--log-format", choices=["text", "json"], help="log line format (default text)")
+    a("--shutdown-grace", type=float, help="seconds in-flight work may finish on SIGTERM (30)")
+    a("--no-warmup", dest="warmup", action="store_false", default=None,
+      help="skip the one-token warm-up (kernel compile) before reporting ready")
+    p.set_defaults(func=serve_command)
+    return p
+
+
+def config_from_args(args, environ=None) -> ServerConfig:
+    names = ("models", "host", "port", "backend", "threads", "compute_threads", "max_concurrent",
+             "queue_size", "queue_timeout", "request_timeout", "max_body_size", "max_tokens_cap",
+             "max_n", "embeddings_max_batch", "embeddings_cache_bytes",
+             "api_keys", "cors_origins", "log_level", "log_format", "shutdown_grace",
+             "warmup")
+    cli = {name: getattr(args, name, None) for name in names}
+    cli["aliases"] = _pairs(getattr(args, "aliases", None))
+    config = build_config(cli, environ, getattr(args, "config", None))
+    if not config.models:
+        config.models = [DEFAULT_MODEL]
+    return config
+
+
+def serve_command(args) -> int:
+    try:
+        config = config_from_args(args)
+        setup_logging(config.log_level, config.log_format)
+    except (ConfigError, ValueError) as e:
+        print(f"numbalm serve: {e}", file=sys.stderr)
+        return 2
+    if config.compute_threads:
+        os.environ["NUMBA_NUM_THREADS"] = str(config.compute_threads)
+    app = create_app(config, load=False)
+    server = None if args.dev else GracefulServer(app, config)
+    rt = app.extensions["numbalm"]
+    rt.pool.start(on_error=lambda msg: server.stop() if server else os._exit(1))
+    if args.dev:
+        app.run(config.host, config.port, threaded=True, use_reloader=False)
+        return 0
+    return server.run()

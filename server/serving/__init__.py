@@ -1,0 +1,1 @@
+"""What runs a request, whatever its wire format (see server/__init__.py)."""
