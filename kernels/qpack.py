@@ -47,8 +47,7 @@ class PackedWeight:
     """A weight matrix ready for `kernels.qmatmul`: `(n_out, n_in)` in NumPy order.
 
     `data` is the flat uint8 group/block stream described in the module docstring, or None for
-    float weights, which live in `dense` as float32 `(n_out, n_in)`. `raw` keeps the GGUF bytes
-    (for embedding-row lookup).
+    float weights, which live in `dense` as float32 `(n_out, n_in)`.
     """
 
     qtype: GGMLQuantizationType
@@ -57,7 +56,6 @@ class PackedWeight:
     layout: int = -1  # LAYOUT_* code, -1 for dense float
     data: np.ndarray | None = None  # (n_groups * group_bytes,) uint8
     dense: np.ndarray | None = None  # (n_out, n_in) float32
-    raw: np.ndarray | None = None
 
     def __post_init__(self):
         if self.layout >= 0:
@@ -205,13 +203,13 @@ def repack(raw: np.ndarray, qtype, shape: tuple) -> PackedWeight:
         u, d, m, layout = decompose(raw, qtype, (n_out, n_in))
         try:
             data = pack(u, d, m, layout)
-            return PackedWeight(qtype, n_out, n_in, layout, data=data, raw=raw)
+            return PackedWeight(qtype, n_out, n_in, layout, data=data)
         except OverflowError:
             pass  # rare K-quant scales beyond float16: fall through to the dense path
     from kernels.dequant import dequantize
 
     dense = dequantize(raw, qtype, (n_out, n_in))
-    return PackedWeight(qtype, n_out, n_in, dense=np.ascontiguousarray(dense), raw=raw)
+    return PackedWeight(qtype, n_out, n_in, dense=np.ascontiguousarray(dense))
 
 
 def unpack_ref(w: PackedWeight) -> np.ndarray:
