@@ -55,24 +55,17 @@ class FastBackend:
 
     # -- load time -------------------------------------------------------------------------
 
-    def prepare(self, t: TensorInfo, precise: bool = False) -> PackedWeight:
-        """Repack a weight matrix `(n_out, n_in)` for `linear` (dense float32 if no layout).
-
-        `precise=True` keeps the matrix as dense float32 (BLAS), so its input is not rounded
-        at all: for a projection whose error a model amplifies (none needs it at 15 bits).
-        """
-        if precise:
-            dense = dequantize(t.data, t.qtype, t.shape)
-            return PackedWeight(t.qtype, t.shape[0], t.shape[1], -1, dense=dense)
+    def prepare(self, t: TensorInfo) -> PackedWeight:
+        """Repack a weight matrix `(n_out, n_in)` for `linear` (dense float32 if no layout)."""
         return repack(t.data, t.qtype, t.shape)
 
     def prepare_embedding(self, t: TensorInfo) -> TensorInfo:
         """The token-embedding table stays as it is in the file; rows are dequantized on lookup."""
         return t
 
-    def prepare_many(self, ts: list[TensorInfo], precise: bool = False) -> FusedWeight:
+    def prepare_many(self, ts: list[TensorInfo]) -> FusedWeight:
         """Matrices that read the same input (q, k, v or gate, up), for `linear_many`."""
-        return FusedWeight([self.prepare(t, precise) for t in ts])
+        return FusedWeight([self.prepare(t) for t in ts])
 
     # -- the operations --------------------------------------------------------------------
 

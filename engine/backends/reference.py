@@ -18,14 +18,11 @@ from ..gguf_file import TensorInfo
 class ReferenceBackend:
     name = "reference"
 
-    def prepare(self, t: TensorInfo, precise: bool = False) -> np.ndarray:
-        """Dequantize a tensor once at load time → float32 array of `t.shape`.
-
-        (`precise` asks the fast backend to keep float activations; here all are float.)
-        """
+    def prepare(self, t: TensorInfo) -> np.ndarray:
+        """Dequantize a tensor once at load time → float32 array of `t.shape`."""
         return dequantize(t.data, t.qtype, t.shape)
 
-    def prepare_many(self, ts: list[TensorInfo], precise: bool = False) -> list[np.ndarray]:
+    def prepare_many(self, ts: list[TensorInfo]) -> list[np.ndarray]:
         """Matrices that read the same input (q, k, v or gate, up), for `linear_many`."""
         return [self.prepare(t) for t in ts]
 
