@@ -28,8 +28,8 @@ every output
 ~0.004 % with two, close to a float32 product. The tests assert this bound.
 
 Paths (chosen by `isa`, default `kernels.jit.ISA`): `vnni` (AVX-512 VNNI, `kernels.vnni`;
-`vnni-serial` runs it on one thread, chosen by default for small products), `generic` and
-`avx2` (plain Numba integer loops over the same layout, portable and slow).
+`vnni-serial` runs it on one thread, chosen by default for small products) and `generic` (plain
+Numba integer loops over the same layout, portable and slow).
 Dense float weights (F32, F16 and formats without a packed layout) use NumPy's BLAS matmul.
 """
 
@@ -255,7 +255,7 @@ def matvec(x: np.ndarray, w: PackedWeight, out: np.ndarray | None = None, isa: s
 
 # Below this many (weight bytes x tokens) one thread beats waking the others.
 SERIAL_BYTES = 96 * 1024
-_KERNELS = {"generic": qmatmul_generic, "avx2": qmatmul_generic}
+_KERNELS = {"generic": qmatmul_generic}
 
 
 def _load_kernel(isa: str):

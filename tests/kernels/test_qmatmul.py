@@ -135,9 +135,13 @@ def test_terms_is_checked():
 def test_isa_override(monkeypatch):
     monkeypatch.setenv("NUMBALM_ISA", "generic")
     assert jit._pick_isa() == "generic"
-    monkeypatch.setenv("NUMBALM_ISA", "bogus")
-    with pytest.raises(ValueError):
-        jit._pick_isa()
+    for bad in ("bogus", "avx2"):  # avx2 was an alias of generic; it is gone
+        monkeypatch.setenv("NUMBALM_ISA", bad)
+        with pytest.raises(ValueError, match="vnni or generic"):
+            jit._pick_isa()
+    w = repack(random_tensor(Q.Q4_0, (16, 64)), Q.Q4_0, (16, 64))
+    with pytest.raises(ValueError, match="unknown isa"):
+        qmatmul.matmul(np.ones((1, 64), np.float32), w, isa="avx2")
 
 
 def test_threading_layer_reported():
