@@ -7,6 +7,9 @@ Both activation modes are held to their bound: one 8-bit term (llama.cpp's round
 xd / 2 per element) and two (15 bits, xd / 256).
 """
 
+import logging
+
+import numba
 import numpy as np
 import pytest
 from gguf.constants import GGMLQuantizationType as Q
@@ -144,5 +147,11 @@ def test_isa_override(monkeypatch):
         qmatmul.matmul(np.ones((1, 64), np.float32), w, isa="avx2")
 
 
-def test_threading_layer_reported():
-    assert jit.check_threading_layer() in ("omp", "tbb", "workqueue")
+def test_threading_layer_reported(monkeypatch, caplog):
+    assert jit.check_threading_layer() == numba.threading_layer()  # the layer Numba chose
+    for layer, warns in [("omp", False), ("tbb", False), ("workqueue", True)]:
+        monkeypatch.setattr(numba, "threading_layer", lambda layer=layer: layer)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger=jit.log.name):
+            assert jit.check_threading_layer() == layer
+        assert ("4x slower" in caplog.text) == warns, layer
