@@ -39,7 +39,13 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 Q = GGMLQuantizationType
 GROUP = 16  # rows per interleaved group = int32 lanes of a 512-bit register
 LAYOUT_NIBBLE32, LAYOUT_BYTE32, LAYOUT_BYTE16 = 0, 1, 2  # codes passed to the kernels
-LAYOUT_BLK = {LAYOUT_NIBBLE32: 32, LAYOUT_BYTE32: 32, LAYOUT_BYTE16: 16}
+LAYOUT_BLK = (32, 32, 16)  # elements per block, by layout code (a tuple, so Numba can index it)
+SCALE_BYTES = 2 * GROUP * 2  # the d and m of one block record: 16 float16 each
+
+
+def quant_bytes(layout: int) -> int:
+    """Bytes of quants in one block record: 16 rows x blk elements of 4 or 8 bits."""
+    return GROUP * LAYOUT_BLK[layout] // (2 if layout == LAYOUT_NIBBLE32 else 1)
 
 
 @dataclass
@@ -60,9 +66,7 @@ class PackedWeight:
     def __post_init__(self):
         if self.layout >= 0:
             self.blk = LAYOUT_BLK[self.layout]
-            # bytes of one block record of one group: quants + 16 d + 16 m
-            quant = GROUP * self.blk // (2 if self.layout == LAYOUT_NIBBLE32 else 1)
-            self.block_bytes = quant + 2 * GROUP * 2
+            self.block_bytes = quant_bytes(self.layout) + SCALE_BYTES  # one group's block record
 
     @property
     def n_groups(self) -> int:
@@ -218,7 +222,7 @@ def unpack_ref(w: PackedWeight) -> np.ndarray:
         return w.dense
     blk, nb, G = w.blk, w.n_in // w.blk, w.n_groups
     recs = w.data.reshape(G, nb, w.block_bytes)  # (g, b, record)
-    quant, scales = recs[..., : -4 * GROUP], recs[..., -4 * GROUP :]
+    quant, scales = recs[..., :-SCALE_BYTES], recs[..., -SCALE_BYTES:]
     q = quant.reshape(G, nb, -1, GROUP, 4).transpose(0, 3, 1, 2, 4).reshape(G, GROUP, nb, -1)
     if w.layout == LAYOUT_NIBBLE32:
         q = np.concatenate([q & 0x0F, q >> 4], axis=-1)  # (g, r, b, 32)
