@@ -36,6 +36,8 @@ from dataclasses import dataclass
 import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
+from kernels.dequant import dequantize, f16, k_scales, q5_quants
+
 Q = GGMLQuantizationType
 GROUP = 16  # rows per interleaved group = int32 lanes of a 512-bit register
 LAYOUT_NIBBLE32, LAYOUT_BYTE32, LAYOUT_BYTE16 = 0, 1, 2  # codes passed to the kernels
@@ -80,57 +82,39 @@ class PackedWeight:
 # --- per-format decomposition into (u, d, m) ------------------------------------------------------
 
 
-def _f16(b: np.ndarray) -> np.ndarray:
-    """`(n, 2)` uint8 -> `(n, 1)` float32."""
-    return b.view(np.float16).astype(np.float32)
-
-
 def _nibbles(qs: np.ndarray) -> np.ndarray:
     """`(..., k)` bytes -> `(..., 2k)`: the k low nibbles, then the k high nibbles."""
     return np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
 
 
-def _q5_high(qh: np.ndarray) -> np.ndarray:
-    """`(n, 4)` little-endian u32 bytes -> `(n, 32)` bit 4 of each element (bit j = element j)."""
-    return np.unpackbits(qh, axis=1, bitorder="little")
-
-
-def _k_scales(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Q4_K/Q5_K 12-byte packed 6-bit scales `(n, 12)` -> sc, m `(n, 8)` (see kernels.dequant)."""
-    s0, s1, s2 = s[:, 0:4], s[:, 4:8], s[:, 8:12]
-    sc = np.concatenate([s0 & 0x3F, (s2 & 0x0F) | ((s0 >> 6) << 4)], axis=1)
-    m = np.concatenate([s1 & 0x3F, (s2 >> 4) | ((s1 >> 6) << 4)], axis=1)
-    return sc, m
-
-
 def _split_q4_0(b):
-    d = _f16(b[:, 0:2])
+    d = f16(b[:, 0:2])
     return _nibbles(b[:, 2:18]), d, -8 * d
 
 
 def _split_q4_1(b):
-    return _nibbles(b[:, 4:20]), _f16(b[:, 0:2]), _f16(b[:, 2:4])
+    return _nibbles(b[:, 4:20]), f16(b[:, 0:2]), f16(b[:, 2:4])
 
 
 def _split_q5_0(b):
-    d = _f16(b[:, 0:2])
-    return _nibbles(b[:, 6:22]) | (_q5_high(b[:, 2:6]) << 4), d, -16 * d
+    d = f16(b[:, 0:2])
+    return q5_quants(b[:, 2:6], b[:, 6:22]), d, -16 * d
 
 
 def _split_q5_1(b):
-    return _nibbles(b[:, 8:24]) | (_q5_high(b[:, 4:8]) << 4), _f16(b[:, 0:2]), _f16(b[:, 2:4])
+    return q5_quants(b[:, 4:8], b[:, 8:24]), f16(b[:, 0:2]), f16(b[:, 2:4])
 
 
 def _split_q8_0(b):
-    d = _f16(b[:, 0:2])
+    d = f16(b[:, 0:2])
     return b[:, 2:34] ^ np.uint8(0x80), d, -128 * d  # q + 128 as unsigned
 
 
 def _split_q4_k(b):
     n = b.shape[0]
-    sc, mn = _k_scales(b[:, 4:16])
-    d = _f16(b[:, 0:2]) * sc.astype(np.float32)  # (n, 8)
-    m = -(_f16(b[:, 2:4]) * mn.astype(np.float32))  # (n, 8)
+    sc, mn = k_scales(b[:, 4:16])
+    d = f16(b[:, 0:2]) * sc.astype(np.float32)  # (n, 8)
+    m = -(f16(b[:, 2:4]) * mn.astype(np.float32))  # (n, 8)
     u = _nibbles(b[:, 16:144].reshape(n, 4, 32)).reshape(n, 256)  # sub-blocks 2g, 2g+1 per 32 B
     return u, d, m
 
@@ -139,7 +123,7 @@ def _split_q6_k(b):
     n = b.shape[0]
     ql = b[:, 0:128].reshape(n, 2, 64)
     qh = b[:, 128:192].reshape(n, 2, 1, 32)
-    d = _f16(b[:, 208:210]) * b[:, 192:208].view(np.int8).astype(np.float32)  # (n, 16)
+    d = f16(b[:, 208:210]) * b[:, 192:208].view(np.int8).astype(np.float32)  # (n, 16)
     low = _nibbles(ql).reshape(n, 2, 4, 32)  # (n, half, k, 32)
     high = (qh >> np.array([0, 2, 4, 6], np.uint8)[:, None]) & 3  # (n, half, k, 32)
     return (low | (high << 4)).reshape(n, 256), d, -32 * d
@@ -210,8 +194,6 @@ def repack(raw: np.ndarray, qtype, shape: tuple) -> PackedWeight:
             return PackedWeight(qtype, n_out, n_in, layout, data=data)
         except OverflowError:
             pass  # rare K-quant scales beyond float16: fall through to the dense path
-    from kernels.dequant import dequantize
-
     dense = dequantize(raw, qtype, (n_out, n_in))
     return PackedWeight(qtype, n_out, n_in, dense=np.ascontiguousarray(dense))
 
