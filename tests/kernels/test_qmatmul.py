@@ -107,18 +107,13 @@ def test_matvec_writes_into_out():
 
 @pytest.mark.parametrize("terms", [1, 2])
 @pytest.mark.parametrize("n", [1, 3, 40])
-def test_quantize_activations_matches_ref(n, terms):
+def test_quantize_activations_ref(n, terms):
+    """The rounding the twin quantizer does (test_twins holds the kernels to it bit for bit)."""
     x = np.random.default_rng(n).standard_normal((n, 96)).astype(np.float32) * 5
     x[0, :32] = 0  # an all-zero block has scale 0
     x[-1, 40] = 1e-30  # a tiny value beside big ones
-    ref = qmatmul.quantize_activations_ref(x, terms)
-    for kernel in (qmatmul.quantize_activations, qmatmul.quantize_activations_parallel):
-        xq = np.empty((terms * n, 96), np.int8)
-        xd, xs = np.empty((n, 3), np.float32), np.empty((n, 6), np.float32)
-        kernel(x, xq, xd, xs)
-        for got, want in zip((xq, xd, xs), ref, strict=True):  # bit for bit: no fastmath
-            np.testing.assert_array_equal(got, want)
-    xq, xd, xs = ref
+    xq, xd, xs = qmatmul.quantize_activations_ref(x, terms)
+    assert xq.shape == (terms * n, 96) and xd.shape == (n, 3) and xs.shape == (n, 6)
     assert np.abs(xq).max() <= 127 and xd[0, 0] == 0
     # the activations the kernels see, and how far they are from x
     used = qmatmul.dequantize_activations_ref(xq, xd)
