@@ -6,8 +6,9 @@ the CPU has it). Activations are rounded to 15 bits per block of 32 inside `line
 terms), so each matmul is within ~0.004 % of the float product and greedy decoding follows the
 reference backend; `act_terms = 1` gives llama.cpp's 8-bit rounding (~0.5 %).
 
-Extras beyond the Backends table (docs/internals.md, "Fast backend extras"): `prepare_many` +
-`linear_many` run several matrices that read the same input (q|k|v, gate|up) as one kernel call.
+`prepare_many` + `linear_many` run several matrices that read the same input (q|k|v, gate|up)
+as one kernel call (the reference backend runs them one by one); `encoder_workers` is the one
+extra beyond the reference backend's methods.
 """
 
 from __future__ import annotations
