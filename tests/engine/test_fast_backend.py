@@ -1,7 +1,7 @@
 """FastBackend against ReferenceBackend (plain NumPy) on the same calls.
 
-Everything but `linear` agrees to float rounding; `linear` rounds the activations to 8 bits per
-block of 32 (see kernels.qmatmul), so it is held to that error bound instead.
+Everything but `linear` agrees to float rounding; `linear` rounds the activations per block of
+32 (see kernels.qmatmul), so it is held to the looser bound of one 8-bit term instead.
 """
 
 import sys
