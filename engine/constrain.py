@@ -296,10 +296,6 @@ class Constraint:
         """True when the grammar is satisfied and can take no more text."""
         return self.matcher.is_stopped()
 
-    @property
-    def is_accepting(self) -> bool:
-        return self.matcher.is_accepting()
-
     def _check(self) -> None:
         if self.matcher.is_error():
             raise EngineError(f"constrained decoding failed: {self.matcher.get_error()}")

@@ -26,7 +26,7 @@ def _fields(blocks: np.ndarray, *widths: int) -> list[np.ndarray]:
     return np.split(blocks, np.cumsum(widths)[:-1], axis=1)
 
 
-def _f16(field: np.ndarray) -> np.ndarray:
+def f16(field: np.ndarray) -> np.ndarray:
     """`(n_blocks, 2)` uint8 holding one float16 -> `(n_blocks, 1)` float32."""
     return field.view(np.float16).astype(np.float32)
 
@@ -51,7 +51,7 @@ def dequant_f32_ref(blocks: np.ndarray) -> np.ndarray:
 
 def dequant_f16_ref(blocks: np.ndarray) -> np.ndarray:
     """F16: 2 bytes, an IEEE float16. `(n, 2)` uint8 -> `(n, 1)` float32."""
-    return _f16(blocks)
+    return f16(blocks)
 
 
 def dequant_bf16_ref(blocks: np.ndarray) -> np.ndarray:
@@ -76,7 +76,7 @@ def dequant_q4_0_ref(blocks: np.ndarray) -> np.ndarray:
     n = blocks.shape[0]
     d, qs = _fields(blocks, 2, 16)
     q = _unpack(qs, 4).reshape(n, 32).astype(np.int8) - 8  # (n, 32) in [-8, 7]
-    return _f16(d) * q.astype(np.float32)
+    return f16(d) * q.astype(np.float32)
 
 
 def dequant_q4_1_ref(blocks: np.ndarray) -> np.ndarray:
@@ -93,12 +93,12 @@ def dequant_q4_1_ref(blocks: np.ndarray) -> np.ndarray:
     n = blocks.shape[0]
     d, m, qs = _fields(blocks, 2, 2, 16)
     q = _unpack(qs, 4).reshape(n, 32).astype(np.float32)  # (n, 32) in [0, 15]
-    x = _f16(d) * q
-    x += _f16(m)
+    x = f16(d) * q
+    x += f16(m)
     return x
 
 
-def _q5_quants(qh: np.ndarray, qs: np.ndarray) -> np.ndarray:
+def q5_quants(qh: np.ndarray, qs: np.ndarray) -> np.ndarray:
     """5-bit q of Q5_0/Q5_1: `(n, 4)` high bits and `(n, 16)` nibbles -> `(n, 32)` uint8."""
     n = qs.shape[0]
     low = _unpack(qs, 4).reshape(n, 32)  # (n, 32)
@@ -118,8 +118,8 @@ def dequant_q5_0_ref(blocks: np.ndarray) -> np.ndarray:
     `(n_blocks, 22)` uint8 -> `(n_blocks, 32)` float32.
     """
     d, qh, qs = _fields(blocks, 2, 4, 16)
-    q = _q5_quants(qh, qs).astype(np.int8) - 16  # (n, 32) in [-16, 15]
-    return _f16(d) * q.astype(np.float32)
+    q = q5_quants(qh, qs).astype(np.int8) - 16  # (n, 32) in [-16, 15]
+    return f16(d) * q.astype(np.float32)
 
 
 def dequant_q5_1_ref(blocks: np.ndarray) -> np.ndarray:
@@ -135,9 +135,9 @@ def dequant_q5_1_ref(blocks: np.ndarray) -> np.ndarray:
     `(n_blocks, 24)` uint8 -> `(n_blocks, 32)` float32.
     """
     d, m, qh, qs = _fields(blocks, 2, 2, 4, 16)
-    q = _q5_quants(qh, qs).astype(np.float32)  # (n, 32) in [0, 31]
-    x = _f16(d) * q
-    x += _f16(m)
+    q = q5_quants(qh, qs).astype(np.float32)  # (n, 32) in [0, 31]
+    x = f16(d) * q
+    x += f16(m)
     return x
 
 
@@ -152,7 +152,7 @@ def dequant_q8_0_ref(blocks: np.ndarray) -> np.ndarray:
     `(n_blocks, 34)` uint8 -> `(n_blocks, 32)` float32.
     """
     d, qs = _fields(blocks, 2, 32)
-    return _f16(d) * qs.view(np.int8).astype(np.float32)
+    return f16(d) * qs.view(np.int8).astype(np.float32)
 
 
 # --- K-quants: 256-element super-blocks of 16 or 8 sub-blocks with their own scales ---------------
@@ -173,8 +173,8 @@ def dequant_q2_k_ref(blocks: np.ndarray) -> np.ndarray:
     """
     n = blocks.shape[0]
     scales, qs, d, dmin = _fields(blocks, 16, 64, 2, 2)
-    sc = _f16(d) * (scales & 0xF).astype(np.float32)  # (n, 16)
-    m = _f16(dmin) * (scales >> 4).astype(np.float32)  # (n, 16)
+    sc = f16(d) * (scales & 0xF).astype(np.float32)  # (n, 16)
+    m = f16(dmin) * (scales >> 4).astype(np.float32)  # (n, 16)
     q = _unpack(qs.reshape(n, 2, 32), 2).reshape(n, 16, 16)  # (n, sub-block, 16)
     x = sc[:, :, None] * q.astype(np.float32)
     x -= m[:, :, None]
@@ -206,7 +206,7 @@ def dequant_q3_k_ref(blocks: np.ndarray) -> np.ndarray:
     low = _unpack(scales[:, :8], 4).reshape(n, 16)  # (n, 16): A..H from low nibbles, I..P high
     high = _unpack(scales[:, 8:], 2).reshape(n, 16)  # (n, 16): byte 8+i%4, bits 2*(i//4)
     sc = ((low | (high << 4)).astype(np.int8) - 32).astype(np.float32)  # (n, 16) in [-32, 31]
-    sc = _f16(d) * sc  # (n, 16)
+    sc = f16(d) * sc  # (n, 16)
 
     q_low = _unpack(qs.reshape(n, 2, 32), 2).reshape(n, 8, 32)  # (n, 8, 32)
     q_high = _unpack(hmask, 1)  # (n, 8, 32): row k = bit k of each hmask byte
@@ -215,8 +215,10 @@ def dequant_q3_k_ref(blocks: np.ndarray) -> np.ndarray:
     return x.reshape(n, QK_K)
 
 
-def _k_scales(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def k_scales(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Unpack the 12-byte scales of Q4_K/Q5_K: `(n, 12)` -> sc, m each `(n, 8)` uint8 in [0, 63].
+
+    (`kernels.qpack` reads Q4_K's scales with it too.)
 
     Sub-block j's 6-bit scale and min are A..H and a..h, upper-case = low bits:
 
@@ -238,7 +240,7 @@ def dequant_q4_k_ref(blocks: np.ndarray) -> np.ndarray:
     |--------|--------|-------------------------------------------------------------|
     | 0-1    | d      | f16 super-scale of sc                                       |
     | 2-3    | dmin   | f16 super-scale of m                                        |
-    | 4-15   | scales | 8 6-bit sc and 8 6-bit m, see `_k_scales`                   |
+    | 4-15   | scales | 8 6-bit sc and 8 6-bit m, see `k_scales`                    |
     | 16-143 | qs     | 4-bit q; 4 groups of 32 bytes, see below                    |
 
     Group g of qs holds sub-block 2g in its low nibbles and sub-block 2g+1 in its high nibbles.
@@ -246,9 +248,9 @@ def dequant_q4_k_ref(blocks: np.ndarray) -> np.ndarray:
     """
     n = blocks.shape[0]
     d, dmin, scales, qs = _fields(blocks, 2, 2, 12, 128)
-    sc, m = _k_scales(scales)
-    sc = _f16(d) * sc.astype(np.float32)  # (n, 8)
-    m = _f16(dmin) * m.astype(np.float32)  # (n, 8)
+    sc, m = k_scales(scales)
+    sc = f16(d) * sc.astype(np.float32)  # (n, 8)
+    m = f16(dmin) * m.astype(np.float32)  # (n, 8)
     q = _unpack(qs.reshape(n, 4, 32), 4).reshape(n, 8, 32)  # (n, sub-block, 32)
     x = sc[:, :, None] * q.astype(np.float32)
     x -= m[:, :, None]
@@ -262,7 +264,7 @@ def dequant_q5_k_ref(blocks: np.ndarray) -> np.ndarray:
     |--------|--------|--------------------------------------------------------------|
     | 0-1    | d      | f16 super-scale of sc                                        |
     | 2-3    | dmin   | f16 super-scale of m                                         |
-    | 4-15   | scales | 8 6-bit sc and 8 6-bit m, as in Q4_K (`_k_scales`)           |
+    | 4-15   | scales | 8 6-bit sc and 8 6-bit m, as in Q4_K (`k_scales`)            |
     | 16-47  | qh     | bit 4 of q: element 32*k + l is bit k of qh[l]               |
     | 48-175 | qs     | low 4 bits of q, arranged as in Q4_K                         |
 
@@ -270,9 +272,9 @@ def dequant_q5_k_ref(blocks: np.ndarray) -> np.ndarray:
     """
     n = blocks.shape[0]
     d, dmin, scales, qh, qs = _fields(blocks, 2, 2, 12, 32, 128)
-    sc, m = _k_scales(scales)
-    sc = _f16(d) * sc.astype(np.float32)  # (n, 8)
-    m = _f16(dmin) * m.astype(np.float32)  # (n, 8)
+    sc, m = k_scales(scales)
+    sc = f16(d) * sc.astype(np.float32)  # (n, 8)
+    m = f16(dmin) * m.astype(np.float32)  # (n, 8)
     q_low = _unpack(qs.reshape(n, 4, 32), 4).reshape(n, 8, 32)  # (n, 8, 32)
     q_high = _unpack(qh, 1)  # (n, 8, 32)
     q = q_low | (q_high << 4)  # (n, sub-block, 32) in [0, 31]
@@ -298,7 +300,7 @@ def dequant_q6_k_ref(blocks: np.ndarray) -> np.ndarray:
     """
     n = blocks.shape[0]
     ql, qh, scales, d = _fields(blocks, 128, 64, 16, 2)
-    sc = _f16(d) * scales.view(np.int8).astype(np.float32)  # (n, 16)
+    sc = f16(d) * scales.view(np.int8).astype(np.float32)  # (n, 16)
     q_low = _unpack(ql.reshape(n, 2, 64), 4).reshape(n, 2, 4, 32)  # (n, half, k, 32)
     q_high = _unpack(qh.reshape(n, 2, 32), 2)  # (n, half, k, 32)
     q = (q_low | (q_high << 4)).astype(np.int8) - 32  # in [-32, 31]

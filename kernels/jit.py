@@ -2,7 +2,7 @@
 
 Kernels import `njit`/`pnjit` from here rather than configuring Numba themselves, so the policy
 (caching, fastmath flags, parallelism) is decided once. `ISA` names the instruction-set path the
-quantized matmul dispatches to; force a fallback with `NUMBALM_ISA=generic` (or `avx2`) to test it.
+quantized matmul dispatches to; force the portable one with `NUMBALM_ISA=generic` to test it.
 """
 
 from __future__ import annotations
@@ -46,27 +46,24 @@ def cpu_flags() -> set[str]:
 
 
 _FLAGS = cpu_flags()
-HAS_AVX2 = "avx2" in _FLAGS
 HAS_AVX512_VNNI = {"avx512f", "avx512bw", "avx512_vnni"} <= _FLAGS or {
     "avx512f",
     "avx512bw",
     "avx512vnni",
 } <= _FLAGS
 
-ISAS = ("vnni", "avx2", "generic")
+ISAS = ("vnni", "generic")  # AVX-512 VNNI, or plain Numba loops that run anywhere
 
 
 def _pick_isa() -> str:
     forced = os.environ.get("NUMBALM_ISA", "").strip().lower()
     if forced:
         if forced not in ISAS:
-            raise ValueError(f"NUMBALM_ISA must be one of {ISAS}, not {forced!r}")
+            raise ValueError(f"NUMBALM_ISA must be {' or '.join(ISAS)}, not {forced!r}")
         if forced == "vnni" and not HAS_AVX512_VNNI:
             raise ValueError("NUMBALM_ISA=vnni but this CPU has no AVX-512 VNNI")
         return forced
-    if HAS_AVX512_VNNI:
-        return "vnni"
-    return "avx2" if HAS_AVX2 else "generic"
+    return "vnni" if HAS_AVX512_VNNI else "generic"
 
 
 # The quantized-matmul path used when a caller does not ask for one (see kernels.qmatmul).

@@ -83,6 +83,10 @@ def rope(x, positions, freq_base, neox, out):
 
 # --- gated activations ---------------------------------------------------------------------------
 
+# GELU's tanh approximation: gelu_tanh(x) = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+GELU_TANH_C = np.float32(math.sqrt(2.0 / math.pi))
+GELU_TANH_A = np.float32(0.044715)
+
 
 def silu_gate_ref(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
     """SwiGLU: silu(gate) * up, element-wise, any shape."""
@@ -91,8 +95,7 @@ def silu_gate_ref(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
 
 def gelu_gate_ref(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
     """GeGLU with GELU's tanh approximation (gemma): gelu_tanh(gate) * up."""
-    c = np.float32(np.sqrt(2.0 / np.pi))
-    return 0.5 * gate * (1.0 + np.tanh(c * (gate + np.float32(0.044715) * gate**3))) * up
+    return 0.5 * gate * (1.0 + np.tanh(GELU_TANH_C * (gate + GELU_TANH_A * gate**3))) * up
 
 
 @njit(inline="always")
@@ -131,13 +134,12 @@ def silu_gate(gate, up, out):
 @njit(error_model="numpy")  # no divide-by-zero branch: the loop vectorizes (see gelu)
 def gelu_gate(gate, up, out):
     """Numba twin of `gelu_gate_ref` on (n, d) float32 arrays."""
-    c = np.float32(math.sqrt(2.0 / math.pi))
     half = np.float32(0.5)
     n, d = gate.shape
     for i in range(n):
         for j in range(d):
             g = gate[i, j]
-            inner = c * (g + np.float32(0.044715) * g * g * g)
+            inner = GELU_TANH_C * (g + GELU_TANH_A * g * g * g)
             out[i, j] = half * g * (np.float32(1) + _tanh(inner)) * up[i, j]
 
 

@@ -28,8 +28,8 @@ every output
 ~0.004 % with two, close to a float32 product. The tests assert this bound.
 
 Paths (chosen by `isa`, default `kernels.jit.ISA`): `vnni` (AVX-512 VNNI, `kernels.vnni`;
-`vnni-serial` runs it on one thread, chosen by default for small products), `generic` and
-`avx2` (plain Numba integer loops over the same layout, portable and slow).
+`vnni-serial` runs it on one thread, chosen by default for small products) and `generic` (plain
+Numba integer loops over the same layout, portable and slow).
 Dense float weights (F32, F16 and formats without a packed layout) use NumPy's BLAS matmul.
 """
 
@@ -41,9 +41,8 @@ import numpy as np
 from numba import prange
 
 from kernels import jit
-from kernels.qpack import LAYOUT_BYTE16, LAYOUT_NIBBLE32, PackedWeight, unpack_ref
+from kernels.qpack import GROUP, LAYOUT_BLK, LAYOUT_NIBBLE32, SCALE_BYTES, PackedWeight, unpack_ref
 
-GROUP = 16
 TERMS = 2  # activation terms per block by default (see the module docstring)
 FINE_BITS = 7
 FINE = 1 << FINE_BITS  # the second term counts in units of xd / FINE (exact scaling)
@@ -171,9 +170,9 @@ def qmatmul_generic(w, layout, block_bytes, xq, xd, xs, n_out, out):
     n_in = n_x32 * 32
     terms = xq.shape[0] // n_tok
     unit = np.float32(1.0 / FINE) if terms == 2 else np.float32(1)
-    blk = 16 if layout == LAYOUT_BYTE16 else 32
+    blk = LAYOUT_BLK[layout]
     nibble = layout == LAYOUT_NIBBLE32
-    n_chunks = blk // 4 // (2 if nibble else 1)
+    n_chunks = (block_bytes - SCALE_BYTES) // 64  # 64-byte chunks of quants per block
     nb = n_in // blk
     n_groups = (n_out + GROUP - 1) // GROUP
     for g in prange(n_groups):
@@ -255,7 +254,7 @@ def matvec(x: np.ndarray, w: PackedWeight, out: np.ndarray | None = None, isa: s
 
 # Below this many (weight bytes x tokens) one thread beats waking the others.
 SERIAL_BYTES = 96 * 1024
-_KERNELS = {"generic": qmatmul_generic, "avx2": qmatmul_generic}
+_KERNELS = {"generic": qmatmul_generic}
 
 
 def _load_kernel(isa: str):

@@ -36,10 +36,18 @@ from dataclasses import dataclass
 import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
+from kernels.dequant import dequantize, f16, k_scales, q5_quants
+
 Q = GGMLQuantizationType
 GROUP = 16  # rows per interleaved group = int32 lanes of a 512-bit register
 LAYOUT_NIBBLE32, LAYOUT_BYTE32, LAYOUT_BYTE16 = 0, 1, 2  # codes passed to the kernels
-LAYOUT_BLK = {LAYOUT_NIBBLE32: 32, LAYOUT_BYTE32: 32, LAYOUT_BYTE16: 16}
+LAYOUT_BLK = (32, 32, 16)  # elements per block, by layout code (a tuple, so Numba can index it)
+SCALE_BYTES = 2 * GROUP * 2  # the d and m of one block record: 16 float16 each
+
+
+def quant_bytes(layout: int) -> int:
+    """Bytes of quants in one block record: 16 rows x blk elements of 4 or 8 bits."""
+    return GROUP * LAYOUT_BLK[layout] // (2 if layout == LAYOUT_NIBBLE32 else 1)
 
 
 @dataclass
@@ -47,8 +55,7 @@ class PackedWeight:
     """A weight matrix ready for `kernels.qmatmul`: `(n_out, n_in)` in NumPy order.
 
     `data` is the flat uint8 group/block stream described in the module docstring, or None for
-    float weights, which live in `dense` as float32 `(n_out, n_in)`. `raw` keeps the GGUF bytes
-    (for embedding-row lookup).
+    float weights, which live in `dense` as float32 `(n_out, n_in)`.
     """
 
     qtype: GGMLQuantizationType
@@ -57,14 +64,11 @@ class PackedWeight:
     layout: int = -1  # LAYOUT_* code, -1 for dense float
     data: np.ndarray | None = None  # (n_groups * group_bytes,) uint8
     dense: np.ndarray | None = None  # (n_out, n_in) float32
-    raw: np.ndarray | None = None
 
     def __post_init__(self):
         if self.layout >= 0:
             self.blk = LAYOUT_BLK[self.layout]
-            # bytes of one block record of one group: quants + 16 d + 16 m
-            quant = GROUP * self.blk // (2 if self.layout == LAYOUT_NIBBLE32 else 1)
-            self.block_bytes = quant + 2 * GROUP * 2
+            self.block_bytes = quant_bytes(self.layout) + SCALE_BYTES  # one group's block record
 
     @property
     def n_groups(self) -> int:
@@ -78,57 +82,39 @@ class PackedWeight:
 # --- per-format decomposition into (u, d, m) ------------------------------------------------------
 
 
-def _f16(b: np.ndarray) -> np.ndarray:
-    """`(n, 2)` uint8 -> `(n, 1)` float32."""
-    return b.view(np.float16).astype(np.float32)
-
-
 def _nibbles(qs: np.ndarray) -> np.ndarray:
     """`(..., k)` bytes -> `(..., 2k)`: the k low nibbles, then the k high nibbles."""
     return np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
 
 
-def _q5_high(qh: np.ndarray) -> np.ndarray:
-    """`(n, 4)` little-endian u32 bytes -> `(n, 32)` bit 4 of each element (bit j = element j)."""
-    return np.unpackbits(qh, axis=1, bitorder="little")
-
-
-def _k_scales(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Q4_K/Q5_K 12-byte packed 6-bit scales `(n, 12)` -> sc, m `(n, 8)` (see kernels.dequant)."""
-    s0, s1, s2 = s[:, 0:4], s[:, 4:8], s[:, 8:12]
-    sc = np.concatenate([s0 & 0x3F, (s2 & 0x0F) | ((s0 >> 6) << 4)], axis=1)
-    m = np.concatenate([s1 & 0x3F, (s2 >> 4) | ((s1 >> 6) << 4)], axis=1)
-    return sc, m
-
-
 def _split_q4_0(b):
-    d = _f16(b[:, 0:2])
+    d = f16(b[:, 0:2])
     return _nibbles(b[:, 2:18]), d, -8 * d
 
 
 def _split_q4_1(b):
-    return _nibbles(b[:, 4:20]), _f16(b[:, 0:2]), _f16(b[:, 2:4])
+    return _nibbles(b[:, 4:20]), f16(b[:, 0:2]), f16(b[:, 2:4])
 
 
 def _split_q5_0(b):
-    d = _f16(b[:, 0:2])
-    return _nibbles(b[:, 6:22]) | (_q5_high(b[:, 2:6]) << 4), d, -16 * d
+    d = f16(b[:, 0:2])
+    return q5_quants(b[:, 2:6], b[:, 6:22]), d, -16 * d
 
 
 def _split_q5_1(b):
-    return _nibbles(b[:, 8:24]) | (_q5_high(b[:, 4:8]) << 4), _f16(b[:, 0:2]), _f16(b[:, 2:4])
+    return q5_quants(b[:, 4:8], b[:, 8:24]), f16(b[:, 0:2]), f16(b[:, 2:4])
 
 
 def _split_q8_0(b):
-    d = _f16(b[:, 0:2])
+    d = f16(b[:, 0:2])
     return b[:, 2:34] ^ np.uint8(0x80), d, -128 * d  # q + 128 as unsigned
 
 
 def _split_q4_k(b):
     n = b.shape[0]
-    sc, mn = _k_scales(b[:, 4:16])
-    d = _f16(b[:, 0:2]) * sc.astype(np.float32)  # (n, 8)
-    m = -(_f16(b[:, 2:4]) * mn.astype(np.float32))  # (n, 8)
+    sc, mn = k_scales(b[:, 4:16])
+    d = f16(b[:, 0:2]) * sc.astype(np.float32)  # (n, 8)
+    m = -(f16(b[:, 2:4]) * mn.astype(np.float32))  # (n, 8)
     u = _nibbles(b[:, 16:144].reshape(n, 4, 32)).reshape(n, 256)  # sub-blocks 2g, 2g+1 per 32 B
     return u, d, m
 
@@ -137,7 +123,7 @@ def _split_q6_k(b):
     n = b.shape[0]
     ql = b[:, 0:128].reshape(n, 2, 64)
     qh = b[:, 128:192].reshape(n, 2, 1, 32)
-    d = _f16(b[:, 208:210]) * b[:, 192:208].view(np.int8).astype(np.float32)  # (n, 16)
+    d = f16(b[:, 208:210]) * b[:, 192:208].view(np.int8).astype(np.float32)  # (n, 16)
     low = _nibbles(ql).reshape(n, 2, 4, 32)  # (n, half, k, 32)
     high = (qh >> np.array([0, 2, 4, 6], np.uint8)[:, None]) & 3  # (n, half, k, 32)
     return (low | (high << 4)).reshape(n, 256), d, -32 * d
@@ -205,13 +191,11 @@ def repack(raw: np.ndarray, qtype, shape: tuple) -> PackedWeight:
         u, d, m, layout = decompose(raw, qtype, (n_out, n_in))
         try:
             data = pack(u, d, m, layout)
-            return PackedWeight(qtype, n_out, n_in, layout, data=data, raw=raw)
+            return PackedWeight(qtype, n_out, n_in, layout, data=data)
         except OverflowError:
             pass  # rare K-quant scales beyond float16: fall through to the dense path
-    from kernels.dequant import dequantize
-
     dense = dequantize(raw, qtype, (n_out, n_in))
-    return PackedWeight(qtype, n_out, n_in, dense=np.ascontiguousarray(dense), raw=raw)
+    return PackedWeight(qtype, n_out, n_in, dense=np.ascontiguousarray(dense))
 
 
 def unpack_ref(w: PackedWeight) -> np.ndarray:
@@ -220,7 +204,7 @@ def unpack_ref(w: PackedWeight) -> np.ndarray:
         return w.dense
     blk, nb, G = w.blk, w.n_in // w.blk, w.n_groups
     recs = w.data.reshape(G, nb, w.block_bytes)  # (g, b, record)
-    quant, scales = recs[..., : -4 * GROUP], recs[..., -4 * GROUP :]
+    quant, scales = recs[..., :-SCALE_BYTES], recs[..., -SCALE_BYTES:]
     q = quant.reshape(G, nb, -1, GROUP, 4).transpose(0, 3, 1, 2, 4).reshape(G, GROUP, nb, -1)
     if w.layout == LAYOUT_NIBBLE32:
         q = np.concatenate([q & 0x0F, q >> 4], axis=-1)  # (g, r, b, 32)

@@ -26,9 +26,16 @@ from numba.extending import intrinsic
 
 from kernels.jit import njit, pnjit
 from kernels.qmatmul import FINE_BITS
-from kernels.qpack import LAYOUT_BYTE16, LAYOUT_NIBBLE32
+from kernels.qpack import (
+    GROUP,
+    LAYOUT_BLK,
+    LAYOUT_BYTE16,
+    LAYOUT_BYTE32,
+    LAYOUT_NIBBLE32,
+    SCALE_BYTES,
+    quant_bytes,
+)
 
-GROUP = 16
 PREFETCH_BYTES = 4096  # how far ahead of the current block the weight stream is prefetched
 
 _i8, _i32, _i64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
@@ -58,10 +65,10 @@ def _make_group_dot(layout: int, nt: int, terms: int):
     t0..t0+nt-1; out float32 flat, rows of length n_out, written at out_off + t*n_out for the
     first n_valid of the 16 lanes.
     """
-    blk = 16 if layout == LAYOUT_BYTE16 else 32
+    blk = LAYOUT_BLK[layout]
     nibble = layout == LAYOUT_NIBBLE32
-    n_chunks = blk // 4 // (2 if nibble else 1)  # 64-byte loads per block
-    block_bytes = 64 * n_chunks + 64
+    n_chunks = quant_bytes(layout) // 64  # 64-byte loads per block
+    block_bytes = quant_bytes(layout) + SCALE_BYTES
 
     @intrinsic
     def group_dot(typingctx, w, w_off, xq, xd, xs, t0, n_in, q2_off, out, out_off, n_out,
@@ -191,18 +198,18 @@ def _make_group_dot(layout: int, nt: int, terms: int):
 
 TILE = 4  # tokens per weight load in the prefill kernel
 # one intrinsic per (layout, tile of 1 or TILE tokens, activation terms)
-_dot_n32_t1 = _make_group_dot(0, 1, 1)
-_dot_n32_t4 = _make_group_dot(0, TILE, 1)
-_dot_b32_t1 = _make_group_dot(1, 1, 1)
-_dot_b32_t4 = _make_group_dot(1, TILE, 1)
-_dot_b16_t1 = _make_group_dot(2, 1, 1)
-_dot_b16_t4 = _make_group_dot(2, TILE, 1)
-_dot2_n32_t1 = _make_group_dot(0, 1, 2)
-_dot2_n32_t4 = _make_group_dot(0, TILE, 2)
-_dot2_b32_t1 = _make_group_dot(1, 1, 2)
-_dot2_b32_t4 = _make_group_dot(1, TILE, 2)
-_dot2_b16_t1 = _make_group_dot(2, 1, 2)
-_dot2_b16_t4 = _make_group_dot(2, TILE, 2)
+_dot_n32_t1 = _make_group_dot(LAYOUT_NIBBLE32, 1, 1)
+_dot_n32_t4 = _make_group_dot(LAYOUT_NIBBLE32, TILE, 1)
+_dot_b32_t1 = _make_group_dot(LAYOUT_BYTE32, 1, 1)
+_dot_b32_t4 = _make_group_dot(LAYOUT_BYTE32, TILE, 1)
+_dot_b16_t1 = _make_group_dot(LAYOUT_BYTE16, 1, 1)
+_dot_b16_t4 = _make_group_dot(LAYOUT_BYTE16, TILE, 1)
+_dot2_n32_t1 = _make_group_dot(LAYOUT_NIBBLE32, 1, 2)
+_dot2_n32_t4 = _make_group_dot(LAYOUT_NIBBLE32, TILE, 2)
+_dot2_b32_t1 = _make_group_dot(LAYOUT_BYTE32, 1, 2)
+_dot2_b32_t4 = _make_group_dot(LAYOUT_BYTE32, TILE, 2)
+_dot2_b16_t1 = _make_group_dot(LAYOUT_BYTE16, 1, 2)
+_dot2_b16_t4 = _make_group_dot(LAYOUT_BYTE16, TILE, 2)
 
 
 @njit
@@ -211,28 +218,28 @@ def _dot(layout, terms, tile, w, w_off, xq, xd, xs, t, n_in, q2_off, outf, o, n_
     a = (w, w_off, xq, xd, xs, t, n_in, q2_off, outf, o, n_out, n_valid)
     if terms == 1:
         if tile == TILE:
-            if layout == 0:
+            if layout == LAYOUT_NIBBLE32:
                 _dot_n32_t4(*a)
-            elif layout == 1:
+            elif layout == LAYOUT_BYTE32:
                 _dot_b32_t4(*a)
             else:
                 _dot_b16_t4(*a)
-        elif layout == 0:
+        elif layout == LAYOUT_NIBBLE32:
             _dot_n32_t1(*a)
-        elif layout == 1:
+        elif layout == LAYOUT_BYTE32:
             _dot_b32_t1(*a)
         else:
             _dot_b16_t1(*a)
     elif tile == TILE:
-        if layout == 0:
+        if layout == LAYOUT_NIBBLE32:
             _dot2_n32_t4(*a)
-        elif layout == 1:
+        elif layout == LAYOUT_BYTE32:
             _dot2_b32_t4(*a)
         else:
             _dot2_b16_t4(*a)
-    elif layout == 0:
+    elif layout == LAYOUT_NIBBLE32:
         _dot2_n32_t1(*a)
-    elif layout == 1:
+    elif layout == LAYOUT_BYTE32:
         _dot2_b32_t1(*a)
     else:
         _dot2_b16_t1(*a)
@@ -262,7 +269,7 @@ def qmatmul_vnni(w, layout, block_bytes, xq, xd, xs, n_out, out):
     w: uint8 group stream; xq (terms * n_tok, n_in) int8; xd (n_tok, n_in/32),
     xs (n_tok, n_in/16). Groups of 16 rows are shared out between the threads.
     """
-    group_bytes = block_bytes * (xq.shape[1] // (16 if layout == 2 else 32))
+    group_bytes = block_bytes * (xq.shape[1] // LAYOUT_BLK[layout])
     outf = out.reshape(-1)
     for g in prange((n_out + GROUP - 1) // GROUP):
         _group(w, layout, group_bytes, xq, xd, xs, n_out, outf, g)
@@ -272,7 +279,7 @@ def qmatmul_vnni(w, layout, block_bytes, xq, xd, xs, n_out, out):
 def qmatmul_vnni_serial(w, layout, block_bytes, xq, xd, xs, n_out, out):
     """`qmatmul_vnni` on the calling thread: for small matrices, where waking the other
     threads (~3 us) costs more than it saves."""
-    group_bytes = block_bytes * (xq.shape[1] // (16 if layout == 2 else 32))
+    group_bytes = block_bytes * (xq.shape[1] // LAYOUT_BLK[layout])
     outf = out.reshape(-1)
     for g in range((n_out + GROUP - 1) // GROUP):
         _group(w, layout, group_bytes, xq, xd, xs, n_out, outf, g)

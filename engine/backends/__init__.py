@@ -21,9 +21,11 @@ def get_backend(name: str | None = None):
     if name == "fast":
         try:
             from .fast import FastBackend
-        except ImportError:  # the fast backend has not landed on this install
-            from .reference import ReferenceBackend
 
-            return ReferenceBackend()
-        return FastBackend()
+            return FastBackend()
+        except (ImportError, OSError) as e:  # a missing or broken Numba / llvmlite install
+            raise EngineError(
+                f"the fast backend cannot start: {type(e).__name__}: {e}. It needs a working "
+                'Numba; backend="reference" runs the same models in pure NumPy (much slower)'
+            ) from e
     raise EngineError(f"unknown backend {name!r} (choose from {', '.join(BACKENDS)})")

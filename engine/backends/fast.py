@@ -6,8 +6,9 @@ the CPU has it). Activations are rounded to 15 bits per block of 32 inside `line
 terms), so each matmul is within ~0.004 % of the float product and greedy decoding follows the
 reference backend; `act_terms = 1` gives llama.cpp's 8-bit rounding (~0.5 %).
 
-Extras beyond the Backends table (docs/internals.md, "Fast backend extras"): `prepare_many` +
-`linear_many` run several matrices that read the same input (q|k|v, gate|up) as one kernel call.
+`prepare_many` + `linear_many` run several matrices that read the same input (q|k|v, gate|up)
+as one kernel call (the reference backend runs them one by one); `encoder_workers` is the one
+extra beyond the reference backend's methods.
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ import numpy as np
 
 from kernels import attention as attn_kernels
 from kernels import jit, norms, qmatmul
-from kernels.dequant import dequantize, dequantize_rows
 from kernels.qpack import GROUP, PackedWeight, repack
 
 from ..gguf_file import TensorInfo
+from .reference import ReferenceBackend
 
 
 class FusedWeight:
@@ -55,30 +56,21 @@ class FastBackend:
 
     # -- load time -------------------------------------------------------------------------
 
-    def prepare(self, t: TensorInfo, precise: bool = False) -> PackedWeight:
-        """Repack a weight matrix `(n_out, n_in)` for `linear` (dense float32 if no layout).
-
-        `precise=True` keeps the matrix as dense float32 (BLAS), so its input is not rounded
-        at all: for a projection whose error a model amplifies (none needs it at 15 bits).
-        """
-        if precise:
-            dense = dequantize(t.data, t.qtype, t.shape)
-            return PackedWeight(t.qtype, t.shape[0], t.shape[1], -1, dense=dense)
+    def prepare(self, t: TensorInfo) -> PackedWeight:
+        """Repack a weight matrix `(n_out, n_in)` for `linear` (dense float32 if no layout)."""
         return repack(t.data, t.qtype, t.shape)
 
-    def prepare_embedding(self, t: TensorInfo) -> TensorInfo:
-        """The token-embedding table stays as it is in the file; rows are dequantized on lookup."""
-        return t
+    # The embedding table and the encoders' float32 weights load as in the reference backend.
+    prepare_embedding = ReferenceBackend.prepare_embedding
+    prepare_affine = ReferenceBackend.prepare_affine
 
-    def prepare_many(self, ts: list[TensorInfo], precise: bool = False) -> FusedWeight:
+    def prepare_many(self, ts: list[TensorInfo]) -> FusedWeight:
         """Matrices that read the same input (q, k, v or gate, up), for `linear_many`."""
-        return FusedWeight([self.prepare(t, precise) for t in ts])
+        return FusedWeight([self.prepare(t) for t in ts])
 
     # -- the operations --------------------------------------------------------------------
 
-    def embed(self, table: TensorInfo, ids: np.ndarray) -> np.ndarray:
-        """(n,) token ids -> (n, dim) float32 rows of the embedding table."""
-        return dequantize_rows(table.data, table.qtype, table.shape, np.asarray(ids))
+    embed = ReferenceBackend.embed  # a row lookup: dequantizes only the rows asked for
 
     def linear(self, x: np.ndarray, w: PackedWeight) -> np.ndarray:
         """(n, n_in) float32 -> (n, n_out) = x @ W.T. Where the time goes."""
@@ -136,19 +128,13 @@ class FastBackend:
         norms.gelu_gate(gate, up, out)
         return out
 
-    # -- encoders (bert): float32 weights on BLAS, Numba for everything between ------------
-
-    def prepare_affine(self, weights: list[TensorInfo], biases: list[TensorInfo]):
-        """Matrices and biases that read the same input (q, k, v), stacked row-wise.
-
-        -> (W (n_out, n_in), b (n_out,)), C-contiguous float32: `affine` hands W to BLAS.
-        """
-        w = np.concatenate([dequantize(t.data, t.qtype, t.shape) for t in weights])
-        b = np.concatenate([dequantize(t.data, t.qtype, t.shape).reshape(-1) for t in biases])
-        return np.ascontiguousarray(w, np.float32), np.ascontiguousarray(b, np.float32)
+    # -- encoders (bert): float32 weights (`prepare_affine`) on BLAS, Numba for the rest ----
 
     def affine(self, x: np.ndarray, wb, gelu: bool = False) -> np.ndarray:
-        """(n, n_in) -> (n, n_out) = x @ W.T + b (erf-GELU'd when `gelu`): sgemm, one pass."""
+        """(n, n_in) -> (n, n_out) = x @ W.T + b (erf-GELU'd when `gelu`): sgemm, one pass.
+
+        `wb` from `prepare_affine`: W (n_out, n_in) and b (n_out,), C-contiguous float32.
+        """
         w, b = wb
         y = np.ascontiguousarray(x, np.float32) @ w.T  # (n, n_out), BLAS reads W.T in place
         out = np.empty_like(y)  # not in place: aliasing keeps LLVM's loop scalar (12x slower)

@@ -66,17 +66,16 @@ class Layer:
     FUSED = {"attn_qkv": ("attn_q", "attn_k", "attn_v"), "ffn_gate_up": ("ffn_gate", "ffn_up")}
 
     def __init__(self, gf: GGUFFile, i: int, backend, matrices: tuple[str, ...],
-                 vectors: tuple[str, ...], precise: tuple[str, ...] = ()):
+                 vectors: tuple[str, ...]):
         def tensor(name):
             return gf.tensors[f"blk.{i}.{name}.weight"]
 
         fused_parts = {part for parts in self.FUSED.values() for part in parts}
         for fused, parts in self.FUSED.items():
-            is_precise = any(p in precise for p in parts)
-            setattr(self, fused, backend.prepare_many([tensor(p) for p in parts], is_precise))
+            setattr(self, fused, backend.prepare_many([tensor(p) for p in parts]))
         for name in matrices:
             if name not in fused_parts:
-                setattr(self, name, backend.prepare(tensor(name), name in precise))
+                setattr(self, name, backend.prepare(tensor(name)))
         for name in vectors:  # norm weights: small float32 vectors
             t = tensor(name)
             setattr(self, name, dequantize(t.data, t.qtype, t.shape).reshape(-1))
@@ -85,13 +84,12 @@ class Layer:
 class Model:
     MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
     VECTORS = ("attn_norm", "ffn_norm")
-    PRECISE: tuple[str, ...] = ()  # matrices the fast backend must not feed 8-bit inputs
 
     def __init__(self, args: ModelArgs, gf: GGUFFile, backend):
         self.args = args
         self.backend = backend
         self.token_embd = backend.prepare_embedding(gf.tensors["token_embd.weight"])
-        self.layers = [Layer(gf, i, backend, self.MATRICES, self.VECTORS, self.PRECISE)
+        self.layers = [Layer(gf, i, backend, self.MATRICES, self.VECTORS)
                        for i in range(args.n_layers)]
         norm = gf.tensors["output_norm.weight"]
         self.output_norm = dequantize(norm.data, norm.qtype, norm.shape).reshape(-1)

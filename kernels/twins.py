@@ -1,0 +1,246 @@
+"""Every Numba kernel with its NumPy twin: the table `TWINS` that tests/kernels/test_twins.py walks.
+
+`TWINS[kernel] = Twin(ref, cases, rtol, atol, ...)`. For each argument tuple of `cases()`, the
+kernel's result must agree with the twin's,
+
+    |kernel - ref| < atol + rtol * scale        (scale: |ref|, or the entry's own `scale`)
+
+and be equal (`assert_array_equal`) where rtol = atol = 0. A kernel writes into a last argument
+`out` (`into_out`); the few called otherwise say how (`run`, `run_ref`). The test also finds
+every public Numba dispatcher in `kernels/` and fails for one missing here, so a new kernel
+cannot ship without its twin. Names with a leading underscore are helpers, not kernels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from kernels import attention, jit, mask, norms, qmatmul, vnni
+from kernels.qpack import SPLIT, repack, unpack_ref
+from kernels.testing import random_tensor
+
+# --- how a kernel and its twin are called --------------------------------------------------------
+
+
+def into_out(kernel, args: tuple, want):
+    """`kernel(*args, out)` into an `out` shaped like the twin's result, NaN-filled so that an
+    element the kernel forgets to write shows."""
+    out = np.full_like(want, np.nan)
+    kernel(*args, out)
+    return out
+
+
+def returned(ref, args: tuple):
+    """The twin returns its result."""
+    return ref(*args)
+
+
+@dataclass(frozen=True)
+class Twin:
+    """How to check one kernel against its NumPy twin (module docstring)."""
+
+    ref: Callable  # the NumPy twin
+    cases: Callable[[], dict[str, tuple]]  # case name -> arguments of `ref`
+    rtol: float = 0.0
+    atol: float = 0.0
+    scale: Callable | None = None  # scale(*args): what rtol is relative to (default |ref|)
+    run: Callable = into_out  # run(kernel, args, want) -> the kernel's result
+    run_ref: Callable = returned  # run_ref(ref, args) -> the twin's result
+    available: bool = True  # False where this CPU cannot run the kernel
+
+
+def _randn(rng, *shape) -> np.ndarray:
+    return rng.standard_normal(shape).astype(np.float32)
+
+
+# --- norms: RMSNorm, RoPE, gates, LayerNorm, GELU, bias ------------------------------------------
+
+
+def _rms_norm_cases():
+    r = np.random.default_rng(1)
+    return {"5x576": (_randn(r, 5, 576) * 3, _randn(r, 576), 1e-5)}
+
+
+def _rope_cases():
+    r = np.random.default_rng(2)
+    x, pos = _randn(r, 7, 3, 64), np.array([0, 1, 2, 50, 51, 1000, 8191])  # (n, heads, hd), (n,)
+    return {f"neox={neox}": (x, pos, 10000.0, neox) for neox in (False, True)}
+
+
+def _gate_cases():
+    r = np.random.default_rng(3)
+    gate, up = _randn(r, 3, 1536) * 4, _randn(r, 3, 1536)
+    gate[0, :3] = [-100, 100, 0]  # saturated and zero
+    return {"3x1536": (gate, up)}
+
+
+def _gate_scale(gate, up):
+    """tanh is a rational approximation (abs. error ~1e-7): compare relative to |gate * up|."""
+    return np.abs(gate * up)
+
+
+def _layer_norm_cases():
+    r = np.random.default_rng(4)
+    x, w, b = _randn(r, 7, 383) * 3 + 5, _randn(r, 383), _randn(r, 383)  # odd d, mean far from 0
+    return {"7x383": (x, w, b, 1e-12)}
+
+
+def _add_layer_norm_cases():
+    r = np.random.default_rng(5)
+    x, y, w, b = _randn(r, 5, 97), _randn(r, 5, 97) * 10, _randn(r, 97), _randn(r, 97)
+    return {"5x97": (x, y, w, b, 1e-5)}
+
+
+def _gelu_cases():
+    x = np.concatenate([np.linspace(-12, 12, 4001), [0.0, -0.0, 1e-30]]).astype(np.float32)
+    return {"-12..12": (x.reshape(1, -1),)}  # (1, 4004)
+
+
+def _gelu_scale(x):
+    return np.abs(x)
+
+
+def _add_bias_cases():
+    r = np.random.default_rng(6)
+    x, b = _randn(r, 3, 1537) * 3, _randn(r, 1537)
+    return {f"gelu={gelu}": (x, b, gelu) for gelu in (False, True)}
+
+
+# --- attention -----------------------------------------------------------------------------------
+
+# n queries at pos0.., sliding window (0: none), query heads, kv heads
+_ATTENTION_SHAPES = [(1, 0, 0, 9, 3), (1, 37, 0, 9, 3), (6, 0, 0, 4, 1), (5, 20, 0, 4, 1),
+                     (6, 30, 8, 4, 1), (1, 40, 16, 4, 2)]
+
+
+def _attention_cases():
+    r, hd, cases = np.random.default_rng(7), 64, {}
+    for n, pos0, window, n_head, n_kv in _ATTENTION_SHAPES:
+        q = _randn(r, n, n_head, hd)
+        k, v = _randn(r, n_kv, pos0 + n, hd), _randn(r, n_kv, pos0 + n, hd)
+        cases[f"n={n},pos0={pos0},window={window},heads={n_head}/{n_kv}"] = (
+            q, k, v, pos0, window, 0.125)
+    return cases
+
+
+def _with_n_keys(kernel, args, want):
+    """The causal kernels also take n_keys: how much of the k, v buffers holds the cache."""
+    q, k, v, pos0, window, scale = args
+    return into_out(kernel, (q, k, v, k.shape[1], pos0, window, scale), want)
+
+
+def _encoder_attention_cases():
+    r, cases = np.random.default_rng(8), {}
+    for lengths in ([1], [7], [3, 1, 9, 2], [17, 5]):
+        starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)  # (B+1,)
+        qkv = _randn(r, sum(lengths), 3, 3, 24)  # (n, q|k|v, n_head, hd)
+        cases[f"lengths={lengths}"] = (qkv, starts, 0.2)
+    return cases
+
+
+# --- token masks ---------------------------------------------------------------------------------
+
+
+def _mask_cases():
+    r, cases = np.random.default_rng(9), {}
+    for n_vocab in (49152, 1001, 33, 5):
+        words = r.integers(-(2**31), 2**31, (n_vocab + 31) // 32).astype(np.int32)
+        words[::3], words[1::5] = 0, -1  # the kernel's whole-word paths
+        cases[f"vocab={n_vocab}"] = (_randn(r, n_vocab), words)
+    cases["vocab=70,2 words"] = (_randn(r, 70), np.full(2, -1, np.int32))  # tokens past the mask
+    return cases
+
+
+def _in_place(f, args, want=None):
+    """Both work on the logits in place: run each on a copy."""
+    logits, bitmask = args
+    logits = logits.copy()
+    f(logits, bitmask)
+    return logits
+
+
+# --- quantized matmul ----------------------------------------------------------------------------
+
+
+def _quantize_cases():
+    cases = {}
+    for n in (1, 3, 40):  # 40: more than one 16-token task of the parallel kernel
+        x = np.random.default_rng(n).standard_normal((n, 96)).astype(np.float32) * 5
+        x[0, :32] = 0  # an all-zero block has scale 0
+        x[-1, 40] = 1e-30  # a tiny value beside big ones
+        for terms in (1, 2):
+            cases[f"n={n},terms={terms}"] = (x, terms)
+    return cases
+
+
+def _into_xq_xd_xs(kernel, args, want):
+    """The quantizers write xq, xd, xs; the number of terms is xq's rows per token."""
+    x, _ = args
+    xq, xd, xs = (np.empty_like(a) for a in want)
+    kernel(x, xq, xd, xs)
+    return xq, xd, xs
+
+
+def _matmul_cases():
+    """Every packed layout; odd row counts pad the last group; 1, 6 and 37 tokens take the
+    single-token path, the 4-token tile and its remainder."""
+    cases = {}
+    for qtype in SPLIT:
+        for shape in ((37, 256), (64, 512)):
+            for n_tok in (1, 6, 37):
+                w = repack(random_tensor(qtype, shape, seed=shape[0] + n_tok), qtype, shape)
+                x = np.random.default_rng(n_tok).standard_normal((n_tok, shape[1]))
+                for terms in (1, 2):
+                    name = f"{qtype.name},{shape[0]}x{shape[1]},n={n_tok},terms={terms}"
+                    cases[name] = (x.astype(np.float32), w, terms)
+    return cases
+
+
+def _on_quantized(kernel, args, want):
+    """The matmul kernels read activations quantized by the (bit-exact) twin quantizer."""
+    x, w, terms = args
+    xq, xd, xs = qmatmul.quantize_activations_ref(x, terms)
+    out = np.full_like(want, np.nan)
+    kernel(w.data, w.layout, w.block_bytes, xq, xd, xs, w.n_out, out)
+    return out
+
+
+def _matmul_scale(x, w, terms):
+    """Only the float summation order differs: relative to |x| @ |W|.T, (n, n_out)."""
+    return np.abs(x) @ np.abs(unpack_ref(w)).T
+
+
+# --- the table -----------------------------------------------------------------------------------
+
+_GATE = {"cases": _gate_cases, "rtol": 1e-6, "atol": 1e-6, "scale": _gate_scale}
+_ATTENTION = {"cases": _attention_cases, "rtol": 1e-4, "atol": 1e-5, "run": _with_n_keys}
+_QUANTIZE = {"cases": _quantize_cases, "run": _into_xq_xd_xs}  # bit for bit: no fastmath
+_MATMUL = {"cases": _matmul_cases, "rtol": 1e-5, "atol": 1e-6, "scale": _matmul_scale,
+           "run": _on_quantized}
+
+TWINS: dict[Callable, Twin] = {
+    norms.rms_norm: Twin(norms.rms_norm_ref, _rms_norm_cases, rtol=1e-5, atol=1e-5),
+    norms.rope: Twin(norms.rope_ref, _rope_cases, rtol=1e-5, atol=1e-5),
+    norms.silu_gate: Twin(norms.silu_gate_ref, **_GATE),
+    norms.gelu_gate: Twin(norms.gelu_gate_ref, **_GATE),
+    norms.layer_norm: Twin(norms.layer_norm_ref, _layer_norm_cases, rtol=1e-4, atol=1e-5),
+    norms.add_layer_norm: Twin(norms.add_layer_norm_ref, _add_layer_norm_cases, rtol=1e-4,
+                               atol=1e-5),
+    norms.gelu: Twin(norms.gelu_ref, _gelu_cases, rtol=2e-7, atol=2e-7, scale=_gelu_scale),
+    norms.add_bias: Twin(norms.add_bias_ref, _add_bias_cases, rtol=1e-5, atol=1e-6),
+    attention.attention: Twin(attention.attention_ref, **_ATTENTION),
+    attention.attention_blas: Twin(attention.attention_ref, **_ATTENTION),  # NumPy + BLAS
+    attention.encoder_attention: Twin(attention.encoder_attention_ref, _encoder_attention_cases,
+                                      rtol=1e-4, atol=1e-5),
+    mask.apply_token_bitmask: Twin(mask.apply_token_bitmask_ref, _mask_cases, run=_in_place,
+                                   run_ref=_in_place),
+    qmatmul.quantize_activations: Twin(qmatmul.quantize_activations_ref, **_QUANTIZE),
+    qmatmul.quantize_activations_parallel: Twin(qmatmul.quantize_activations_ref, **_QUANTIZE),
+    qmatmul.qmatmul_generic: Twin(qmatmul.matmul_ref, **_MATMUL),
+    vnni.qmatmul_vnni: Twin(qmatmul.matmul_ref, **_MATMUL, available=jit.HAS_AVX512_VNNI),
+    vnni.qmatmul_vnni_serial: Twin(qmatmul.matmul_ref, **_MATMUL,
+                                   available=jit.HAS_AVX512_VNNI),
+}
