@@ -133,7 +133,6 @@ def readyz(host: str, port: int) -> int:
 
 def in_process_app(args):
     """An app with the fake model (or a real one) and a small admission queue."""
-    sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "server")]
     from server import ModelPool, create_app
 
     if args.model:
@@ -141,7 +140,7 @@ def in_process_app(args):
 
         pool = ModelPool.from_models([engine.load_model(args.model)], warmup=True)
     else:
-        from fake_engine import FakeModel
+        from tests.server.fake_engine import FakeModel
 
         pool = ModelPool.from_models([FakeModel(delay=args.fake_delay)])
     args.model_name = pool.list()[0].id

@@ -73,7 +73,8 @@ GOOD_LAYERS = ("omp", "tbb")
 
 
 def check_threading_layer() -> str:
-    """Return Numba's threading layer name; warn (with the cost) when it is not omp/tbb."""
+    """Return Numba's threading layer name; log it, with a warning (and the cost) when it is
+    not omp/tbb. `numbalm serve` shows this line at start-up."""
     # The layer is only chosen once a parallel kernel has run; run a tiny one.
     _touch_parallel(1)
     layer = numba.threading_layer()
@@ -83,6 +84,8 @@ def check_threading_layer() -> str:
             "'omp' (install an OpenMP runtime, or tbb) and are not safe under concurrent calls",
             layer,
         )
+    else:
+        log.info("Numba threading layer: %s, %d threads", layer, numba.get_num_threads())
     return layer
 
 

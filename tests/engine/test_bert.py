@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import load_data, model_path
-from tiny_models import write_tiny_bert
 
 import engine
 from engine.errors import CapabilityError, ContextOverflowError, EngineError
+from tests.helpers import load_data, model_path
+from tests.tiny_models import write_tiny_bert
 
 BACKENDS = ["reference", "fast"]
 SENTENCES = [[1, 5, 6, 7, 2], [1, 9, 2], [1, 3, 4, 5, 6, 7, 8, 9, 10, 2], [1, 2]]

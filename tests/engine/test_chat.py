@@ -17,8 +17,6 @@ from engine.gguf_file import open_gguf
 
 @pytest.fixture(scope="module")
 def smollm2_template(smollm2_path) -> str:
-    # the path comes from tests/conftest.py as a fixture: `from conftest import` would find
-    # tests/server/conftest.py when both directories are collected in one run
     return open_gguf(smollm2_path).metadata["tokenizer.chat_template"]
 
 

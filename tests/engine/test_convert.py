@@ -9,13 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import load_data, model_path
 from gguf import GGMLQuantizationType
 from safetensors.numpy import save_file
 
 from engine.convert import ConvertError, convert, to_phantom
 from engine.gguf_file import open_gguf
 from server.cli import main
+from tests.helpers import load_data, model_path
 
 VOCAB = ["[PAD]", "[unused0]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "cat", "sat",
          "un", "##believ", "##able", ".", ",", "!", "a", "##b", "##s"]

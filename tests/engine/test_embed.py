@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import load_data
 
 from engine.errors import EngineError
+from tests.helpers import load_data
 
 
 @pytest.mark.parametrize("backend", ["ref", "fast"])

@@ -8,7 +8,8 @@ prompts part ways within 16 tokens.
 """
 
 import pytest
-from conftest import load_data
+
+from tests.helpers import load_data
 
 N_TOKENS = 16
 

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import model_path
 from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
 
 from engine.errors import GGUFError
 from engine.gguf_file import open_gguf
+from tests.helpers import model_path
 
 
 @pytest.fixture(scope="module")

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import load_data
-from tiny_models import write_tiny
 
 from engine.backends import get_backend
 from engine.gguf_file import open_gguf
 from engine.models import architecture_module
+from tests.helpers import load_data
+from tests.tiny_models import write_tiny
 
 
 def build(path, backend="reference"):

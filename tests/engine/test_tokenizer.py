@@ -5,11 +5,11 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import model_path
 
 from engine.errors import TokenizerError
 from engine.gguf_file import open_gguf
 from engine.tokenizer import PRE_ALIASES, PRE_TOKENIZERS, Tokenizer, merge_pairs
+from tests.helpers import model_path
 
 DATA = Path(__file__).parent.parent / "data"
 @pytest.fixture(scope="module", params=["smollm2", "gemma3"])

@@ -5,13 +5,13 @@ sentence-transformers produced (`tests/data/minilm.*.json`); the rest use a tiny
 """
 
 import pytest
-from conftest import load_data, model_path
 
 from engine.convert import to_phantom
 from engine.errors import TokenizerError
 from engine.gguf_file import open_gguf
 from engine.tokenizer import Tokenizer
 from engine.wordpiece import WordPieceTokenizer, normalize, pre_tokenize
+from tests.helpers import load_data, model_path
 
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "un", "##believ", "##able", "##ably",
          "the", "cat", ",", "!", "hello", "world", "naive", "a", "##a", "中", "$"]

@@ -4,12 +4,12 @@
 import gguf
 import numpy as np
 import pytest
-from conftest import model_path
 from gguf import GGMLQuantizationType as Q
 
 from kernels import dequant
 from kernels.dequant import BLOCK_SIZE, TYPE_SIZE, dequantize, dequantize_rows
 from kernels.testing import F16_FIELDS as QUANT_F16_FIELDS
+from tests.helpers import model_path
 
 # Random bytes in the f16 scale fields could be inf/NaN, which would make the comparison
 # meaningless; kernels.testing.F16_FIELDS says where they are, every other byte stays random.

@@ -2,21 +2,12 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+import openai
+import pytest
 
-# `tests/` is on sys.path (rootdir-relative imports), so `import server` could resolve to the
-# namespace package `tests/server` when pytest is run as `.venv/bin/pytest`; the repo wins.
-ROOT = str(Path(__file__).resolve().parents[2])
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-
-import openai  # noqa: E402
-import pytest  # noqa: E402
-from fake_engine import FakeModel  # noqa: E402
-
-from server import ModelPool, create_app  # noqa: E402
-from server.http.wsgi import ServerThread  # noqa: E402
+from server import ModelPool, create_app
+from server.http.wsgi import ServerThread
+from tests.server.fake_engine import FakeModel
 
 
 @pytest.fixture
@@ -68,7 +59,3 @@ def live(app, serve):
 @pytest.fixture
 def oai(live):
     return openai.OpenAI(base_url=live + "/v1", api_key="sk-test", max_retries=0, timeout=20)
-
-
-def chat_body(**extra) -> dict:
-    return {"model": "fake-model", "messages": [{"role": "user", "content": "Hi"}], **extra}

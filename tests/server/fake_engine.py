@@ -51,8 +51,8 @@ class FakeTokenizer:
                 text = text[1:]
         return ids
 
-    def token_bytes(self, id: int) -> bytes:
-        return bytes([id]) if id < 256 else SPECIAL_TEXT[id].encode()
+    def token_bytes(self, token_id: int) -> bytes:
+        return bytes([token_id]) if token_id < 256 else SPECIAL_TEXT[token_id].encode()
 
     def decode(self, ids) -> str:
         return b"".join(self.token_bytes(i) for i in ids).decode("utf-8", errors="replace")
@@ -68,6 +68,9 @@ class IncrementalDecoder:
 
     def push(self, id: int) -> str:
         return self.utf8.decode(self.tokenizer.token_bytes(id))
+
+    def flush(self) -> str:
+        return self.utf8.decode(b"", final=True)
 
 
 class FakeModel:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import chat_body
-from fake_engine import FakeModel
 
 from server import ModelPool, create_app
+from tests.helpers import chat_body
+from tests.server.fake_engine import FakeModel
 
 
 def error_of(response, status: int) -> dict:

@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import openai
 import pytest
-from fake_engine import FakeModel
-from test_real_model import load_model
 
 from server import ModelPool, create_app
+from tests.server.fake_engine import FakeModel
+from tests.server.test_real_model import load_model
 
 MINILM = "all-minilm-l6-v2"
 DATA = Path(__file__).resolve().parents[1] / "data"

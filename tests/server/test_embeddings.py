@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import openai
 import pytest
-from fake_engine import FakeModel
-from test_real_model import MODEL, load_model, real, smollm2  # noqa: F401 - fixtures
 
 from server.serving.embedding_cache import EmbeddingCache
+from tests.server.fake_engine import FakeModel
+from tests.server.test_real_model import MODEL, load_model, real, smollm2  # noqa: F401 - fixtures
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 

@@ -7,7 +7,8 @@ import time
 
 import openai
 import pytest
-from fake_engine import SCRIPT, FakeModel
+
+from tests.server.fake_engine import SCRIPT, FakeModel
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx2 as httpx
 
-SCRIPT = Path(__file__).with_name("fake_serve.py")
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def free_port() -> int:
@@ -24,7 +24,8 @@ def free_port() -> int:
 
 def start(delay: float, grace: float):
     port = free_port()
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), str(port), str(delay), str(grace)],
+    proc = subprocess.Popen([sys.executable, "-m", "tests.server.fake_serve", str(port),
+                             str(delay), str(grace)], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 15

@@ -7,11 +7,11 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import chat_body
-from fake_engine import SCRIPT
-from test_app import error_of
 
 from engine.constrain import Grammar
+from tests.helpers import chat_body
+from tests.server.fake_engine import SCRIPT
+from tests.server.test_app import error_of
 
 PERSON = {"type": "object", "properties": {"name": {"type": "string"},
                                            "age": {"type": "integer"}},

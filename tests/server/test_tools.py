@@ -7,14 +7,14 @@ import json
 
 import llguidance
 import pytest
-from conftest import chat_body
-from fake_engine import SCRIPT, FakeModel
-from test_app import error_of
 
 from engine.constrain import Grammar
 from server.openai.tools import parse_tools
 from server.serving.grammar import lark_grammar
 from server.serving.toolcalls import ToolCallParser, parse_output
+from tests.helpers import chat_body
+from tests.server.fake_engine import SCRIPT, FakeModel
+from tests.server.test_app import error_of
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Current weather in a city",
