@@ -152,27 +152,33 @@ def test_model_linear_tok_s(benchmark, model, n_tok, fused, terms):
 # --- the small kernels ---------------------------------------------------------------------------
 
 
+def _paged(rng, n_head, n_kv, hd, n_keys, rows):
+    """Arguments of `paged_attention` for one sequence whose last `rows` positions are queried:
+    its keys in blocks 0, 1, 2, ... of a cache just big enough."""
+    n_blocks = -(-n_keys // attention.KV_BLOCK)
+    slots = n_blocks * attention.KV_BLOCK
+    k, v = (rng.standard_normal((n_kv, slots, hd)).astype(np.float32) for _ in range(2))
+    q = rng.standard_normal((rows, n_head, hd)).astype(np.float32)
+    tables = np.arange(n_blocks, dtype=np.int32)[None, :]  # (1, n_blocks)
+    positions = np.arange(n_keys - rows, n_keys)
+    out = np.empty((rows, n_head * hd), np.float32)
+    return (q, k, v, tables, np.zeros(rows, np.int32), positions, 0, 0.125, out), k.nbytes * 2
+
+
 @pytest.mark.parametrize("n_keys", [256, 2048])
 @pytest.mark.parametrize("model, n_head, n_kv, hd", [("smollm2", 9, 3, 64), ("gemma3", 4, 1, 256)])
 def test_attention_decode(benchmark, model, n_head, n_kv, hd, n_keys):
     benchmark.group = f"attention-{model}"
-    rng = np.random.default_rng(0)
-    q = rng.standard_normal((1, n_head, hd)).astype(np.float32)
-    k = rng.standard_normal((n_kv, n_keys, hd)).astype(np.float32)
-    v = rng.standard_normal((n_kv, n_keys, hd)).astype(np.float32)
-    out = np.empty((1, n_head * hd), np.float32)
-    benchmark(attention.attention, q, k, v, n_keys, n_keys - 1, 0, 0.125, out)
-    _report(benchmark, k.nbytes + v.nbytes, 4 * n_head * n_keys * hd)
+    args, nbytes = _paged(np.random.default_rng(0), n_head, n_kv, hd, n_keys, 1)
+    benchmark(attention.paged_attention, *args)
+    _report(benchmark, nbytes, 4 * n_head * n_keys * hd)
 
 
 def test_attention_prefill(benchmark):
     benchmark.group = "attention-smollm2"
-    rng = np.random.default_rng(0)
-    q = rng.standard_normal((256, 9, 64)).astype(np.float32)
-    k, v = (rng.standard_normal((3, 256, 64)).astype(np.float32) for _ in range(2))
-    out = np.empty((256, 9 * 64), np.float32)
-    benchmark(attention.attention, q, k, v, 256, 0, 0, 0.125, out)
-    _report(benchmark, k.nbytes + v.nbytes, 4 * 9 * 64 * 256 * 257 / 2)
+    args, nbytes = _paged(np.random.default_rng(0), 9, 3, 64, 256, 256)
+    benchmark(attention.paged_attention, *args)
+    _report(benchmark, nbytes, 4 * 9 * 64 * 256 * 257 / 2)
 
 
 @pytest.mark.parametrize("kernel", ["rms_norm", "rope", "silu_gate", "gelu_gate"])

@@ -1,11 +1,12 @@
-"""The generation loop: prefill the prompt, then decode one token at a time.
+"""Generation, one sequence's side of it: logits in, tokens and text out.
 
-    logits = prefill(prompt)                      # one forward pass over the whole prompt
-    repeat: token = sample(logits)                # engine/sampling.py
-            text  = detokenize(token)             # UTF-8 safe, stop sequences held back
-            yield; logits = decode_one(token)     # one position through the KV cache
+    the scheduler: logits = forward(prompt), then forward(token) ...   # engine/scheduler.py
+    each time:     token = sample(logits)       # engine/sampling.py
+                   text  = detokenize(token)    # UTF-8 safe, stop sequences held back
+                   → GeneratedToken             # the last one carries finish_reason
 
-Every sampled token yields one `GeneratedToken`; the last one carries `finish_reason`.
+`Decoding` is that per-sequence state (sampler, stop matcher, detokenizer, grammar); the
+scheduler batches the forward passes of many sequences and calls each one's `Decoding`.
 
 With a grammar (engine/constrain.py) each step also asks it which tokens may come next. That
 mask is computed in a worker thread during the forward pass only when a core is free beyond
@@ -14,12 +15,11 @@ Numba's threads (`constrain.OVERLAP_MASK`); otherwise right after it, in this th
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
 
-from .cache import KVCache
 from .constrain import Grammar
 from .errors import ContextOverflowError, EngineError
 from .sampling import Sampler, SamplingParams
@@ -89,63 +89,52 @@ def check_prompt(prompt_ids: list[int], n_ctx: int, n_vocab: int) -> None:
     check_token_ids(prompt_ids, n_vocab, "the prompt")
 
 
-def prefill(model, cache: KVCache, prompt_ids: list[int]) -> np.ndarray:
-    """Run the prompt through the model; return the logits after its last token (n_vocab,)."""
-    hidden = model.forward(np.asarray(prompt_ids), cache)  # (n, dim)
-    return model.logits(hidden[-1:])[0]
+class Decoding:
+    """Logits → tokens for one sequence: sample, detokenize, hold back stop sequences, follow
+    the grammar. The scheduler (engine/scheduler.py) runs the forward passes and hands each
+    sequence's next-token logits to its own Decoding, so a sequence samples exactly as it
+    would alone, whatever else shares the batch."""
 
+    def __init__(self, tokenizer, prompt_ids: list[int], *, n_ctx: int, max_tokens: int = 256,
+                 stop: Iterable[str] = (), params: SamplingParams | None = None,
+                 grammar: Grammar | None = None):
+        params = params or SamplingParams()
+        params.validate(tokenizer.n_vocab)
+        if max_tokens < 1:
+            raise EngineError(f"max_tokens must be at least 1, got {max_tokens}")
+        check_prompt(prompt_ids, n_ctx, tokenizer.n_vocab)
+        self.tokenizer = tokenizer
+        self.max_tokens = min(max_tokens, n_ctx - len(prompt_ids))
+        self.sampler, self.matcher = Sampler(params), StopMatcher(stop)
+        self.decoder = tokenizer.decoder()
+        self.constraint = grammar.start(tokenizer) if grammar is not None else None
+        self.history = list(prompt_ids)  # what the penalties look at
+        self.n_generated = 0
+        if self.constraint:
+            self.constraint.fill_mask_async()  # overlaps the prefill
 
-def decode_one(model, cache: KVCache, token: int) -> np.ndarray:
-    """One more position through the cache → logits (n_vocab,)."""
-    hidden = model.forward(np.asarray([token]), cache)  # (1, dim)
-    return model.logits(hidden)[0]
-
-
-def generate(model, tokenizer, prompt_ids: list[int], *, n_ctx: int, max_tokens: int = 256,
-             stop: Iterable[str] = (), should_stop: Callable[[], bool] | None = None,
-             params: SamplingParams | None = None,
-             grammar: Grammar | None = None) -> Iterator[GeneratedToken]:
-    """Sample up to `max_tokens` tokens after `prompt_ids`; see the module docstring.
-
-    With `grammar`, only tokens it allows are sampled, end of turn only once it accepts, and
-    generation ends ("stop") as soon as it is complete.
-    """
-    params = params or SamplingParams()
-    params.validate(tokenizer.n_vocab)
-    if max_tokens < 1:
-        raise EngineError(f"max_tokens must be at least 1, got {max_tokens}")
-    check_prompt(prompt_ids, n_ctx, tokenizer.n_vocab)
-    max_tokens = min(max_tokens, n_ctx - len(prompt_ids))
-
-    sampler, matcher, decoder = Sampler(params), StopMatcher(stop), tokenizer.decoder()
-    constraint = grammar.start(tokenizer) if grammar is not None else None
-    history = list(prompt_ids)
-    cache = model.new_cache(n_ctx)
-    if constraint:
-        constraint.fill_mask_async()  # overlaps the prefill
-    logits = prefill(model, cache, prompt_ids)
-    for n_generated in range(1, max_tokens + 1):
-        if should_stop is not None and should_stop():
-            yield GeneratedToken(-1, matcher.flush(), finish_reason="cancelled")
-            return
-        choice = sampler(logits, history, constraint.mask if constraint else None)
-        history.append(choice.token)
+    def step(self, logits: np.ndarray) -> GeneratedToken:
+        """The next token from its logits (n_vocab,); `finish_reason` is set on the last."""
+        constraint = self.constraint
+        choice = self.sampler(logits, self.history, constraint.mask if constraint else None)
+        self.history.append(choice.token)
+        self.n_generated += 1
         step = GeneratedToken(choice.token, "", choice.logprob, choice.top_logprobs)
-        if choice.token in tokenizer.eot_ids:
-            step.text, step.finish_reason = matcher.flush() + decoder.flush(), "stop"
-            yield step
-            return
+        if choice.token in self.tokenizer.eot_ids:
+            step.text, step.finish_reason = self.matcher.flush() + self.decoder.flush(), "stop"
+            return step
         if constraint:
             constraint.consume(choice.token)
-        step.text, hit = matcher.push(decoder.push(choice.token))
+        step.text, hit = self.matcher.push(self.decoder.push(choice.token))
         if hit:
             step.finish_reason = "stop"
-        elif (constraint and constraint.is_complete) or n_generated == max_tokens:
-            step.text += matcher.push(decoder.flush())[0] + matcher.flush()
+        elif (constraint and constraint.is_complete) or self.n_generated == self.max_tokens:
+            step.text += self.matcher.push(self.decoder.flush())[0] + self.matcher.flush()
             step.finish_reason = "stop" if constraint and constraint.is_complete else "length"
-        yield step
-        if step.finish_reason:
-            return
-        if constraint:
-            constraint.fill_mask_async()  # overlaps the forward pass below
-        logits = decode_one(model, cache, choice.token)
+        elif constraint:
+            constraint.fill_mask_async()  # overlaps the next forward pass
+        return step
+
+    def cancelled(self) -> GeneratedToken:
+        """The marker a stopped generation ends with: what text was held back, no token."""
+        return GeneratedToken(-1, self.matcher.flush(), finish_reason="cancelled")

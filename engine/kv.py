@@ -26,7 +26,7 @@ from collections import OrderedDict
 
 import numpy as np
 
-BLOCK = 16  # positions per block: the prefix cache's granularity
+from kernels.attention import KV_BLOCK as BLOCK  # positions per block (prefix granularity)
 
 
 class KVFull(Exception):

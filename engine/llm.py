@@ -9,24 +9,27 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from . import chat
 from .backends import get_backend
+from .batch import scratch_batch
 from .errors import CapabilityError, ContextOverflowError, EngineError
-from .generate import GeneratedToken, check_prompt, generate
+from .generate import Decoding, GeneratedToken, check_prompt
 from .gguf_file import GGUFFile, open_gguf
+from .kv import KVPool
 from .models import architecture_module
 from .sampling import SamplingParams
+from .scheduler import STEP_TOKENS, Scheduler, Stats, TokenStream
 from .tokenizer import Tokenizer, check_token_ids
 
 # What a model can do; an architecture module may narrow it with its own CAPABILITIES
 # (bert: {"embeddings"}). The server lists these per model and routes requests by them.
 CAPABILITIES = frozenset({"completion", "chat", "embeddings"})
-MAX_BATCH_TOKENS = 8192  # tokens per encoder forward pass when embedding many inputs
+MAX_BATCH_TOKENS = 8192  # tokens per forward pass when embedding many inputs
+KV_CACHE_MB = 1024  # the KV pool of one model, shared by all its running generations
 MIN_SHARD_TOKENS = 48  # a smaller pass is not worth a second thread (BLAS is slow below)
 _POOL_LOCK = threading.Lock()
 
@@ -35,7 +38,8 @@ class LLM:
     """A loaded model: tokenizer, forward pass, generation, embeddings."""
 
     def __init__(self, gf: GGUFFile, backend: str | None = None, model_id: str | None = None,
-                 n_ctx: int | None = None):
+                 n_ctx: int | None = None, kv_cache_mb: float = KV_CACHE_MB,
+                 step_tokens: int = STEP_TOKENS):
         started = time.perf_counter()
         self.id = model_id or os.path.splitext(os.path.basename(gf.path))[0]
         self.path = gf.path
@@ -53,6 +57,10 @@ class LLM:
         self.n_vocab = self.args.n_vocab
         self.dim = self.args.dim
         self.chat_template = gf.get("tokenizer.chat_template")
+        self.scheduler: Scheduler | None = None  # decoders: made on first generate
+        self._kv_cache_bytes = int(kv_cache_mb * 2**20)
+        self._step_tokens = step_tokens
+        self._scheduler_lock = threading.Lock()
         self.load_seconds = time.perf_counter() - started
 
     def __repr__(self) -> str:
@@ -63,12 +71,17 @@ class LLM:
         self.require("completion")
         ids = [int(t) for t in ids]
         check_prompt(ids, self.n_ctx + 1, self.n_vocab)
-        cache = self.model.new_cache(len(ids))
-        return self.model.logits(self.model.forward(np.asarray(ids), cache)).astype(np.float32)
+        hidden = self.model.forward(scratch_batch([ids], self.model.kv_layout()))
+        return self.model.logits(hidden).astype(np.float32)
 
     def generate(self, prompt_ids: list[int], *, max_tokens: int = 256, stop=(),
-                 should_stop=None, grammar=None, **sampling) -> Iterator[GeneratedToken]:
-        """Yield one GeneratedToken per sampled token; see engine/generate.py.
+                 should_stop=None, grammar=None, **sampling) -> TokenStream:
+        """Start a generation; iterate the result for one GeneratedToken per sampled token.
+
+        It runs at once, in the model's scheduler thread (engine/scheduler.py), batched with
+        every other generation of this model: call `generate` for several prompts, then read
+        the streams, and they run together. `should_stop()` is polled once per step (the
+        generation then ends with finish_reason "cancelled"); closing the stream cancels it.
 
         `grammar` (an `engine.constrain.Grammar`) constrains the output: its mask is applied
         after penalties and logit_bias, before temperature/top-k/top-p/min-p (greedy picks
@@ -77,13 +90,49 @@ class LLM:
         "length" when max_tokens cuts it short (the text may then be unfinished JSON).
         Log-probs, when asked, are those of the masked distribution.
         """
+        return self.submit(prompt_ids, 1, max_tokens=max_tokens, stop=stop,
+                           should_stop=should_stop, grammar=grammar, **sampling)[0]
+
+    def submit(self, prompt_ids: list[int], n: int = 1, *, max_tokens: int = 256, stop=(),
+               should_stop=None, grammar=None, seed: int | None = None,
+               **sampling) -> list[TokenStream]:
+        """`n` generations after one prompt, which is computed once: a list of n streams.
+        Choice i samples with seed `seed + i` (mod 2**32) when a seed is given; otherwise as
+        `generate`."""
         self.require("completion")
-        params = SamplingParams(**sampling)
+        if n < 1:
+            raise EngineError(f"n must be at least 1, got {n}")
         if grammar is not None:
             self.compile_grammar(grammar)
-        return generate(self.model, self.tokenizer, list(prompt_ids), n_ctx=self.n_ctx,
-                        max_tokens=max_tokens, stop=stop, should_stop=should_stop,
-                        params=params, grammar=grammar)
+        prompt_ids = [int(t) for t in prompt_ids]
+        decodings = [Decoding(self.tokenizer, prompt_ids, n_ctx=self.n_ctx,
+                              max_tokens=max_tokens, stop=stop, grammar=grammar,
+                              params=SamplingParams(
+                                  seed=None if seed is None else (seed + i) % 2**32, **sampling))
+                     for i in range(n)]
+        return self._scheduler().submit(prompt_ids, decodings, should_stop)
+
+    def generate_many(self, prompts: list[list[int]], **options) -> list[list[GeneratedToken]]:
+        """Run many prompts at once (batched) and return each one's tokens, in order."""
+        streams = [self.generate(ids, **options) for ids in prompts]
+        return [list(stream) for stream in streams]
+
+    def stats(self) -> Stats | None:
+        """The scheduler's counters (steps, rows, batch sizes, preemptions), None before the
+        first generation; `kv_pool()` has the cache's."""
+        return self.scheduler.stats if self.scheduler else None
+
+    def kv_pool(self) -> KVPool | None:
+        return self.scheduler.pool if self.scheduler else None
+
+    def _scheduler(self) -> Scheduler:
+        with self._scheduler_lock:
+            if self.scheduler is None:
+                layout = self.model.kv_layout()
+                n_blocks = max(1, self._kv_cache_bytes // KVPool.bytes_per_block(*layout))
+                self.scheduler = Scheduler(self.model, KVPool(*layout, n_blocks),
+                                           self._step_tokens, name=self.id)
+            return self.scheduler
 
     def compile_grammar(self, grammar):
         """Check `grammar` against this model's vocabulary and build its matcher once (also
@@ -114,8 +163,8 @@ class LLM:
         The final hidden states are pooled over each input's tokens: `mean`, `last`, or
         `cls`/`first` (None: the model's own, bert.pooling_type for encoders, else mean);
         then L2-normalized unless `normalize=False`. An input longer than `n_ctx` is an
-        error (ContextOverflowError) unless `truncate=True`. An encoder (bert) embeds all
-        the inputs in a few packed forward passes; a decoder runs one per input.
+        error (ContextOverflowError) unless `truncate=True`. The inputs run packed, a few
+        forward passes for all of them (a decoder's with a KV cache of their own).
         """
         self.require("embeddings")
         if isinstance(inputs, str) or (inputs and isinstance(inputs[0], (int, np.integer))):
@@ -124,13 +173,7 @@ class LLM:
         if pooling not in POOLINGS:
             raise EngineError(f"unknown pooling {pooling!r} (choose mean, last or cls)")
         ids_lists = [self._embedding_ids(item, i, truncate) for i, item in enumerate(inputs)]
-        if hasattr(self.model, "new_cache"):  # a decoder: one causal pass per input
-            out = np.empty((len(ids_lists), self.dim), dtype=np.float32)
-            for row, ids in enumerate(ids_lists):
-                hidden = self.model.forward(np.asarray(ids), self.model.new_cache(len(ids)))
-                out[row] = pool(hidden, pooling)
-        else:
-            out = self._encode_packed(ids_lists, pooling)
+        out = self._encode_packed(ids_lists, pooling)
         if normalize:
             out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
         return out
@@ -152,8 +195,9 @@ class LLM:
         return ids
 
     def _encode_packed(self, ids_lists: list[list[int]], pooling: str) -> np.ndarray:
-        """Encoder: inputs packed back to back (no padding), at most MAX_BATCH_TOKENS per
-        forward pass; a big pass is split by sentences over the backend's worker threads."""
+        """Inputs packed back to back (no padding), at most MAX_BATCH_TOKENS per forward
+        pass; an encoder's big pass is split by sentences over the backend's worker threads
+        (its kernels are single-threaded; a decoder's are parallel already)."""
         out = np.empty((len(ids_lists), self.dim), dtype=np.float32)
         first = 0
         while first < len(ids_lists):
@@ -174,14 +218,13 @@ class LLM:
 
     def _encode_shard(self, group: list[list[int]], pooling: str) -> np.ndarray:
         """One forward pass over `group` packed → (len(group), dim) pooled vectors."""
-        starts = np.zeros(len(group) + 1, dtype=np.int64)  # (B+1,) sentence boundaries
-        np.cumsum([len(ids) for ids in group], out=starts[1:])
-        ids = np.fromiter((t for seq in group for t in seq), np.int64, count=int(starts[-1]))
-        return pool_packed(self.model.forward(ids, starts), starts, pooling)  # (B, dim)
+        batch = scratch_batch(group, self.model.kv_layout())
+        return pool_packed(self.model.forward(batch), batch.starts, pooling)  # (B, dim)
 
     def _encoder_workers(self) -> int:
-        workers = getattr(self.backend, "encoder_workers", None)
-        n = workers() if workers else 1
+        if self.model.kv_layout() is not None:
+            return 1
+        n = self.backend.encoder_workers()
         if n > 1 and self._encoder_pool is None:
             with _POOL_LOCK:
                 if self._encoder_pool is None:
@@ -252,10 +295,14 @@ def split_tokens(first: int, last: int, ids_lists: list[list[int]],
     return [(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
 
 
-def load_model(name_or_path: str, backend: str | None = None, n_ctx: int | None = None) -> LLM:
-    """A registry id, alias or path to a .gguf file → a loaded model."""
+def load_model(name_or_path: str, backend: str | None = None, n_ctx: int | None = None,
+               kv_cache_mb: float = KV_CACHE_MB, step_tokens: int = STEP_TOKENS) -> LLM:
+    """A registry id, alias or path to a .gguf file → a loaded model. `kv_cache_mb` bounds
+    the KV cache of all its running generations together; `step_tokens` is how many prompt
+    tokens one batched step may prefill (engine/scheduler.py)."""
     from .registry import canonical_id, resolve_model_path
 
     path = resolve_model_path(name_or_path)
     model_id = None if os.path.exists(name_or_path) else canonical_id(name_or_path)
-    return LLM(open_gguf(path), backend=backend, model_id=model_id, n_ctx=n_ctx)
+    return LLM(open_gguf(path), backend=backend, model_id=model_id, n_ctx=n_ctx,
+               kv_cache_mb=kv_cache_mb, step_tokens=step_tokens)

@@ -1,9 +1,12 @@
-"""Attention: causal grouped-query attention over the KV cache (prefill and decode alike), and
-bidirectional attention over packed sequences for encoders (bert).
+"""Attention: causal grouped-query attention over the paged KV cache (prefill and decode
+alike, several sequences in one call), and bidirectional attention over packed sequences for
+encoders (bert).
 
-Causal: query i of the n new tokens sits at position pos0 + i and sees keys at positions
-max(0, pos0 + i - window + 1) .. pos0 + i (`window` <= 0: no window). Head h reads kv head
-h // (n_head // n_kv_head). Encoder: see `encoder_attention_ref`.
+Causal: a query at position p sees keys at positions max(0, p - window + 1) .. p of its own
+sequence (`window` <= 0: no window). Head h reads kv head h // (n_head // n_kv_head).
+`attention_ref` is the maths for one sequence over contiguous keys; `paged_attention_ref`
+applies it to each row of a packed batch over the paged cache (`engine/kv.py`).
+Encoder: see `encoder_attention_ref`.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ import numpy as np
 from numba import prange
 
 from kernels.jit import njit, pnjit
+
+KV_BLOCK = 16  # positions per KV-cache block (the one definition; engine.kv uses it)
 
 
 def attention_ref(q, k, v, pos0: int, window: int, scale: float) -> np.ndarray:
@@ -36,70 +41,87 @@ def attention_ref(q, k, v, pos0: int, window: int, scale: float) -> np.ndarray:
     return out.reshape(n, n_head * hd)
 
 
+def paged_attention_ref(q, k_cache, v_cache, block_tables, row_seq, positions, window: int,
+                        scale: float) -> np.ndarray:
+    """Causal attention of packed queries, each over its own sequence in a paged KV cache.
+
+    q (n, n_head, hd) float32: row t belongs to sequence row_seq[t] (n,) and sits at position
+    positions[t] (n,) of it. k_cache, v_cache (n_kv_head, n_slots, hd) float32 hold every
+    sequence's keys and values; position p of sequence s is in slot
+    `block_tables[s, p // KV_BLOCK] * KV_BLOCK + p % KV_BLOCK` (block_tables (B, max_blocks)).
+    Row t sees positions max(0, p - window + 1) .. p of its sequence (window <= 0: all).
+    Returns (n, n_head * hd): `attention_ref` over the gathered keys, for each run of rows
+    that are consecutive positions of one sequence.
+    """
+    n, n_head, hd = q.shape
+    out = np.empty((n, n_head * hd), np.float32)
+    a = 0
+    while a < n:
+        b = a + 1  # rows a..b-1: one sequence, positions p0, p0 + 1, ...
+        while b < n and row_seq[b] == row_seq[a] and positions[b] == positions[b - 1] + 1:
+            b += 1
+        p0, last = int(positions[a]), int(positions[b - 1])
+        seen = np.arange(last + 1)  # (n_keys,) positions 0..last of the sequence
+        table = block_tables[row_seq[a]]
+        slots = table[seen // KV_BLOCK] * KV_BLOCK + seen % KV_BLOCK
+        keys, values = k_cache[:, slots], v_cache[:, slots]  # (n_kv_head, n_keys, hd)
+        out[a:b] = attention_ref(q[a:b], keys, values, p0, window, scale)
+        a = b
+    return out
+
+
 @pnjit
-def attention(q, k, v, n_keys, pos0, window, scale, out):
-    """Numba twin of `attention_ref`, writing out (n, n_head * hd).
+def paged_attention(q, k_cache, v_cache, block_tables, row_seq, positions, window, scale, out):
+    """Numba twin of `paged_attention_ref`, writing out (n, n_head * hd).
 
-    k, v may be longer buffers `(n_kv_head, capacity, hd)` (the cache itself, so they stay
-    C-contiguous and the inner loops vectorize); only their first `n_keys` positions are read.
-    One parallel job per (query, head): scores over its visible keys, softmax, weighted sum of
-    the value rows (two passes over the keys, no online rescaling). Meant for decode (a few
-    queries); `attention_blas` is faster for prefill.
+    One parallel job per (query row, kv head): the `group` query heads that read the same kv
+    head share each key and value load. Per job: scores over the visible keys, softmax, the
+    weighted sum of the value rows (two passes over the keys). Every number a row gets is
+    computed by the same loops whatever else is in the batch, so a sequence's output does not
+    depend on which sequences share its forward pass, nor on how its prompt was chunked.
     """
     n, n_head, hd = q.shape
-    group = n_head // k.shape[0]
-    for job in prange(n * n_head):
-        i, h = job // n_head, job % n_head
-        kv = h // group
-        qpos = pos0 + i
-        hi = min(qpos + 1, n_keys)
-        lo = max(0, qpos - window + 1) if window > 0 else 0
-        qh = q[i, h] * np.float32(scale)  # (hd,)
-        scores = np.empty(hi - lo, np.float32)  # (visible keys,)
-        for j in range(lo, hi):
-            s = np.float32(0)
+    n_kv = k_cache.shape[0]
+    group = n_head // n_kv
+    for job in prange(n * n_kv):
+        t, kv = job // n_kv, job % n_kv
+        p = positions[t]
+        lo = max(0, p - window + 1) if window > 0 else 0
+        n_keys = p + 1 - lo
+        table = block_tables[row_seq[t]]
+        qs = np.empty((group, hd), np.float32)  # this job's query heads, scaled
+        for g in range(group):
             for e in range(hd):
-                s += qh[e] * k[kv, j, e]
-            scores[j - lo] = s
-        best = scores.max()
-        total = np.float32(0)
-        for j in range(hi - lo):
-            scores[j] = math.exp(scores[j] - best)
-            total += scores[j]
-        acc = np.zeros(hd, np.float32)
-        for j in range(lo, hi):
-            p = scores[j - lo]
+                qs[g, e] = q[t, kv * group + g, e] * np.float32(scale)
+        scores = np.empty((group, n_keys), np.float32)
+        for j in range(n_keys):
+            pos = lo + j
+            slot = table[pos // KV_BLOCK] * KV_BLOCK + pos % KV_BLOCK
+            for g in range(group):
+                s = np.float32(0)
+                for e in range(hd):
+                    s += qs[g, e] * k_cache[kv, slot, e]
+                scores[g, j] = s
+        total = np.zeros(group, np.float32)
+        for g in range(group):
+            best = scores[g].max()
+            for j in range(n_keys):
+                w = np.float32(math.exp(scores[g, j] - best))
+                scores[g, j] = w
+                total[g] += w
+        acc = np.zeros((group, hd), np.float32)
+        for j in range(n_keys):
+            pos = lo + j
+            slot = table[pos // KV_BLOCK] * KV_BLOCK + pos % KV_BLOCK
+            for g in range(group):
+                w = scores[g, j]
+                for e in range(hd):
+                    acc[g, e] += w * v_cache[kv, slot, e]
+        for g in range(group):
+            inv = np.float32(1) / total[g]
+            h = kv * group + g
             for e in range(hd):
-                acc[e] += p * v[kv, j, e]
-        inv = np.float32(1) / total
-        for e in range(hd):
-            out[i, h * hd + e] = acc[e] * inv
-
-
-def attention_blas(q, k, v, n_keys: int, pos0: int, window: int, scale: float, out) -> None:
-    """Prefill: the same maths as `attention`, one BLAS matmul per kv head for its query heads.
-
-    For many queries the (n * group, hd) @ (hd, n_keys) products dominate, and BLAS beats a
-    per-key Numba loop by ~5x. Writes out (n, n_head * hd).
-    """
-    n, n_head, hd = q.shape
-    n_kv_head = k.shape[0]
-    group = n_head // n_kv_head
-    q_pos = pos0 + np.arange(n)[:, None]  # (n, 1)
-    k_pos = np.arange(n_keys)[None, :]  # (1, n_keys)
-    hidden = k_pos > q_pos
-    if window > 0:
-        hidden |= k_pos <= q_pos - window
-    out3 = out.reshape(n, n_head, hd)
-    for kv in range(n_kv_head):
-        qg = q[:, kv * group : (kv + 1) * group, :] * np.float32(scale)  # (n, group, hd)
-        scores = qg.reshape(n * group, hd) @ k[kv, :n_keys].T  # (n * group, n_keys)
-        scores = scores.reshape(n, group, n_keys)
-        scores[np.broadcast_to(hidden[:, None, :], scores.shape)] = -np.inf
-        scores -= scores.max(axis=2, keepdims=True)
-        np.exp(scores, out=scores)
-        scores /= scores.sum(axis=2, keepdims=True)
-        out3[:, kv * group : (kv + 1) * group, :] = scores @ v[kv, :n_keys]  # (n, group, hd)
+                out[t, h * hd + e] = acc[g, e] * inv
 
 
 # --- encoder attention (bert): bidirectional, several sequences packed back to back -------------

@@ -111,25 +111,30 @@ def _add_bias_cases():
 
 # --- attention -----------------------------------------------------------------------------------
 
-# n queries at pos0.., sliding window (0: none), query heads, kv heads
-_ATTENTION_SHAPES = [(1, 0, 0, 9, 3), (1, 37, 0, 9, 3), (6, 0, 0, 4, 1), (5, 20, 0, 4, 1),
-                     (6, 30, 8, 4, 1), (1, 40, 16, 4, 2)]
-
-
-def _attention_cases():
-    r, hd, cases = np.random.default_rng(7), 64, {}
-    for n, pos0, window, n_head, n_kv in _ATTENTION_SHAPES:
-        q = _randn(r, n, n_head, hd)
-        k, v = _randn(r, n_kv, pos0 + n, hd), _randn(r, n_kv, pos0 + n, hd)
-        cases[f"n={n},pos0={pos0},window={window},heads={n_head}/{n_kv}"] = (
-            q, k, v, pos0, window, 0.125)
+def _paged_attention_cases():
+    """Packed rows of several sequences over a paged cache whose blocks are shuffled: a
+    sequence decoding one token beside others prefilling chunks, with and without a window."""
+    r, hd, block, cases = np.random.default_rng(7), 64, attention.KV_BLOCK, {}
+    # (query heads, kv heads, window, [(first position, rows) per sequence])
+    shapes = [(9, 3, 0, [(0, 1)]), (9, 3, 0, [(37, 1), (0, 20), (5, 3)]),
+              (4, 1, 0, [(0, 6), (20, 5)]), (4, 1, 8, [(30, 6), (3, 1)]),
+              (4, 2, 16, [(40, 1), (0, 33)])]
+    for n_head, n_kv, window, seqs in shapes:
+        need = [-(-(p0 + rows) // block) for p0, rows in seqs]  # blocks per sequence
+        order = r.permutation(sum(need) + 2)  # shuffled block ids, two never used
+        tables = np.zeros((len(seqs), max(need)), np.int32)
+        at = 0
+        for s, n_blocks in enumerate(need):
+            tables[s, :n_blocks] = order[at:at + n_blocks]
+            at += n_blocks
+        slots = (sum(need) + 2) * block
+        k, v = _randn(r, n_kv, slots, hd), _randn(r, n_kv, slots, hd)
+        row_seq = np.concatenate([np.full(rows, s, np.int32) for s, (_, rows) in enumerate(seqs)])
+        positions = np.concatenate([np.arange(p0, p0 + rows) for p0, rows in seqs])
+        q = _randn(r, len(positions), n_head, hd)
+        cases[f"heads={n_head}/{n_kv},window={window},seqs={seqs}"] = (
+            q, k, v, tables, row_seq, positions, window, 0.125)
     return cases
-
-
-def _with_n_keys(kernel, args, want):
-    """The causal kernels also take n_keys: how much of the k, v buffers holds the cache."""
-    q, k, v, pos0, window, scale = args
-    return into_out(kernel, (q, k, v, k.shape[1], pos0, window, scale), want)
 
 
 def _encoder_attention_cases():
@@ -216,7 +221,6 @@ def _matmul_scale(x, w, terms):
 # --- the table -----------------------------------------------------------------------------------
 
 _GATE = {"cases": _gate_cases, "rtol": 1e-6, "atol": 1e-6, "scale": _gate_scale}
-_ATTENTION = {"cases": _attention_cases, "rtol": 1e-4, "atol": 1e-5, "run": _with_n_keys}
 _QUANTIZE = {"cases": _quantize_cases, "run": _into_xq_xd_xs}  # bit for bit: no fastmath
 _MATMUL = {"cases": _matmul_cases, "rtol": 1e-5, "atol": 1e-6, "scale": _matmul_scale,
            "run": _on_quantized}
@@ -231,8 +235,8 @@ TWINS: dict[Callable, Twin] = {
                                atol=1e-5),
     norms.gelu: Twin(norms.gelu_ref, _gelu_cases, rtol=2e-7, atol=2e-7, scale=_gelu_scale),
     norms.add_bias: Twin(norms.add_bias_ref, _add_bias_cases, rtol=1e-5, atol=1e-6),
-    attention.attention: Twin(attention.attention_ref, **_ATTENTION),
-    attention.attention_blas: Twin(attention.attention_ref, **_ATTENTION),  # NumPy + BLAS
+    attention.paged_attention: Twin(attention.paged_attention_ref, _paged_attention_cases,
+                                    rtol=1e-4, atol=1e-5),
     attention.encoder_attention: Twin(attention.encoder_attention_ref, _encoder_attention_cases,
                                       rtol=1e-4, atol=1e-5),
     mask.apply_token_bitmask: Twin(mask.apply_token_bitmask_ref, _mask_cases, run=_in_place,

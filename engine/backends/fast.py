@@ -97,23 +97,15 @@ class FastBackend:
         norms.rope(x, np.asarray(positions, np.int64), float(freq_base), bool(neox), out)
         return out
 
-    def attention(self, q, k, v, pos0: int, window: int, scale: float) -> np.ndarray:
-        """q (n, n_head, hd); k, v (n_kv_head, pos0+n, hd) -> (n, n_head*hd), causal GQA."""
+    def attention(self, q, batch, layer: int, window: int, scale: float) -> np.ndarray:
+        """q (n, n_head, hd) of `batch`'s rows over each one's sequence in the KV cache ->
+        (n, n_head*hd), causal GQA, all sequences in one kernel call."""
         n, n_head, hd = q.shape
         out = np.empty((n, n_head * hd), np.float32)
-        n_keys = k.shape[1]
-        # a few queries (decode): the Numba kernel; many (prefill): BLAS per kv head
-        kernel = attn_kernels.attention if n < 8 else attn_kernels.attention_blas
-        kernel(
-            np.ascontiguousarray(q, np.float32),
-            _contiguous_buffer(k),
-            _contiguous_buffer(v),
-            n_keys,
-            int(pos0),
-            int(window),
-            float(scale),
-            out,
-        )
+        kv = batch.kv
+        attn_kernels.paged_attention(np.ascontiguousarray(q, np.float32), kv.k[layer],
+                                     kv.v[layer], batch.block_tables, batch.row_seq,
+                                     batch.positions, int(window), float(scale), out)
         return out
 
     def silu_gate(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
@@ -173,24 +165,3 @@ class FastBackend:
         """Threads an encoder may split a batch of sentences over (each runs single-threaded
         kernels and one-thread BLAS, without the GIL): Numba's thread count."""
         return numba.get_num_threads()
-
-
-def _contiguous_buffer(a: np.ndarray) -> np.ndarray:
-    """A C-contiguous array whose prefix `[:, :a.shape[1]]` is `a`: the cache buffer `a` views.
-
-    The KV cache hands out `buffer[:, :length]`; passing the buffer itself keeps the kernel's
-    inner loops contiguous (vectorized) without copying. Anything else is copied.
-    """
-    base = a.base
-    if (
-        isinstance(base, np.ndarray)
-        and base.flags.c_contiguous
-        and base.dtype == np.float32
-        and base.ndim == 3
-        and base.shape[0] == a.shape[0]
-        and base.shape[2] == a.shape[2]
-        and a.strides == base.strides
-        and a.ctypes.data == base.ctypes.data
-    ):
-        return base
-    return np.ascontiguousarray(a, np.float32)

@@ -56,11 +56,14 @@ class ReferenceBackend:
         """x (n, heads, head_dim), positions (n,): `kernels.norms.rope_ref`."""
         return norms.rope_ref(x, np.asarray(positions), freq_base, neox)
 
-    def attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, pos0: int,
-                  window: int, scale: float) -> np.ndarray:
-        """q (n, n_head, hd); k, v (n_kv_head, pos0+n, hd) → (n, n_head*hd), causal GQA:
-        `kernels.attention.attention_ref`."""
-        return attn_kernels.attention_ref(q, k, v, pos0, window, scale)
+    def attention(self, q: np.ndarray, batch, layer: int, window: int,
+                  scale: float) -> np.ndarray:
+        """q (n, n_head, hd) of `batch`'s rows, each over its own sequence's keys and values in
+        the KV cache (layer `layer`) → (n, n_head*hd), causal GQA:
+        `kernels.attention.paged_attention_ref`."""
+        kv = batch.kv
+        return attn_kernels.paged_attention_ref(q, kv.k[layer], kv.v[layer], batch.block_tables,
+                                                batch.row_seq, batch.positions, window, scale)
 
     def silu_gate(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
         """SwiGLU, silu(gate) * up: `kernels.norms.silu_gate_ref`."""
@@ -106,3 +109,7 @@ class ReferenceBackend:
         n = qkv.shape[0]
         qkv4 = qkv.reshape(n, 3, n_heads, -1)  # (n, q|k|v, n_heads, hd)
         return attn_kernels.encoder_attention_ref(qkv4, starts, scale)
+
+    def encoder_workers(self) -> int:
+        """Threads an encoder batch may be split over: one (NumPy runs its own threads)."""
+        return 1

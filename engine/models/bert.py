@@ -11,9 +11,10 @@ the whole sentence); learned position and token-type embeddings instead of RoPE;
 with a bias, *after* each sub-block (post-norm) and after the embeddings; every linear has a
 bias; the FFN is one GELU matrix, not a gated pair. It embeds, it does not generate.
 
-Several sentences run as one forward pass, packed back to back (no padding): the linears see
-(n_tokens, dim) rows whatever sentence they come from; only attention and pooling need the
-sentence boundaries `starts` (B+1,): sentence s is rows starts[s] .. starts[s+1]-1.
+Several sentences run as one forward pass, packed back to back (no padding) in a `Batch`, as
+the decoders' tokens are: the linears see (n_tokens, dim) rows whatever sentence they come
+from; only attention and pooling need the sentence boundaries `batch.starts` (B+1,): sentence
+s is rows starts[s] .. starts[s+1]-1. An encoder keeps no KV cache (`kv_layout()` is None).
 
 References: Devlin et al. 2019, "BERT"; Reimers & Gurevych 2019, "Sentence-BERT";
 llama.cpp's `llm_build_bert` (GGUF tensor names, kept here as attribute names).
@@ -28,6 +29,7 @@ import numpy as np
 
 from kernels.dequant import dequantize
 
+from ..batch import Batch
 from ..gguf_file import GGUFFile
 
 # llama.cpp's `bert.pooling_type` values (enum llama_pooling_type).
@@ -109,24 +111,24 @@ class Model:
         self.token_embd_norm = _norm(gf, "token_embd_norm")
         self.layers = [Layer(gf, i, backend) for i in range(args.n_layers)]
 
+    def kv_layout(self) -> None:
+        """An encoder attends within the batch and keeps no KV cache."""
+        return None
+
     # -- the forward pass, in reading order ------------------------------------------------
 
-    def embed(self, ids: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    def embed(self, batch: Batch) -> np.ndarray:
         """Token + position + token-type embeddings, normed: (n, dim)."""
         b = self.backend
-        lengths = np.diff(starts)
-        positions = np.arange(len(ids)) - np.repeat(starts[:-1], lengths)  # (n,) 0.. per sentence
-        x = b.embed(self.token_embd, ids) + b.embed(self.position_embd, positions)  # (n, dim)
-        x += self.token_type
+        x = b.embed(self.token_embd, batch.ids) + b.embed(self.position_embd, batch.positions)
+        x += self.token_type  # (n, dim)
         return b.layer_norm(x, *self.token_embd_norm, self.args.norm_eps)
 
-    def forward(self, ids: np.ndarray, starts: np.ndarray) -> np.ndarray:
-        """Packed token ids (n,) of the sentences at `starts` (B+1,) -> hidden states (n, dim)."""
-        ids = np.asarray(ids, np.int64)
-        starts = np.asarray(starts, np.int64)
-        x = self.embed(ids, starts)
+    def forward(self, batch: Batch) -> np.ndarray:
+        """The packed sentences of `batch` -> hidden states (n, dim)."""
+        x = self.embed(batch)
         for layer in self.layers:
-            x = self.attention_block(layer, x, starts)
+            x = self.attention_block(layer, x, batch.starts)
             x = self.ffn_block(layer, x)
         return x
 

@@ -51,7 +51,7 @@ class Model(llama.Model):
         x = super().embed(ids)  # (n, dim)
         return x * np.float32(math.sqrt(self.args.dim))
 
-    def attention_block(self, i, layer, x, positions, cache):
+    def attention_block(self, i, layer, x, batch):
         a, b = self.args, self.backend
         h = b.rms_norm(x, layer.attn_norm, a.norm_eps)
         q, k, v = self.qkv(layer, h)  # (n, heads, hd)
@@ -59,11 +59,11 @@ class Model(llama.Model):
         k = b.rms_norm(k, layer.attn_k_norm, a.norm_eps)
         sliding = a.is_sliding(i)
         rope_base = LOCAL_ROPE_BASE if sliding else a.rope_base
-        q = b.rope(q, positions, rope_base, True)
-        k = b.rope(k, positions, rope_base, True)
-        keys, values = cache.update(i, int(positions[0]), k, v)
+        q = b.rope(q, batch.positions, rope_base, True)
+        k = b.rope(k, batch.positions, rope_base, True)
+        batch.store(i, k, v)
         window = a.sliding_window if sliding else 0
-        o = b.attention(q, keys, values, int(positions[0]), window, 1.0 / math.sqrt(a.head_dim))
+        o = b.attention(q, batch, i, window, 1.0 / math.sqrt(a.head_dim))
         o = b.linear(o, layer.attn_output)  # (n, dim)
         return b.rms_norm(o, layer.post_attention_norm, a.norm_eps)
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from kernels.dequant import dequantize
 
-from ..cache import KVCache
+from ..batch import Batch
 from ..gguf_file import GGUFFile
 
 
@@ -97,25 +97,23 @@ class Model:
         head = gf.tensors.get("output.weight", gf.tensors["token_embd.weight"])
         self.output = backend.prepare(head)
 
-    def new_cache(self, max_len: int | None = None) -> KVCache:
+    def kv_layout(self) -> tuple[int, int, int]:
+        """What one position costs in the KV cache: (n_layers, n_kv_heads, head_dim)."""
         a = self.args
-        return KVCache(a.n_layers, a.n_kv_heads, a.head_dim, max_len or a.n_ctx)
+        return a.n_layers, a.n_kv_heads, a.head_dim
 
     # -- the forward pass, in reading order ------------------------------------------------
 
     def embed(self, ids: np.ndarray) -> np.ndarray:
         return self.backend.embed(self.token_embd, ids)  # (n, dim)
 
-    def forward(self, ids: np.ndarray, cache: KVCache) -> np.ndarray:
-        """Run `ids` (n,) at positions cache.length.. → final-normed hidden states (n, dim)."""
-        pos0 = cache.length
-        cache.reserve(pos0 + len(ids))
-        positions = np.arange(pos0, pos0 + len(ids))
-        x = self.embed(np.asarray(ids))  # (n, dim)
+    def forward(self, batch: Batch) -> np.ndarray:
+        """The packed tokens of `batch` → final-normed hidden states (n, dim). Each row's key
+        and value go into its sequence's blocks of the KV cache on the way."""
+        x = self.embed(batch.ids)  # (n, dim)
         for i, layer in enumerate(self.layers):
-            x = x + self.attention_block(i, layer, x, positions, cache)
+            x = x + self.attention_block(i, layer, x, batch)
             x = x + self.ffn_block(layer, x)
-        cache.length = pos0 + len(ids)
         return self.backend.rms_norm(x, self.output_norm, self.args.norm_eps)
 
     def logits(self, h: np.ndarray) -> np.ndarray:
@@ -132,15 +130,14 @@ class Model:
         v = v.reshape(n, a.n_kv_heads, a.head_dim)
         return q, k, v
 
-    def attention_block(self, i: int, layer: Layer, x: np.ndarray, positions: np.ndarray,
-                        cache: KVCache) -> np.ndarray:
+    def attention_block(self, i: int, layer: Layer, x: np.ndarray, batch: Batch) -> np.ndarray:
         a, b = self.args, self.backend
         h = b.rms_norm(x, layer.attn_norm, a.norm_eps)
         q, k, v = self.qkv(layer, h)
-        q = b.rope(q, positions, a.rope_base, a.rope_neox)
-        k = b.rope(k, positions, a.rope_base, a.rope_neox)
-        keys, values = cache.update(i, int(positions[0]), k, v)  # (n_kv_heads, T, hd)
-        o = b.attention(q, keys, values, int(positions[0]), 0, 1.0 / math.sqrt(a.head_dim))
+        q = b.rope(q, batch.positions, a.rope_base, a.rope_neox)
+        k = b.rope(k, batch.positions, a.rope_base, a.rope_neox)
+        batch.store(i, k, v)  # into each sequence's KV blocks
+        o = b.attention(q, batch, i, 0, 1.0 / math.sqrt(a.head_dim))  # (n, n_heads * hd)
         return b.linear(o, layer.attn_output)  # (n, dim)
 
     def ffn_block(self, layer: Layer, x: np.ndarray) -> np.ndarray:

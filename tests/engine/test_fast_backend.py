@@ -13,8 +13,10 @@ from gguf.constants import GGMLQuantizationType as Q
 from engine.backends import get_backend
 from engine.backends.fast import FastBackend
 from engine.backends.reference import ReferenceBackend
+from engine.batch import Batch
 from engine.errors import EngineError
 from engine.gguf_file import TensorInfo
+from engine.kv import KVPool
 from kernels.qmatmul import quantize_activations_ref
 from kernels.testing import random_tensor
 
@@ -84,12 +86,15 @@ def test_rope(neox):
 
 
 @pytest.mark.parametrize("window", [0, 4])
-def test_attention_on_cache_views(window):
-    cache_k, cache_v = randn(2, 32, 64), randn(2, 32, 64)
-    q = randn(3, 4, 64)
-    k, v = cache_k[:, :13], cache_v[:, :13]  # what KVCache.update returns
-    got = FAST.attention(q, k, v, 10, window, 0.125)
-    np.testing.assert_allclose(got, REF.attention(q, k, v, 10, window, 0.125), rtol=1e-4, atol=1e-5)
+def test_attention_over_the_kv_pool(window):
+    """Two sequences, one decoding at position 12, one prefilling 3 rows, in one call."""
+    pool = KVPool(n_layers=2, n_kv_heads=2, head_dim=64, n_blocks=4)
+    pool.k[:], pool.v[:] = randn(*pool.k.shape), randn(*pool.v.shape)
+    batch = Batch.pack([([0], 12), ([0, 0, 0], 0)], pool, [[2], [1]])
+    q = randn(4, 4, 64)
+    got = FAST.attention(q, batch, 1, window, 0.125)
+    np.testing.assert_allclose(got, REF.attention(q, batch, 1, window, 0.125), rtol=1e-4,
+                               atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["silu_gate", "gelu_gate"])

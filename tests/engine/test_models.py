@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 
 from engine.backends import get_backend
+from engine.batch import Batch, scratch_batch
 from engine.gguf_file import open_gguf
+from engine.kv import KVPool
 from engine.models import architecture_module
 from tests.helpers import load_data
 from tests.tiny_models import write_tiny
@@ -19,19 +21,46 @@ def build(path, backend="reference"):
     return module.Model(module.ModelArgs.from_gguf(gf), gf, get_backend(backend))
 
 
+def run(model, ids) -> np.ndarray:
+    """Logits at every position of `ids`, one fresh pass: (len(ids), vocab)."""
+    return model.logits(model.forward(scratch_batch([list(ids)], model.kv_layout())))
+
+
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 def test_tiny_model_cached_decode_equals_full_forward(tmp_path, arch):
     model = build(write_tiny(tmp_path / f"{arch}.gguf", arch, sliding_window=4))
-    ids = np.array([1, 259, 260, 261, 5, 9, 33, 100, 200, 7, 8, 9])
-    full = model.logits(model.forward(ids, model.new_cache()))  # (12, vocab)
+    ids = [1, 259, 260, 261, 5, 9, 33, 100, 200, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18]
+    full = run(model, ids)  # (21, vocab)
 
-    cache = model.new_cache()
-    steps = [model.logits(model.forward(ids[:5], cache))]  # prefill 5, then one at a time
-    for t in ids[5:]:
-        steps.append(model.logits(model.forward(np.array([t]), cache)))
+    pool = KVPool(*model.kv_layout(), n_blocks=4)
+    table = [3, 0]  # any blocks, in position order: positions 16.. live in block 0
+    steps = [model.logits(model.forward(Batch.pack([(ids[:5], 0)], pool, [table])))]
+    for pos in range(5, len(ids)):  # prefill 5, then one at a time through the cache
+        step = Batch.pack([(ids[pos:pos + 1], pos)], pool, [table])
+        steps.append(model.logits(model.forward(step)))
     stepped = np.concatenate(steps)
-    assert stepped.shape == full.shape == (12, 262)
+    assert stepped.shape == full.shape == (21, 262)
     np.testing.assert_allclose(stepped, full, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["reference", "fast"])
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_a_packed_batch_computes_each_sequence_as_alone(tmp_path, arch, backend):
+    """Three sequences in one pass (one decoding a token over its cache, two prefilling)
+    give each one's logits as it gets them alone; bit for bit on the fast backend."""
+    model = build(write_tiny(tmp_path / f"{arch}.gguf", arch, sliding_window=4), backend)
+    seqs = [[1, 259, 260, 261, 5, 9, 33, 100, 200, 7], [3, 4, 5], list(range(20, 40))]
+    alone = [run(model, ids) for ids in seqs]
+    pool = KVPool(*model.kv_layout(), n_blocks=8)
+    tables = [[5], [0], [2, 7]]
+    model.forward(Batch.pack([(seqs[0][:9], 0)], pool, tables[:1]))  # seq 0: 9 tokens cached
+    batch = Batch.pack([(seqs[0][9:], 9), (seqs[1], 0), (seqs[2], 0)], pool, tables)
+    together = model.logits(model.forward(batch))  # (1 + 3 + 20, vocab)
+    want = np.concatenate([alone[0][9:], alone[1], alone[2]])
+    if backend == "fast":
+        np.testing.assert_array_equal(together, want)
+    else:
+        np.testing.assert_allclose(together, want, rtol=1e-5, atol=1e-5)
 
 
 def test_tiny_gemma_sliding_window_changes_only_later_positions(tmp_path):
@@ -39,8 +68,7 @@ def test_tiny_gemma_sliding_window_changes_only_later_positions(tmp_path):
     ids = np.arange(3, 15)
     narrow = build(write_tiny(tmp_path / "w4.gguf", "gemma3", sliding_window=4))
     wide = build(write_tiny(tmp_path / "w64.gguf", "gemma3", sliding_window=64))
-    a = narrow.logits(narrow.forward(ids, narrow.new_cache()))
-    b = wide.logits(wide.forward(ids, wide.new_cache()))
+    a, b = run(narrow, ids), run(wide, ids)
     np.testing.assert_allclose(a[:4], b[:4], rtol=1e-5, atol=1e-5)
     assert np.abs(a[5:] - b[5:]).max() > 1e-3
 

@@ -22,16 +22,21 @@ def test_rope_in_place():
         np.testing.assert_array_equal(y, out)
 
 
-def test_attention_on_cache_view():
-    """k, v are usually a prefix view of a bigger preallocated cache."""
-    cache_k, cache_v = randn(3, 64, 64), randn(3, 64, 64)
-    q = randn(2, 9, 64)
-    k, v = cache_k[:, :12], cache_v[:, :12]
-    out = np.empty((2, 9 * 64), np.float32)
-    attention.attention(q, cache_k, cache_v, 12, 10, 0, 0.125, out)
-    np.testing.assert_allclose(
-        out, attention.attention_ref(q, k, v, 10, 0, 0.125), rtol=1e-4, atol=1e-5
-    )
+def test_paged_attention_reads_the_blocks_of_its_own_sequence():
+    """The twin's gather: keys spread over shuffled blocks give what contiguous keys give."""
+    block = attention.KV_BLOCK
+    k, v = randn(3, 40, 64), randn(3, 40, 64)  # one sequence, 40 positions, contiguous
+    q = randn(2, 9, 64)  # its positions 38 and 39
+    order = [4, 0, 2]  # the sequence's blocks, in position order
+    k_cache, v_cache = randn(3, 5 * block, 64), randn(3, 5 * block, 64)  # other blocks: noise
+    for i, b in enumerate(order):
+        n = min(block, 40 - i * block)
+        k_cache[:, b * block:b * block + n] = k[:, i * block:i * block + n]
+        v_cache[:, b * block:b * block + n] = v[:, i * block:i * block + n]
+    tables, rows = np.array([order], np.int32), np.zeros(2, np.int32)
+    got = attention.paged_attention_ref(q, k_cache, v_cache, tables, rows, np.array([38, 39]),
+                                        0, 0.125)
+    np.testing.assert_allclose(got, attention.attention_ref(q, k, v, 38, 0, 0.125), rtol=1e-6)
 
 
 # --- bert: LayerNorm, erf GELU, encoder attention -------------------------------------------------

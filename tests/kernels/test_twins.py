@@ -59,6 +59,6 @@ def numba_kernels() -> set[str]:
 
 def test_every_numba_kernel_has_a_twin():
     found = numba_kernels()
-    assert {"norms.rms_norm", "attention.attention", "vnni.qmatmul_vnni"} <= found  # it looks
+    assert {"norms.rms_norm", "attention.paged_attention", "vnni.qmatmul_vnni"} <= found  # it looks
     missing = found - {kernel_name(k) for k in TWINS}
     assert not missing, f"add these kernels and their NumPy twins to kernels.twins: {missing}"
