@@ -16,6 +16,7 @@ import numpy as np
 from . import chat
 from .backends import get_backend
 from .batch import scratch_batch
+from .compute import COMPUTE
 from .errors import CapabilityError, ContextOverflowError, EngineError
 from .generate import Decoding, GeneratedToken, check_prompt
 from .gguf_file import GGUFFile, open_gguf
@@ -71,6 +72,9 @@ class LLM:
         self.require("completion")
         ids = [int(t) for t in ids]
         check_prompt(ids, self.n_ctx + 1, self.n_vocab)
+        return COMPUTE.call(self._logits, ids)
+
+    def _logits(self, ids: list[int]) -> np.ndarray:
         hidden = self.model.forward(scratch_batch([ids], self.model.kv_layout()))
         return self.model.logits(hidden).astype(np.float32)
 
@@ -78,7 +82,7 @@ class LLM:
                  should_stop=None, grammar=None, **sampling) -> TokenStream:
         """Start a generation; iterate the result for one GeneratedToken per sampled token.
 
-        It runs at once, in the model's scheduler thread (engine/scheduler.py), batched with
+        It runs at once, on the compute thread (engine/scheduler.py), batched with
         every other generation of this model: call `generate` for several prompts, then read
         the streams, and they run together. `should_stop()` is polled once per step (the
         generation then ends with finish_reason "cancelled"); closing the stream cancels it.
@@ -219,7 +223,11 @@ class LLM:
     def _encode_shard(self, group: list[list[int]], pooling: str) -> np.ndarray:
         """One forward pass over `group` packed → (len(group), dim) pooled vectors."""
         batch = scratch_batch(group, self.model.kv_layout())
-        return pool_packed(self.model.forward(batch), batch.starts, pooling)  # (B, dim)
+        if self.model.kv_layout() is None:  # an encoder: single-threaded kernels, any thread
+            hidden = self.model.forward(batch)
+        else:  # a decoder's parallel kernels run on the compute thread
+            hidden = COMPUTE.call(self.model.forward, batch)
+        return pool_packed(hidden, batch.starts, pooling)  # (B, dim)
 
     def _encoder_workers(self) -> int:
         if self.model.kv_layout() is not None:

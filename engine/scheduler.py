@@ -1,4 +1,4 @@
-"""Continuous batching: one thread owns a model and runs every generation in steps.
+"""Continuous batching: every generation of a model runs in steps of one forward pass.
 
     loop:  schedule → run → postprocess
     schedule:     every running sequence that decodes takes one row; sequences still
@@ -9,7 +9,9 @@
     postprocess:  each finished row's logits go to its sequence's `Decoding`, which samples
                   the next token; the token goes to the sequence's `TokenStream`
 
-A sequence joins at the next step and leaves as soon as it finishes or is cancelled. Its
+The steps run on the process's compute thread (engine/compute.py); requests are submitted
+from any thread and read their tokens from a `TokenStream`. A sequence joins at the next step
+and leaves as soon as it finishes or is cancelled. Its
 keys and values live in the KV pool (engine/kv.py): blocks are allocated as it grows, shared
 with earlier sequences through the prefix cache, and given back when it ends. When the pool
 runs out, the sequence that started last is preempted: its blocks are released and it waits
@@ -34,6 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .batch import Batch
+from .compute import COMPUTE
 from .errors import ContextOverflowError, EngineError
 from .generate import Decoding, GeneratedToken
 from .kv import BLOCK, KVFull, KVPool
@@ -48,7 +51,7 @@ _END = object()  # what a TokenStream's queue holds after the last token
 class TokenStream:
     """One generation's tokens as they are made: iterate it for `GeneratedToken`s.
 
-    It is filled by the scheduler's thread; `close()` (or dropping it) cancels the
+    It is filled by the compute thread; `close()` (or dropping it) cancels the
     generation, which leaves the batch at the next step. `prompt_tokens` and `cached_tokens`
     (prompt tokens whose keys and values came from the prefix cache) are set when the
     prompt has been computed.
@@ -129,7 +132,8 @@ class Stats:
 
 
 class Scheduler:
-    """Owns `network` and its KV pool; generations are submitted from any thread."""
+    """Runs `network`'s generations with its KV pool; they are submitted from any thread and
+    stepped on the compute thread."""
 
     def __init__(self, network, pool: KVPool, step_tokens: int = STEP_TOKENS,
                  max_seqs: int = MAX_SEQS, name: str = "model"):
@@ -139,10 +143,10 @@ class Scheduler:
         self.max_seqs = max_seqs
         self.name = name
         self.waiting: deque[Sequence] = deque()  # guarded by _cond
-        self.running: list[Sequence] = []  # the scheduler thread's own
+        self.running: list[Sequence] = []  # the compute thread's own
         self.stats = Stats()
         self._cond = threading.Condition()
-        self._thread: threading.Thread | None = None
+        COMPUTE.add(self)
 
     @property
     def capacity(self) -> int:
@@ -168,27 +172,22 @@ class Scheduler:
         with self._cond:
             self.waiting.append(seq)
             self.stats.waiting = len(self.waiting)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._loop, daemon=True,
-                                                name=f"numbalm-scheduler-{self.name}")
-                self._thread.start()
-            self._cond.notify()
+        COMPUTE.wake()
         return streams
 
-    # -- the scheduler's thread -----------------------------------------------------------
+    # -- the compute thread's side --------------------------------------------------------
 
-    def _loop(self) -> None:
-        while True:
-            with self._cond:
-                while not self.waiting and not self.running:
-                    self._cond.wait()
-            try:
-                self.step()
-            except Exception as e:  # noqa: BLE001 - a bug must not kill every generation
-                log.exception("scheduler step failed")
-                for seq in self.running:
-                    self._end(seq, EngineError(f"generation failed: {e}"))
-                self.running = []
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def run_step(self) -> None:
+        """`step()`, and if it fails (a bug), every sequence in it fails rather than hangs."""
+        try:
+            self.step()
+        except Exception as e:  # noqa: BLE001 - a bug must not hang every generation
+            log.exception("scheduler step failed")
+            for seq in list(self.running):
+                self._end(seq, EngineError(f"generation failed: {e}"))
 
     def step(self) -> None:
         """One forward pass over everything that can run now."""

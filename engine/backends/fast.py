@@ -20,6 +20,7 @@ from kernels import attention as attn_kernels
 from kernels import jit, norms, qmatmul
 from kernels.qpack import GROUP, PackedWeight, repack
 
+from ..compute import COMPUTE
 from ..gguf_file import TensorInfo
 from .reference import ReferenceBackend
 
@@ -51,7 +52,8 @@ class FastBackend:
     act_terms = qmatmul.TERMS
 
     def __init__(self):
-        self.threading_layer = jit.check_threading_layer()  # logs a warning when slow
+        # on the compute thread, the one that runs parallel kernels (engine/compute.py)
+        self.threading_layer = COMPUTE.call(jit.check_threading_layer)  # warns when slow
         jit.limit_blas_threads(1)  # BLAS between Numba kernels: one thread, or they fight
 
     # -- load time -------------------------------------------------------------------------
