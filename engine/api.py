@@ -13,7 +13,6 @@ Names used across the code base:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -42,6 +41,21 @@ class TextTokenizer(Protocol):
 
 
 @runtime_checkable
+class TokenStreamLike(Protocol):
+    """One running generation (engine.scheduler.TokenStream): iterate it for tokens."""
+
+    prompt_tokens: int
+    cached_tokens: int  # prompt tokens whose keys and values came from the prefix cache
+
+    def __iter__(self): ...
+
+    def __next__(self) -> GeneratedToken: ...
+
+    def close(self) -> None:
+        """Cancel the generation; it leaves the batch at the next step."""
+
+
+@runtime_checkable
 class LanguageModel(Protocol):
     """A loaded model, as docs/internals.md describes each member."""
 
@@ -57,7 +71,13 @@ class LanguageModel(Protocol):
     def logits(self, ids: list[int]) -> np.ndarray:
         """(len(ids), n_vocab) float32, from a fresh context."""
 
-    def generate(self, prompt_ids: list[int], **options) -> Iterator[GeneratedToken]: ...
+    def generate(self, prompt_ids: list[int], **options) -> TokenStreamLike: ...
+
+    def submit(self, prompt_ids: list[int], n: int = 1, **options) -> list[TokenStreamLike]:
+        """n generations after one prompt, computed once; choice i seeded `seed + i`."""
+
+    def serving_stats(self) -> dict | None:
+        """The scheduler's counters (engine.LLM.serving_stats), or None."""
 
     def embed(self, inputs, pooling: str | None = None, normalize: bool = True,
               truncate: bool = False) -> np.ndarray: ...

@@ -63,11 +63,6 @@ class Batch:
         """(B,) the row of each sequence's last token (where its next-token logits come from)."""
         return self.starts[1:] - 1
 
-    def store(self, layer: int, k: np.ndarray, v: np.ndarray) -> None:
-        """Write this batch's keys and values, k, v (n, n_kv_heads, hd), into the cache."""
-        self.kv.k[layer][:, self.slots] = k.transpose(1, 0, 2)
-        self.kv.v[layer][:, self.slots] = v.transpose(1, 0, 2)
-
 
 def scratch_batch(ids_lists: list[list[int]], kv_layout) -> Batch:
     """Sequences run once from position 0 with a KV cache of their own, freed after the pass

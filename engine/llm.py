@@ -10,6 +10,7 @@ import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
 
 import numpy as np
 
@@ -20,10 +21,10 @@ from .compute import COMPUTE
 from .errors import CapabilityError, ContextOverflowError, EngineError
 from .generate import Decoding, GeneratedToken, check_prompt
 from .gguf_file import GGUFFile, open_gguf
-from .kv import KVPool
+from .kv import BLOCK, KVPool
 from .models import architecture_module
 from .sampling import SamplingParams
-from .scheduler import STEP_TOKENS, Scheduler, Stats, TokenStream
+from .scheduler import STEP_TOKENS, Scheduler, TokenStream
 from .tokenizer import Tokenizer, check_token_ids
 
 # What a model can do; an architecture module may narrow it with its own CAPABILITIES
@@ -121,13 +122,17 @@ class LLM:
         streams = [self.generate(ids, **options) for ids in prompts]
         return [list(stream) for stream in streams]
 
-    def stats(self) -> Stats | None:
-        """The scheduler's counters (steps, rows, batch sizes, preemptions), None before the
-        first generation; `kv_pool()` has the cache's."""
-        return self.scheduler.stats if self.scheduler else None
-
-    def kv_pool(self) -> KVPool | None:
-        return self.scheduler.pool if self.scheduler else None
+    def serving_stats(self) -> dict | None:
+        """What the scheduler and its KV pool have done, as plain numbers (None before the
+        first generation): steps, step_seconds, rows, prefill_rows, sequences (summed batch
+        sizes), preempted, running, waiting, kv_blocks, kv_blocks_used, prefix_hit_tokens,
+        prefix_miss_tokens (prompt tokens found / not found in the prefix cache)."""
+        if self.scheduler is None:
+            return None
+        pool = self.scheduler.pool
+        return {**asdict(self.scheduler.stats), "kv_blocks": pool.n_blocks,
+                "kv_blocks_used": pool.n_used, "prefix_hit_tokens": pool.hits * BLOCK,
+                "prefix_miss_tokens": pool.misses * BLOCK}
 
     def _scheduler(self) -> Scheduler:
         with self._scheduler_lock:

@@ -137,6 +137,21 @@ def _paged_attention_cases():
     return cases
 
 
+def _kv_store_cases():
+    r = np.random.default_rng(10)
+    k_cache, v_cache = _randn(r, 3, 64, 16), _randn(r, 3, 64, 16)  # (n_kv, slots, hd)
+    slots = np.array([5, 0, 63, 17])
+    return {"4 rows": (k_cache, v_cache, slots, _randn(r, 4, 3, 16), _randn(r, 4, 3, 16))}
+
+
+def _caches_after(store, args, want=None):
+    """The store writes the caches in place: run it on copies, return them."""
+    k_cache, v_cache, slots, k, v = args
+    k_cache, v_cache = k_cache.copy(), v_cache.copy()
+    store(k_cache, v_cache, slots, k, v)
+    return np.stack([k_cache, v_cache])
+
+
 def _encoder_attention_cases():
     r, cases = np.random.default_rng(8), {}
     for lengths in ([1], [7], [3, 1, 9, 2], [17, 5]):
@@ -237,6 +252,8 @@ TWINS: dict[Callable, Twin] = {
     norms.add_bias: Twin(norms.add_bias_ref, _add_bias_cases, rtol=1e-5, atol=1e-6),
     attention.paged_attention: Twin(attention.paged_attention_ref, _paged_attention_cases,
                                     rtol=1e-4, atol=1e-5),
+    attention.kv_store: Twin(attention.kv_store_ref, _kv_store_cases, run=_caches_after,
+                             run_ref=_caches_after),
     attention.encoder_attention: Twin(attention.encoder_attention_ref, _encoder_attention_cases,
                                       rtol=1e-4, atol=1e-5),
     mask.apply_token_bitmask: Twin(mask.apply_token_bitmask_ref, _mask_cases, run=_in_place,

@@ -43,7 +43,9 @@ def create_app(config: ServerConfig | Mapping | None = None, *, pool: ModelPool 
     app.json.sort_keys = False
     app.json.ensure_ascii = False
     if pool is None:
-        pool = ModelPool(config.models, config.aliases, config.backend, config.warmup)
+        pool = ModelPool(config.models, config.aliases, config.backend, config.warmup,
+                         engine_options={"kv_cache_mb": config.kv_cache_mb,
+                                         "step_tokens": config.step_tokens})
         if load:
             pool.start()
     elif config.aliases:

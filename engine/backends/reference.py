@@ -56,6 +56,12 @@ class ReferenceBackend:
         """x (n, heads, head_dim), positions (n,): `kernels.norms.rope_ref`."""
         return norms.rope_ref(x, np.asarray(positions), freq_base, neox)
 
+    def store_kv(self, batch, layer: int, k: np.ndarray, v: np.ndarray) -> None:
+        """Write `batch`'s keys and values k, v (n, n_kv_head, hd) into its rows' cache slots:
+        `kernels.attention.kv_store_ref`."""
+        kv = batch.kv
+        attn_kernels.kv_store_ref(kv.k[layer], kv.v[layer], batch.slots, k, v)
+
     def attention(self, q: np.ndarray, batch, layer: int, window: int,
                   scale: float) -> np.ndarray:
         """q (n, n_head, hd) of `batch`'s rows, each over its own sequence's keys and values in

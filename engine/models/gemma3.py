@@ -61,7 +61,7 @@ class Model(llama.Model):
         rope_base = LOCAL_ROPE_BASE if sliding else a.rope_base
         q = b.rope(q, batch.positions, rope_base, True)
         k = b.rope(k, batch.positions, rope_base, True)
-        batch.store(i, k, v)
+        b.store_kv(batch, i, k, v)
         window = a.sliding_window if sliding else 0
         o = b.attention(q, batch, i, window, 1.0 / math.sqrt(a.head_dim))
         o = b.linear(o, layer.attn_output)  # (n, dim)

@@ -136,7 +136,7 @@ class Model:
         q, k, v = self.qkv(layer, h)
         q = b.rope(q, batch.positions, a.rope_base, a.rope_neox)
         k = b.rope(k, batch.positions, a.rope_base, a.rope_neox)
-        batch.store(i, k, v)  # into each sequence's KV blocks
+        b.store_kv(batch, i, k, v)  # into each sequence's KV blocks
         o = b.attention(q, batch, i, 0, 1.0 / math.sqrt(a.head_dim))  # (n, n_heads * hd)
         return b.linear(o, layer.attn_output)  # (n, dim)
 

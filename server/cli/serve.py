@@ -51,7 +51,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     a("--backend", choices=BACKENDS, help=f"engine backend (default {DEFAULT_BACKEND})")
     a("--threads", type=int, help="HTTP worker threads (default max-concurrent + queue-size + 4)")
     a("--compute-threads", type=int, help="Numba threads per generation (default: all cores)")
-    a("--max-concurrent", type=int, help="generations running at once (default 1)")
+    a("--max-concurrent", type=int,
+      help="requests generating at once, their tokens batched into one forward pass per step "
+           "(default 8)")
+    a("--kv-cache-mb", type=float,
+      help="KV cache per model, shared by all its running generations, in MiB (default 1024); "
+           "a request that could never fit gets a 400, others wait for room")
+    a("--step-tokens", type=int,
+      help="prompt tokens one batched step may prefill (default 128): smaller keeps running "
+           "streams steadier while a long prompt is read, larger reads it faster")
     a("--queue-size", type=int, help="requests waiting for a slot before 429 (default 8)")
     a("--queue-timeout", type=float, help="seconds to wait for a slot before 503 (default 30)")
     a("--request-timeout", type=float, help="seconds one generation may run (default 600)")
@@ -76,6 +84,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def config_from_args(args, environ=None) -> ServerConfig:
     names = ("models", "host", "port", "backend", "threads", "compute_threads", "max_concurrent",
+             "kv_cache_mb", "step_tokens",
              "queue_size", "queue_timeout", "request_timeout", "max_body_size", "max_tokens_cap",
              "max_n", "embeddings_max_batch", "embeddings_cache_bytes",
              "api_keys", "cors_origins", "log_level", "log_format", "shutdown_grace",

@@ -7,17 +7,20 @@ import time
 
 from flask import Blueprint, Response, current_app, g, jsonify, request
 
+from server.http.errors import APIError
 from server.http.sse import EventStream, sse_lines
 from server.openai.requests import parse_chat, parse_completion, parse_json
 from server.openai.shapes import Shaper
 from server.serving.generation import (
-    ChoiceResult,
     Stats,
     StopCheck,
+    cached_tokens,
+    close,
     collect,
     is_sampled,
     plan,
     run_choice,
+    start,
 )
 from server.serving.runtime import Runtime
 from server.serving.toolcalls import finish_reason
@@ -69,8 +72,14 @@ def _generate(parse):
     stats.admitted = time.perf_counter()
     check = StopCheck(request.environ.get("waitress.client_disconnected"), cfg.request_timeout,
                       rt.shutdown)
+    try:
+        results = start(the_plan, check, stats)  # every choice runs from now on, batched
+    except APIError:
+        rt.release()
+        raise
 
     def finish():
+        close(results)  # a choice not read to its end (client gone, error) stops now
         rt.release()
         rt.observe(served.id, the_plan.prompt_tokens, stats)
         if check.reason:
@@ -78,14 +87,15 @@ def _generate(parse):
 
     if req.stream:  # the slot passes to the response body, which frees it when closed
         events = _chat_events if req.kind == "chat" else _text_events
-        chunks = sse_lines(events(the_plan, Shaper(the_plan), check, stats), check)
+        chunks = sse_lines(events(the_plan, results, Shaper(the_plan), check, stats), check)
         return Response(EventStream(chunks, check, finish), mimetype="text/event-stream",
                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     try:
-        results = collect(the_plan, check, stats)
+        collect(results, stats)
         if check.reason:
             raise check.error()
-        body = Shaper(the_plan).completion(results, stats.completion_tokens)  # echo: logits
+        body = Shaper(the_plan).completion(results, stats.completion_tokens,
+                                           cached_tokens(the_plan, results))  # echo: logits
     finally:
         finish()
     return jsonify(body)
@@ -93,16 +103,16 @@ def _generate(parse):
 
 # --- streaming --------------------------------------------------------------------------------
 
-def _chat_events(plan, shaper: Shaper, check: StopCheck, stats: Stats):
+def _chat_events(plan, results, shaper: Shaper, check: StopCheck, stats: Stats):
     tools = plan.req.tools
     # OpenAI's first delta: content "" for a reply that will be text, null for one that will
     # be calls. Only tool_choice required or a named function makes the latter certain.
     calls_only = tools is not None and tools.choice in ("required", "function")
-    for choice, prompt in plan.jobs():
+    for result in results:
+        choice = result.index
         yield shaper.chat_chunk(choice, {"role": "assistant",
                                          "content": None if calls_only else ""})
-        result = ChoiceResult(choice, prompt)
-        for tok in run_choice(plan, result, check, stats):
+        for tok in run_choice(result, stats):
             logprobs = shaper.chat_logprobs([tok]) if is_sampled(tok) else None
             if result.parser is not None:  # tools: content or calls, as the parser says
                 chunk = shaper.delta_chunk(choice, result.delta, logprobs)
@@ -120,19 +130,19 @@ def _chat_events(plan, shaper: Shaper, check: StopCheck, stats: Stats):
             finish = finish_reason(finish, result.parser.calls)
         yield shaper.chat_chunk(choice, {}, finish=finish)
     if plan.req.include_usage:
-        yield shaper.usage_chunk(stats.completion_tokens)
+        yield shaper.usage_chunk(stats.completion_tokens, cached_tokens(plan, results))
 
 
-def _text_events(plan, shaper: Shaper, check: StopCheck, stats: Stats):
-    for choice, prompt in plan.jobs():
+def _text_events(plan, results, shaper: Shaper, check: StopCheck, stats: Stats):
+    for result in results:
+        choice, prompt = result.index, result.prompt
         offset = 0
         if plan.req.echo:
             entries = shaper.echo_entries(prompt)
             yield shaper.text_chunk(choice, prompt.text,
                                     logprobs=shaper.legacy_logprobs(entries, 0))
             offset = len(prompt.text)
-        result = ChoiceResult(choice, prompt)
-        for tok in run_choice(plan, result, check, stats):
+        for tok in run_choice(result, stats):
             entries = [(tok.id, tok.logprob, tok.top_logprobs)] if is_sampled(tok) else []
             logprobs = shaper.legacy_logprobs(entries, offset)
             if tok.text or (logprobs and logprobs["tokens"]):
@@ -142,4 +152,4 @@ def _text_events(plan, shaper: Shaper, check: StopCheck, stats: Stats):
             return
         yield shaper.text_chunk(choice, "", finish=result.finish_reason)
     if plan.req.include_usage:
-        yield shaper.usage_chunk(stats.completion_tokens)
+        yield shaper.usage_chunk(stats.completion_tokens, cached_tokens(plan, results))

@@ -16,9 +16,11 @@ def fingerprint(model_id: str, backend: str = "") -> str:
     return "fp_" + digest[:10]
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+    """OpenAI's usage object; `cached_tokens`: prompt tokens the prefix cache had."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 class Shaper:
@@ -83,10 +85,11 @@ class Shaper:
 
     # --- whole responses --------------------------------------------------------------------
 
-    def completion(self, results: list[ChoiceResult], completion_tokens: int) -> dict:
+    def completion(self, results: list[ChoiceResult], completion_tokens: int,
+                   cached_tokens: int = 0) -> dict:
         choices = [self._chat_choice(r) if self.chat else self._text_choice(r) for r in results]
         body = self._envelope("chat.completion" if self.chat else "text_completion", choices)
-        body["usage"] = usage(self.plan.prompt_tokens, completion_tokens)
+        body["usage"] = usage(self.plan.prompt_tokens, completion_tokens, cached_tokens)
         return body
 
     def _chat_choice(self, r: ChoiceResult) -> dict:
@@ -135,8 +138,8 @@ class Shaper:
             chunk["usage"] = None
         return chunk
 
-    def usage_chunk(self, completion_tokens: int) -> dict:
+    def usage_chunk(self, completion_tokens: int, cached_tokens: int = 0) -> dict:
         obj = "chat.completion.chunk" if self.chat else "text_completion"
         chunk = self._envelope(obj, [])
-        chunk["usage"] = usage(self.plan.prompt_tokens, completion_tokens)
+        chunk["usage"] = usage(self.plan.prompt_tokens, completion_tokens, cached_tokens)
         return chunk

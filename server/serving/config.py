@@ -26,7 +26,9 @@ class ServerConfig:
     backend: str = DEFAULT_BACKEND                         # engine backend: fast | reference
     threads: int = 0                     # waitress worker threads; 0: max_concurrent + queue + 4
     compute_threads: int = 0             # Numba threads (NUMBA_NUM_THREADS); 0: Numba's default
-    max_concurrent: int = 1              # generations running at once
+    max_concurrent: int = 8              # requests generating at once, batched together
+    kv_cache_mb: float = 1024.0          # KV cache per model, shared by its generations
+    step_tokens: int = 128               # prompt tokens one batched step may prefill
     queue_size: int = 8                  # requests waiting for a slot; beyond it: 429
     queue_timeout: float = 30.0          # seconds a request may wait for a slot; then 503
     request_timeout: float = 600.0       # seconds one generation may run; then it is cancelled
@@ -47,7 +49,7 @@ class ServerConfig:
 
     def validate(self) -> None:
         positive = ("max_concurrent", "max_body_size", "max_tokens_cap", "max_n",
-                    "embeddings_max_batch")
+                    "embeddings_max_batch", "kv_cache_mb", "step_tokens")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")

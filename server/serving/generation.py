@@ -37,11 +37,6 @@ class Plan:
     def prompt_tokens(self) -> int:
         return sum(len(p.ids) for p in self.prompts)
 
-    def jobs(self):
-        """(choice index, prompt) for every choice: prompt-major, n per prompt."""
-        for p, prompt in enumerate(self.prompts):
-            for i in range(self.req.n):
-                yield p * self.req.n + i, prompt
 
 
 def _chat_prompt(req: GenerationRequest, llm) -> tuple[list[int], str]:
@@ -148,6 +143,7 @@ class StopCheck:
 class ChoiceResult:
     index: int
     prompt: Prompt
+    stream: object = None  # the engine's TokenStream for this choice
     tokens: list = field(default_factory=list)   # GeneratedToken, sampled ones only
     text: str = ""
     finish_reason: str | None = None
@@ -166,16 +162,46 @@ class Stats:
     completion_tokens: int = 0
 
 
-def engine_options(plan: Plan, choice: int, prompt: Prompt, should_stop) -> dict:
+def engine_options(plan: Plan, seed_base: int) -> dict:
     s = plan.req.sampling
-    seed = None if s.seed is None else (s.seed + choice) % 2**32  # n>1: distinct, reproducible
-    opts = dict(max_tokens=prompt.max_tokens, stop=tuple(s.stop), temperature=s.temperature,
-                top_k=s.top_k, top_p=s.top_p, min_p=s.min_p, seed=seed,
-                repetition_penalty=s.repetition_penalty, presence_penalty=s.presence_penalty,
-                frequency_penalty=s.frequency_penalty, logit_bias=s.logit_bias,
-                logprobs=plan.req.logprobs, should_stop=should_stop, grammar=plan.req.grammar)
+    seed = None if s.seed is None else (s.seed + seed_base) % 2**32  # distinct, reproducible
+    opts = dict(stop=tuple(s.stop), temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+                min_p=s.min_p, seed=seed, repetition_penalty=s.repetition_penalty,
+                presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty,
+                logit_bias=s.logit_bias, logprobs=plan.req.logprobs, grammar=plan.req.grammar)
     # "not given" is left out rather than passed as None: the engine's defaults apply
     return {k: v for k, v in opts.items() if v is not None}
+
+
+def start(plan: Plan, should_stop, stats: Stats) -> list[ChoiceResult]:
+    """Submit every choice of every prompt at once: they run batched, and the n choices of a
+    prompt share its prefill (choice i of prompt p is seeded seed + p * n + i). A value the
+    engine refuses is a 400 here, before any byte of the response is sent."""
+    n, llm = plan.req.n, plan.served.llm
+    calls_possible = plan.req.tools is not None and plan.req.tools.calls_allowed \
+        and plan.req.kind == "chat"
+    results: list[ChoiceResult] = []
+    try:
+        for p, prompt in enumerate(plan.prompts):
+            streams = llm.submit(prompt.ids, n, max_tokens=prompt.max_tokens,
+                                 should_stop=should_stop, **engine_options(plan, p * n))
+            results += [ChoiceResult(p * n + i, prompt, stream,
+                                     parser=ToolCallParser() if calls_possible else None)
+                        for i, stream in enumerate(streams)]
+    except ContextOverflowError as e:
+        close(results)
+        raise bad_request(str(e), param="messages" if plan.req.kind == "chat" else "prompt",
+                          code="context_length_exceeded") from None
+    except EngineError as e:  # the engine refused an option value: the user's to fix
+        close(results)
+        raise bad_request(str(e), code="invalid_value") from None
+    return results
+
+
+def close(results: list[ChoiceResult]) -> None:
+    """Cancel whatever is still running (a no-op for choices that have ended)."""
+    for result in results:
+        result.stream.close()
 
 
 def is_sampled(tok) -> bool:
@@ -183,15 +209,10 @@ def is_sampled(tok) -> bool:
     return tok.id is not None and tok.id >= 0
 
 
-def run_choice(plan: Plan, result: ChoiceResult, should_stop, stats: Stats):
-    """Yield each GeneratedToken of one choice, filling `result` as it goes."""
-    opts = engine_options(plan, result.index, result.prompt, should_stop)
-    tools = plan.req.tools
-    if tools is not None and tools.calls_allowed and plan.req.kind == "chat":
-        result.parser = ToolCallParser()
+def run_choice(result: ChoiceResult, stats: Stats):
+    """Yield each GeneratedToken of one started choice, filling `result` as it goes."""
     try:
-        tokens = plan.served.llm.generate(result.prompt.ids, **opts)
-        for tok in tokens:
+        for tok in result.stream:
             if stats.first_token is None:
                 stats.first_token = time.perf_counter()
             if is_sampled(tok):
@@ -203,13 +224,10 @@ def run_choice(plan: Plan, result: ChoiceResult, should_stop, stats: Stats):
                 result.delta = result.parser.push(tok.text or "")
             yield tok
             if result.parser is not None and result.parser.repeated:  # a call loop: end it
-                tokens.close()
+                result.stream.close()
                 result.finish_reason = "stop"
                 break
-    except ContextOverflowError as e:
-        raise bad_request(str(e), param="messages" if plan.req.kind == "chat" else "prompt",
-                          code="context_length_exceeded") from None
-    except EngineError as e:  # the engine refused an option value: the user's to fix
+    except EngineError as e:  # e.g. the grammar and the model disagree: the user's schema
         raise bad_request(str(e), code="invalid_value") from None
     if result.finish_reason is None:  # the engine ended without saying why: it was stopped
         result.finish_reason = "cancelled"
@@ -217,17 +235,19 @@ def run_choice(plan: Plan, result: ChoiceResult, should_stop, stats: Stats):
         result.delta = result.parser.finish()
 
 
-def collect(plan: Plan, should_stop, stats: Stats) -> list[ChoiceResult]:
+def collect(results: list[ChoiceResult], stats: Stats) -> list[ChoiceResult]:
     """Run every choice to the end (non-streaming)."""
-    results = []
-    for choice, prompt in plan.jobs():
-        result = ChoiceResult(choice, prompt)
-        for _ in run_choice(plan, result, should_stop, stats):
+    for result in results:
+        for _ in run_choice(result, stats):
             pass
-        results.append(result)
         if result.finish_reason == "cancelled":
             break
     return results
+
+
+def cached_tokens(plan: Plan, results: list[ChoiceResult]) -> int:
+    """Prompt tokens the prefix cache had, summed over the prompts (their first choices)."""
+    return sum(r.stream.cached_tokens for r in results if r.index % plan.req.n == 0)
 
 
 def prompt_logprobs(llm, ids: list[int], k: int) -> list[tuple[float | None, list]]:

@@ -52,10 +52,12 @@ def parse_model_spec(spec: str) -> tuple[str | None, str]:
 
 
 class ModelPool:
-    def __init__(self, specs=(), aliases=None, backend="fast", warmup=True, loader=None):
+    def __init__(self, specs=(), aliases=None, backend="fast", warmup=True, loader=None,
+                 engine_options: dict | None = None):
         self.specs = [parse_model_spec(s) for s in specs]
         self.aliases = dict(aliases or {})
         self.backend = backend
+        self.engine_options = dict(engine_options or {})  # load_model's kv_cache_mb, ...
         self.warmup = warmup
         self.loader = loader or engine.load_model
         self.models: dict[str, ServedModel] = {}
@@ -100,7 +102,7 @@ class ModelPool:
         try:
             for name, ref in self.specs:
                 t0 = time.perf_counter()
-                model = self.loader(ref, backend=self.backend)
+                model = self.loader(ref, backend=self.backend, **self.engine_options)
                 served = name or model.id
                 self._add(served, model)
                 log.info("loaded model %s (%s) in %.1f s", served, ref, time.perf_counter() - t0)

@@ -18,7 +18,7 @@ class Runtime:
         self.config = config
         self.pool = pool
         self.admission = Admission(config.max_concurrent, config.queue_size, config.queue_timeout)
-        self.metrics = Metrics(self.admission)
+        self.metrics = Metrics(self.admission, pool)
         self.metrics.ready.set_function(lambda: 1 if self.ready else 0)
         self.embedding_cache = EmbeddingCache(config.embeddings_cache_bytes)
         self.shutdown = threading.Event()   # set: cancel every running generation

@@ -73,6 +73,24 @@ class IncrementalDecoder:
         return self.utf8.decode(b"", final=True)
 
 
+class FakeStream:
+    """A generation's tokens, as `engine.scheduler.TokenStream` hands them out (lazily here)."""
+
+    def __init__(self, n_prompt: int, tokens):
+        self.prompt_tokens = n_prompt
+        self.cached_tokens = 0
+        self._tokens = tokens
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return next(self._tokens)
+
+    def close(self) -> None:
+        self._tokens.close()
+
+
 class FakeModel:
     architecture = "fake"
     backend_name = "fake"
@@ -154,8 +172,17 @@ class FakeModel:
         opts = dict(locals())
         del opts["self"], opts["should_stop"]
         self.calls.append(opts)
-        return self._run(list(prompt_ids), max_tokens, stop, temperature, seed, logit_bias,
-                         logprobs, should_stop, grammar)
+        return FakeStream(len(prompt_ids), self._run(list(prompt_ids), max_tokens, stop,
+                                                     temperature, seed, logit_bias, logprobs,
+                                                     should_stop, grammar))
+
+    def submit(self, prompt_ids, n=1, *, seed=None, **options) -> list[FakeStream]:
+        """n independent generations (the fake computes nothing, so nothing is shared)."""
+        return [self.generate(prompt_ids, seed=None if seed is None else (seed + i) % 2**32,
+                              **options) for i in range(n)]
+
+    def serving_stats(self) -> dict | None:
+        return None
 
     def _script(self, temperature, seed, logit_bias, grammar=None):
         forced = [int(t) for t, b in (logit_bias or {}).items() if b >= 50]

@@ -276,7 +276,7 @@ def test_streaming_sse_format(client):
     assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"]) == "Hel"
     assert chunks[-2]["choices"][0]["finish_reason"] == "length"
     assert chunks[-1]["usage"] == {"prompt_tokens": 1, "completion_tokens": 3,
-                                   "total_tokens": 4}
+                                   "total_tokens": 4, "prompt_tokens_details": {"cached_tokens": 0}}
     r.close()
 
 

@@ -20,7 +20,7 @@ def parse(argv):
 
 def test_defaults():
     c = ServerConfig()
-    assert (c.host, c.port, c.max_concurrent) == ("127.0.0.1", 8080, 1)
+    assert (c.host, c.port, c.max_concurrent) == ("127.0.0.1", 8080, 8)  # batched together
     assert c.worker_threads == c.max_concurrent + c.queue_size + 4
 
 
