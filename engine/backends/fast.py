@@ -31,6 +31,8 @@ class FusedWeight:
     def __init__(self, parts: list[PackedWeight]):
         self.parts = parts
         self.sizes = [p.n_out for p in parts]
+        ends = np.cumsum(self.sizes)
+        self.columns = [slice(int(e - n), int(e)) for e, n in zip(ends, self.sizes)]
         same = len({(p.layout, p.n_in) for p in parts}) == 1
         aligned = all(p.n_out % GROUP == 0 for p in parts[:-1])
         self.stacked = None
@@ -83,7 +85,7 @@ class FastBackend:
         if w.stacked is None:
             return [qmatmul.matmul(x, p, terms=self.act_terms) for p in w.parts]
         y = qmatmul.matmul(x, w.stacked, terms=self.act_terms)  # (n, sum of n_out)
-        return np.split(y, np.cumsum(w.sizes)[:-1], axis=1)
+        return [y[:, cols] for cols in w.columns]  # views (np.split costs ~25 us a call)
 
     def rms_norm(self, x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
         """x (n, d) or (n, heads, d): normalize the last axis, scale by weight (d,)."""
