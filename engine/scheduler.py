@@ -48,21 +48,41 @@ MAX_SEQS = 64  # sequences in a batch at most
 _END = object()  # what a TokenStream's queue holds after the last token
 
 
-class TokenStream:
-    """One generation's tokens as they are made: iterate it for `GeneratedToken`s.
-
-    It is filled by the compute thread; `close()` (or dropping it) cancels the
-    generation, which leaves the batch at the next step. `prompt_tokens` and `cached_tokens`
-    (prompt tokens whose keys and values came from the prefix cache) are set when the
-    prompt has been computed.
-    """
+class Channel:
+    """What the compute thread and one TokenStream share: the tokens made so far, and
+    whether the reader has gone. The scheduler holds only this, so a TokenStream that its
+    reader drops is collected, and its finalizer cancels the generation."""
 
     def __init__(self, n_prompt: int):
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()
         self.prompt_tokens = n_prompt
         self.cached_tokens = 0
         self.cancelled = False
+
+    def put(self, item) -> None:
+        self.queue.put(item)
+
+
+class TokenStream:
+    """One generation's tokens as they are made: iterate it for `GeneratedToken`s.
+
+    It is filled by the compute thread; `close()` (or dropping it) cancels the generation,
+    which leaves the batch at the next step. `prompt_tokens` and `cached_tokens` (prompt
+    tokens whose keys and values came from the prefix cache) are known once the generation
+    has started.
+    """
+
+    def __init__(self, channel: Channel):
+        self._channel = channel
         self._done = False
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self._channel.prompt_tokens
+
+    @property
+    def cached_tokens(self) -> int:
+        return self._channel.cached_tokens
 
     def __iter__(self):
         return self
@@ -70,7 +90,7 @@ class TokenStream:
     def __next__(self) -> GeneratedToken:
         if self._done:
             raise StopIteration
-        item = self._queue.get()
+        item = self._channel.queue.get()
         if item is _END:
             self._done = True
             raise StopIteration
@@ -81,20 +101,16 @@ class TokenStream:
 
     def close(self) -> None:
         """Stop the generation (a no-op once it has ended)."""
-        self.cancelled = True
+        self._channel.cancelled = True
 
     def __del__(self):
-        self.cancelled = True
-
-    # the scheduler's side
-    def _put(self, item) -> None:
-        self._queue.put(item)
+        self._channel.cancelled = True
 
 
 class Sequence:
     """One generation as the scheduler sees it: its tokens, its KV blocks, its Decoding."""
 
-    def __init__(self, tokens: list[int], decoding: Decoding, stream: TokenStream,
+    def __init__(self, tokens: list[int], decoding: Decoding, out: Channel,
                  should_stop: Callable[[], bool] | None, forks=()):
         self.tokens = list(tokens)  # the prompt, then every sampled token
         self.n_prompt = len(tokens)
@@ -103,9 +119,9 @@ class Sequence:
         self.n_registered = 0  # leading blocks entered in the prefix cache
         self.chain = 0  # the prefix-cache hash of the last registered block
         self.decoding = decoding
-        self.stream = stream
+        self.out = out
         self.should_stop = should_stop
-        self.forks = list(forks)  # (Decoding, TokenStream) of the other choices (n > 1)
+        self.forks = list(forks)  # (Decoding, Channel) of the other choices (n > 1)
         self.started = False  # has it been admitted once (its prefix looked up)
 
     @property
@@ -113,8 +129,8 @@ class Sequence:
         """Tokens whose keys and values still have to be computed."""
         return len(self.tokens) - self.n_computed
 
-    def streams(self):
-        return [self.stream] + [s for _, s in self.forks]
+    def channels(self) -> list[Channel]:
+        return [self.out] + [c for _, c in self.forks]
 
 
 @dataclass
@@ -166,14 +182,14 @@ class Scheduler:
                 f"({need - len(prompt_ids)} tokens) need {need} positions of KV cache, but "
                 f"{self.name}'s cache holds {self.capacity}: ask for fewer tokens, or give the "
                 f"cache more memory")
-        streams = [TokenStream(len(prompt_ids)) for _ in decodings]
-        forks = list(zip(decodings[1:], streams[1:]))
-        seq = Sequence(prompt_ids, decodings[0], streams[0], should_stop, forks)
+        channels = [Channel(len(prompt_ids)) for _ in decodings]
+        forks = list(zip(decodings[1:], channels[1:]))
+        seq = Sequence(prompt_ids, decodings[0], channels[0], should_stop, forks)
         with self._cond:
             self.waiting.append(seq)
             self.stats.waiting = len(self.waiting)
         COMPUTE.wake()
-        return streams
+        return [TokenStream(c) for c in channels]
 
     # -- the compute thread's side --------------------------------------------------------
 
@@ -262,8 +278,8 @@ class Scheduler:
         seq.chain = self._chain(seq.tokens, len(seq.blocks))
         if not seq.started:
             seq.started = True
-            for stream in seq.streams():
-                stream.cached_tokens = seq.n_computed
+            for channel in seq.channels():
+                channel.cached_tokens = seq.n_computed
         with self._cond:
             self.waiting.popleft()
         self.running.append(seq)
@@ -322,7 +338,7 @@ class Scheduler:
         except Exception as e:  # noqa: BLE001 - e.g. a grammar error: this sequence's alone
             self._end(seq, e if isinstance(e, EngineError) else EngineError(str(e)))
             return
-        seq.stream._put(token)
+        seq.out.put(token)
         if token.finish_reason:
             self._end(seq)
         else:
@@ -332,8 +348,8 @@ class Scheduler:
         """The other choices of an n > 1 request, once the shared prompt is computed: each
         shares its full blocks and gets a copy of the last, partly filled one."""
         forks, seq.forks = seq.forks, []
-        for decoding, stream in forks:
-            child = Sequence(seq.tokens, decoding, stream, seq.should_stop)
+        for decoding, channel in forks:
+            child = Sequence(seq.tokens, decoding, channel, seq.should_stop)
             child.started = True
             n_full = seq.n_computed // BLOCK
             for block in seq.blocks[:n_full]:
@@ -365,11 +381,11 @@ class Scheduler:
         with self._cond:
             candidates = self.running + list(self.waiting)
         for seq in candidates:
-            stop = seq.stream.cancelled or (seq.should_stop is not None and seq.should_stop())
+            stop = seq.out.cancelled or (seq.should_stop is not None and seq.should_stop())
             if stop:
-                seq.stream._put(seq.decoding.cancelled())
-                for decoding, stream in seq.forks:
-                    stream._put(decoding.cancelled())
+                seq.out.put(seq.decoding.cancelled())
+                for decoding, channel in seq.forks:
+                    channel.put(decoding.cancelled())
                 self._end(seq)
 
     def _end(self, seq: Sequence, error: BaseException | None = None) -> None:
@@ -381,11 +397,11 @@ class Scheduler:
         with self._cond:
             if seq in self.waiting:
                 self.waiting.remove(seq)
-        streams = seq.streams() if error is not None else [seq.stream]
-        for stream in streams:
+        channels = seq.channels() if error is not None else [seq.out]
+        for channel in channels:
             if error is not None:
-                stream._put(error)
-            stream._put(_END)
+                channel.put(error)
+            channel.put(_END)
         if error is None:
-            for _, stream in seq.forks:  # cancelled before the forks were made
-                stream._put(_END)
+            for _, channel in seq.forks:  # cancelled before the forks were made
+                channel.put(_END)
