@@ -1,12 +1,17 @@
 """numbalm vs llama.cpp vs transformers on the same prompts, in one table.
 
     python bench/compare.py [--runs 3] [--models smollm2-135m-instruct gemma3-270m]
+    python bench/compare.py --llama-bench /path/to/llama-bench   # llama.cpp's own benchmark
 
 Each measurement runs in its own process (so one engine's threads, caches and allocator do
 not colour another's), and the engines alternate run by run so that a noisy neighbour on a
 shared machine hurts them all alike. Every engine gets the same token ids: a 256-token
 prompt for prefill, then 128 greedy tokens for decode, 2 threads. A peer that is not
-installed (`pip install '.[bench]'`) is left out of the table with a note.
+installed (`pip install '.[bench]'`) is left out of the table with a note. `--llama-bench`
+adds llama.cpp's `llama-bench` binary (built from the llama-cpp-python sdist, see
+docs/internals.md) as a peer: `-p 256 -n 128 -t 2`, its own timing of the same sizes (its
+prompt is its own random tokens); the ratios are against llama-cpp-python when installed,
+else against llama-bench.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import subprocess
 import sys
 import time
 
-ENGINES = ("numbalm", "llama.cpp", "transformers")
+ENGINES = ("numbalm", "llama.cpp", "llama-bench", "transformers")
 PEER_MODULES = {"llama.cpp": "llama_cpp", "transformers": "transformers"}
 THREADS = 2
 PROMPT_TEXT = (
@@ -54,7 +59,8 @@ def run_numbalm(path, ids, n_new):
     t0 = time.perf_counter()
     model = engine.load_model(path, backend="fast")
     load = time.perf_counter() - t0
-    list(model.generate(ids[:16], max_tokens=2, temperature=0.0))  # compile / warm caches
+    # compile / warm caches, on other tokens than the prompt's (no prefix-cache hit below)
+    list(model.generate(ids[16:32], max_tokens=2, temperature=0.0))
     t0 = time.perf_counter()
     steps = model.generate(ids, max_tokens=n_new + 1, temperature=0.0)
     next(steps)  # prefill + the first token
@@ -119,12 +125,29 @@ def worker(args) -> None:
 # -- the driver --------------------------------------------------------------------------------
 
 
-def available_engines() -> list[str]:
-    return [e for e in ENGINES if e not in PEER_MODULES
-            or importlib.util.find_spec(PEER_MODULES[e]) is not None]
+def available_engines(llama_bench: str | None = None) -> list[str]:
+    return [e for e in ENGINES if (e == "llama-bench" and llama_bench)
+            or (e != "llama-bench" and (e not in PEER_MODULES
+                                       or importlib.util.find_spec(PEER_MODULES[e]))) ]
 
 
-def measure(engine_name, path, ids_file, n_new) -> dict | None:
+def run_llama_bench(binary: str, path: str, n_prompt: int, n_new: int) -> dict | None:
+    """One llama-bench run of pp<n_prompt> and tg<n_new> (its own process, 2 threads)."""
+    env = dict(os.environ, LD_LIBRARY_PATH=os.path.dirname(binary))
+    cmd = [binary, "-m", path, "-t", str(THREADS), "-p", str(n_prompt), "-n", str(n_new),
+           "-r", "1", "-o", "json"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
+    if proc.returncode != 0:
+        print(f"  llama-bench failed: {proc.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+        return None
+    rows = json.loads(proc.stdout)
+    speed = {("prefill" if r["n_prompt"] else "decode"): r["avg_ts"] for r in rows}
+    return {"load_s": float("nan"), "rss_mb": float("nan"), **speed}
+
+
+def measure(engine_name, path, ids_file, n_new, args=None) -> dict | None:
+    if engine_name == "llama-bench":
+        return run_llama_bench(args.llama_bench, path, args.prompt_tokens, n_new)
     env = dict(os.environ, OMP_NUM_THREADS=str(THREADS), NUMBA_NUM_THREADS=str(THREADS))
     cmd = [sys.executable, __file__, "--worker", engine_name, "--path", path,
            "--ids-file", ids_file, "--new-tokens", str(n_new)]
@@ -145,15 +168,16 @@ def main() -> None:
     ap.add_argument("--worker", choices=ENGINES)
     ap.add_argument("--path")
     ap.add_argument("--ids-file")
+    ap.add_argument("--llama-bench", help="path to llama.cpp's llama-bench binary (a peer)")
     args = ap.parse_args()
     if args.worker:
         return worker(args)
 
     from engine.registry import resolve_model_path
 
-    installed = available_engines()
+    installed = available_engines(args.llama_bench)
     engines = args.engines or installed
-    missing = [e for e in ENGINES if e not in installed]
+    missing = [e for e in ENGINES if e not in installed and e != "llama-bench"]
     if missing:
         print(f"not measured (not installed; pip install '.[bench]'): {', '.join(missing)}")
     if args.engines:  # a peer left out on purpose is not reported missing
@@ -167,7 +191,7 @@ def main() -> None:
         results = {e: [] for e in engines}
         for run in range(args.runs):
             for e in engines:  # alternate engines within each run
-                r = measure(e, path, ids_file, args.new_tokens)
+                r = measure(e, path, ids_file, args.new_tokens, args)
                 print(f"  {model_id} run {run + 1} {e}: {r}", file=sys.stderr)
                 if r:
                     results[e].append(r)
@@ -178,7 +202,7 @@ def main() -> None:
 def summarize(model_id, results) -> list[dict]:
     med = {e: {k: statistics.median(r[k] for r in runs) for k in runs[0]}
            for e, runs in results.items() if runs}
-    base = med.get("llama.cpp")
+    base = med.get("llama.cpp") or med.get("llama-bench")
     rows = []
     for e, m in med.items():
         ratio = {k: (m[k] / base[k] if base else float("nan")) for k in ("prefill", "decode")}
