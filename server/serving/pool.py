@@ -139,6 +139,7 @@ class ModelPool:
             log.info("warmed up %s in %.1f s", served.id, time.perf_counter() - t0)
             return
         ids = served.llm.tokenizer.encode(WARMUP_TEXT, add_bos=None)
+        ids = ids[:max(1, served.llm.n_ctx - 2)]  # room for the two tokens in a small context
         for _ in served.llm.generate(ids, max_tokens=2, temperature=0.0):
             pass
         log.info("warmed up %s in %.1f s", served.id, time.perf_counter() - t0)
