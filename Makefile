@@ -8,7 +8,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8080
 MODEL  ?= smollm2-135m-instruct
 
-.PHONY: run test lint bench models install dev deploy-tools clean
+.PHONY: run test lint bench models install dev deploy-tools image clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +53,19 @@ deploy-tools:
 
 test: dev models lint deploy-tools
 	$(PY) -m pytest -q
+
+# The container image (deploy/Dockerfile; docs/deploy.md), with docker when its daemon runs, else
+# podman. Where no image registry is reachable, give a local base: make image
+# IMAGE_BASE=localhost/python:3.11 PODMAN_FLAGS="--format docker --isolation chroot".
+# Not part of `make test`: it takes minutes.
+IMAGE      ?= numbalm:latest
+IMAGE_BASE ?= python:3.12-slim-bookworm
+PODMAN_FLAGS ?= --format docker
+image:
+	@if docker info >/dev/null 2>&1; then \
+		docker build -f deploy/Dockerfile --build-arg BASE=$(IMAGE_BASE) -t $(IMAGE) .; \
+	else podman build $(PODMAN_FLAGS) -f deploy/Dockerfile \
+		--ignorefile deploy/Dockerfile.dockerignore --build-arg BASE=$(IMAGE_BASE) -t $(IMAGE) .; fi
 
 # Peers (llama-cpp-python, transformers, sentence-transformers) are measured when installed:
 # $(PIP) install -e '.[bench]' (llama-cpp-python compiles for ~8 minutes on 2 cores).

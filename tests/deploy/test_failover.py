@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import os
 import signal
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -44,16 +46,22 @@ def jit_files(path) -> dict[str, float]:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+def cluster():
     from engine.registry import cache_dir
 
     model_path("smollm2")  # in the cache, or skip/fail
     nginx_binary()
-    tmp = tmp_path_factory.mktemp("cluster")
+    # a directory of our own: pytest prunes old basetemps when other sessions start, and this
+    # one lives for minutes (nginx's config, the JIT cache, the replicas' logs)
+    with tempfile.TemporaryDirectory(prefix="numbalm-cluster-") as name:
+        yield from _cluster(Path(name), cache_dir().resolve())
+
+
+def _cluster(tmp: Path, models: Path):
     require_readonly_mounts(tmp)
     jit = tmp / "jit"
     env = dict(os.environ, NUMBA_CACHE_DIR=str(jit), PYTHONDONTWRITEBYTECODE="1")
-    readonly = [cache_dir().resolve(), ROOT]  # the models and the code, as in an image
+    readonly = [models, ROOT]  # the models and the code, read-only as in an image
     replicas = [Replica(f"replica-{i}", free_port(), env, readonly, tmp) for i in range(3)]
     nginx = Nginx(tmp, [r.port for r in replicas])
     facts = {"readonly": readonly}
