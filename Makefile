@@ -8,7 +8,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8080
 MODEL  ?= smollm2-135m-instruct
 
-.PHONY: run test lint bench models install dev clean
+.PHONY: run test lint bench models install dev deploy-tools image clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,8 +38,34 @@ models: install
 lint: dev
 	$(VENV)/bin/ruff check .
 
-test: dev models lint
+# tests/deploy runs the repo's nginx config with Debian's nginx (hadolint and kubernetes-validate
+# come with '.[dev]'). Installed here only when missing and we are root with apt-get; otherwise
+# those tests skip and say why (in CI, CI=true, they fail instead).
+deploy-tools:
+	@if command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing nginx (Debian package) for tests/deploy"; \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get install -y -qq --no-install-recommends nginx >/dev/null 2>&1 \
+		|| { apt-get update -qq && apt-get install -y -qq --no-install-recommends nginx; }; \
+	else echo "nginx is missing and cannot be installed here (needs root and apt-get):" \
+		"tests/deploy/test_failover.py will skip"; fi
+
+test: dev models lint deploy-tools
 	$(PY) -m pytest -q
+
+# The container image (deploy/Dockerfile; docs/deploy.md), with docker when its daemon runs, else
+# podman. Where no image registry is reachable, give a local base: make image
+# IMAGE_BASE=localhost/python:3.11 PODMAN_FLAGS="--format docker --isolation chroot".
+# Not part of `make test`: it takes minutes.
+IMAGE      ?= numbalm:latest
+IMAGE_BASE ?= python:3.12-slim-bookworm
+PODMAN_FLAGS ?= --format docker
+image:
+	@if docker info >/dev/null 2>&1; then \
+		docker build -f deploy/Dockerfile --build-arg BASE=$(IMAGE_BASE) -t $(IMAGE) .; \
+	else podman build $(PODMAN_FLAGS) -f deploy/Dockerfile \
+		--ignorefile deploy/Dockerfile.dockerignore --build-arg BASE=$(IMAGE_BASE) -t $(IMAGE) .; fi
 
 # Peers (llama-cpp-python, transformers, sentence-transformers) are measured when installed:
 # $(PIP) install -e '.[bench]' (llama-cpp-python compiles for ~8 minutes on 2 cores).

@@ -7,6 +7,10 @@ Layout of the cache directory (`cache_dir()`):
     models/              GGUF files the cache owns (downloaded, pulled, or added with --copy)
     downloads/           work in progress: resumable `.part` files, pip's wheels; never a model
 
+Serving only reads the cache: it may be a volume mounted read-only in many replicas, and mounted
+at another path than the one it was filled at (a file the cache owns is found in this cache's
+`models/` by name). Only `pull`, `add` and `rm` write, and on a read-only cache they say so.
+
 A local file is *referenced* by default: the manifest records its absolute path and sha256 and
 the file stays where it is (`rm` leaves it alone). `copy=True` copies it into `models/`.
 A URL is streamed to `downloads/<name>.part` (resumed with an HTTP Range request when a
@@ -21,6 +25,8 @@ GGUF files as they are (`CatalogModel`), or a model folder converted with `engin
 
 from __future__ import annotations
 
+import errno
+import functools
 import hashlib
 import json
 import os
@@ -215,6 +221,25 @@ def default_id(source: str) -> str:
 # The registry
 
 
+def _writes_cache(method):
+    """A cache that cannot be written (a read-only volume, another user's files) is one clear
+    RegistryError from `method`, not an OSError about some file inside it."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except OSError as e:
+            if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM) or not (
+                    e.filename and _inside(Path(e.filename), self.root)):
+                raise
+            raise RegistryError(f"cannot write the model cache {self.root} ({e.strerror}): "
+                                f"`numbalm model pull/add/rm` need it writable; serving "
+                                f"from it does not") from None
+
+    return wrapper
+
+
 class Registry:
     """The cache directory and its manifest; every change is read-modify-write under a lock."""
 
@@ -317,14 +342,25 @@ class Registry:
         if os.path.isfile(name):
             return name
         entry = self.get_entry(name)
-        if not os.path.isfile(entry.path):
+        path = self._local_path(entry)
+        if not os.path.isfile(path):
             raise ModelNotFoundError(f"model {entry.id!r} is registered but its file "
                                      f"{entry.path} is missing; run `numbalm model pull "
                                      f"{entry.id}` or `numbalm model add` it again")
+        return path
+
+    def _local_path(self, entry: ModelEntry) -> str:
+        """Where the entry's file is: its recorded path, or for a file the cache owns, the one
+        of that name in this cache's models/ (the cache was mounted or moved elsewhere)."""
+        if entry.stored == "cache" and not os.path.isfile(entry.path):
+            here = self.models_dir / Path(entry.path).name
+            if here.is_file():
+                return str(here)
         return entry.path
 
     # -- adding -------------------------------------------------------------------------------
 
+    @_writes_cache
     def add(self, source: str, *, id: str | None = None, name: str | None = None,
             copy: bool = False, sha256: str | None = None,
             progress_stream: IO[str] | None = None) -> ModelEntry:
@@ -403,6 +439,7 @@ class Registry:
 
     # -- pulling ------------------------------------------------------------------------------
 
+    @_writes_cache
     def pull(self, target: str | None = None, *, id: str | None = None,
              name: str | None = None, sha256: str | None = None,
              progress_stream: IO[str] | None = None) -> tuple[ModelEntry, bool]:
@@ -489,10 +526,12 @@ class Registry:
     def verify(self, name: str) -> tuple[ModelEntry, str]:
         """Re-hash a model's file; return (entry, actual sha256). Compare with entry.sha256."""
         entry = self.get_entry(name)
-        if not os.path.isfile(entry.path):
+        path = self._local_path(entry)
+        if not os.path.isfile(path):
             raise RegistryError(f"model {entry.id!r}: file {entry.path} is missing")
-        return entry, sha256_file(Path(entry.path))
+        return entry, sha256_file(Path(path))
 
+    @_writes_cache
     def remove(self, name: str) -> tuple[ModelEntry, bool]:
         """Drop a model from the manifest; delete its file only if the cache owns it.
 

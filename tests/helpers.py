@@ -1,14 +1,15 @@
 """Helpers the tests share: the real models (through the registry) and the golden data.
 
-`make test` pulls the models into the cache first (`make models`). Outside CI a missing model
-skips the tests that need it; in CI (CI=true) it fails them, so a broken pull can never pass
-as a green run.
+`make test` pulls the models into the cache first (`make models`) and installs the tools the
+deploy tests run (`make deploy-tools`). Outside CI a missing model or tool skips the tests that
+need it; in CI (CI=true) it fails them, so a broken set-up can never pass as a green run.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -26,10 +27,22 @@ def model_path(key: str) -> str:
     try:
         return resolve_model_path(MODEL_IDS[key])
     except EngineError as e:
-        message = f"model {MODEL_IDS[key]} is not in the registry ({e}); run `make models`"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+        unavailable(f"model {MODEL_IDS[key]} is not in the registry ({e}); run `make models`")
+
+
+def unavailable(message: str):
+    """Something a test needs is missing (a model, a tool `make test` installs): skip it, but
+    fail it in CI (CI=true), where the set-up should have provided it."""
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def load_data(name: str):

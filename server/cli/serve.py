@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
+import threading
 
 from engine.backends import BACKENDS, DEFAULT_BACKEND
 from engine.registry import DEFAULT_MODEL
@@ -77,7 +79,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     a("--log-format", choices=["text", "json"], help="log line format (default text)")
     a("--shutdown-grace", type=float, help="seconds in-flight work may finish on SIGTERM (30)")
     a("--no-warmup", dest="warmup", action="store_false", default=None,
-      help="skip the one-token warm-up (kernel compile) before reporting ready")
+      help="skip the warm-up (kernel compile) before reporting ready")
+    a("--warmup-only", action="store_true",
+      help="load and warm up the models, then exit without serving: fills the JIT cache "
+           "(NUMBA_CACHE_DIR) for the replicas that start after it, e.g. in an image build")
     p.set_defaults(func=serve_command)
     return p
 
@@ -97,9 +102,34 @@ def config_from_args(args, environ=None) -> ServerConfig:
     return config
 
 
+def check_jit_cache(environ=None) -> None:
+    """NUMBA_CACHE_DIR, when set, must be a writable directory. Numba skips one it cannot write
+    without a word and caches beside the code instead (or nowhere, compiling every kernel again
+    on each start), which a replica with a read-only image or model volume must not do."""
+    path = (os.environ if environ is None else environ).get("NUMBA_CACHE_DIR")
+    if not path:
+        return
+    try:
+        os.makedirs(path, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()  # the test Numba itself makes
+    except OSError as e:
+        raise ConfigError(f"NUMBA_CACHE_DIR={path} is not writable ({e.strerror}); give the "
+                          f"JIT cache a writable directory of its own") from None
+
+
+def warm_up_only(pool) -> int:
+    """Load and warm up every model as `serve` does; 0 once they are ready, 1 if one failed."""
+    failed = threading.Event()
+    pool.start(on_error=lambda message: failed.set())
+    while not (pool.wait_ready(0.1) or failed.is_set()):
+        pass
+    return 0 if pool.ready else 1
+
+
 def serve_command(args) -> int:
     try:
         config = config_from_args(args)
+        check_jit_cache()
         setup_logging(config.log_level, config.log_format)
     except (ConfigError, ValueError) as e:
         print(f"numbalm serve: {e}", file=sys.stderr)
@@ -107,8 +137,10 @@ def serve_command(args) -> int:
     if config.compute_threads:
         os.environ["NUMBA_NUM_THREADS"] = str(config.compute_threads)
     app = create_app(config, load=False)
-    server = None if args.dev else GracefulServer(app, config)
     rt = app.extensions["numbalm"]
+    if getattr(args, "warmup_only", False):
+        return warm_up_only(rt.pool)
+    server = None if args.dev else GracefulServer(app, config)
     rt.pool.start(on_error=lambda msg: server.stop() if server else os._exit(1))
     if args.dev:
         app.run(config.host, config.port, threaded=True, use_reloader=False)

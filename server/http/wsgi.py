@@ -15,6 +15,14 @@ from server.serving.config import ServerConfig
 
 log = logging.getLogger("numbalm.server")
 FLUSH_SECONDS = 0.5  # after the last generation ends, time for waitress to send its bytes
+CANCEL_SECONDS = 5.0  # after the grace period, time for cancelled generations to stop
+
+
+def stop_seconds(config: ServerConfig) -> float:
+    """Longest time from SIGTERM to exit: the drain, the cancel, the flush. An orchestrator's
+    grace period (Kubernetes' terminationGracePeriodSeconds, compose's stop_grace_period) must
+    be at least this, plus any preStop delay, or it kills generations the drain would finish."""
+    return config.shutdown_grace + CANCEL_SECONDS + FLUSH_SECONDS
 
 
 def make_waitress(app, config: ServerConfig, host=None, port=None, **adjustments):
@@ -67,7 +75,7 @@ class GracefulServer:
         if not self.rt.admission.wait_idle(self.config.shutdown_grace):
             log.warning("grace period over: cancelling in-flight generations")
             self.rt.shutdown.set()
-            self.rt.admission.wait_idle(5)
+            self.rt.admission.wait_idle(CANCEL_SECONDS)
         time.sleep(FLUSH_SECONDS)
         os.kill(os.getpid(), signal.SIGINT)
 

@@ -1,10 +1,11 @@
 """The model pool: the one object through which the server reaches the engine.
 
-It loads the configured models by id (`engine.load_model`), warms each up (one greedy token,
-or one embedding for an embedding-only model, which compiles the Numba kernels), and resolves
-a request's `model` (an id or an alias) to a served model whose LLM can do what the route
-needs (`capabilities`: "completion", "chat", "embeddings"). Tests build one with
-`ModelPool.from_models([...])` around fakes that implement `engine.api.LanguageModel`.
+It loads the configured models by id (`engine.load_model`), warms each up (a short prompt and
+two greedy tokens, or one embedding for an embedding-only model, which compiles every Numba
+kernel a request runs), and resolves a request's `model` (an id or an alias) to a served model
+whose LLM can do what the route needs (`capabilities`: "completion", "chat", "embeddings").
+Tests build one with `ModelPool.from_models([...])` around fakes that implement
+`engine.api.LanguageModel`.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ log = logging.getLogger("numbalm.server")
 
 WHAT = {"completion": "a completions model", "chat": "a chat model",
         "embeddings": "an embeddings model"}
+WARMUP_TEXT = " ".join(["Hello, world."] * 12)  # ~50 tokens: a prefill of many rows
 ROUTE = {"completion": "/v1/completions", "chat": "/v1/chat/completions",
          "embeddings": "/v1/embeddings"}
 
@@ -128,15 +130,17 @@ class ModelPool:
         self._ready.set()
 
     def _warm(self, served: ServedModel) -> None:
-        """One greedy token (or one embedding): compiles the kernels before the first request
-        pays for it."""
+        """Two greedy tokens after a prompt of some 50 tokens (or one embedding of it): compiles
+        every kernel a request runs, the many-row prefill ones and the one-row decode ones, into
+        the JIT cache before the first request pays for it (seconds; more on a busy machine)."""
         t0 = time.perf_counter()
         if "completion" not in served.capabilities:
-            served.llm.embed(["Hello"])
+            served.llm.embed([WARMUP_TEXT])
             log.info("warmed up %s in %.1f s", served.id, time.perf_counter() - t0)
             return
-        ids = served.llm.tokenizer.encode("Hello", add_bos=None)
-        for _ in served.llm.generate(ids, max_tokens=1, temperature=0.0):
+        ids = served.llm.tokenizer.encode(WARMUP_TEXT, add_bos=None)
+        ids = ids[:max(1, served.llm.n_ctx - 2)]  # room for the two tokens in a small context
+        for _ in served.llm.generate(ids, max_tokens=2, temperature=0.0):
             pass
         log.info("warmed up %s in %.1f s", served.id, time.perf_counter() - t0)
 
