@@ -234,3 +234,20 @@ def test_without_an_ending_that_fits_nothing_changes():
     minimum = grammar.start(TOK).ending.length
     text, reason = decode(grammar, minimum - 1, 0)
     assert reason == "length" and len(TOK.encode(text)) == minimum - 1
+
+
+# -- on the real SmolLM2: the batched scheduler, each sequence with its own grammar ----------
+
+def test_sequences_in_one_batch_land_each_on_their_own(smollm2_fast):
+    asks = ["A JSON object about a cat.", "Describe Paris as JSON.", "A book, as a JSON object."]
+    prompts = [smollm2_fast.chat_prompt_ids([{"role": "user", "content": a}]) for a in asks]
+    grammar = Grammar.json_object()
+    streams = [smollm2_fast.generate(ids, max_tokens=budget, grammar=grammar, seed=1,
+                                     temperature=1.0)
+               for ids, budget in zip(prompts, (3, 5, 8))]  # all running at once
+    streams += smollm2_fast.submit(prompts[0], 3, max_tokens=6, grammar=grammar, seed=7,
+                                   temperature=1.0)  # n = 3 choices after one prompt
+    for stream, budget in zip(streams, (3, 5, 8, 6, 6, 6)):
+        steps = list(stream)
+        assert len(steps) <= budget
+        assert isinstance(json.loads("".join(s.text for s in steps)), dict)
