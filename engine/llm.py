@@ -22,7 +22,7 @@ from .errors import CapabilityError, ContextOverflowError, EngineError
 from .generate import Decoding, GeneratedToken, check_prompt
 from .gguf_file import GGUFFile, open_gguf
 from .kv import BLOCK, KVPool
-from .models import architecture_module
+from .models import build_model
 from .sampling import SamplingParams
 from .scheduler import STEP_TOKENS, Scheduler, TokenStream
 from .tokenizer import Tokenizer, check_token_ids
@@ -48,11 +48,9 @@ class LLM:
         self.architecture = gf.architecture
         self.metadata = gf.metadata
         self.tokenizer = Tokenizer.from_metadata(gf.metadata)
-        module = architecture_module(gf.architecture, gf.path)
-        self.args = module.ModelArgs.from_gguf(gf)
         self.backend = get_backend(backend)
         self.backend_name: str = self.backend.name
-        self.model = module.Model(self.args, gf, self.backend)
+        module, self.args, self.model = build_model(gf, self.backend)
         self.capabilities = frozenset(getattr(module, "CAPABILITIES", CAPABILITIES))
         self._encoder_pool: ThreadPoolExecutor | None = None  # made on first big batch
         self.n_ctx = min(n_ctx or self.args.n_ctx, self.args.n_ctx)

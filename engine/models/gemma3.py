@@ -24,6 +24,7 @@ import numpy as np
 from ..gguf_file import GGUFFile
 from . import llama
 
+SUPPORTED_KEYS = frozenset({"attention.sliding_window"})  # engine/models/support.py
 SLIDING_WINDOW_PATTERN = 6  # layer i is global when (i + 1) % 6 == 0
 LOCAL_ROPE_BASE = 10000.0
 
