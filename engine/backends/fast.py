@@ -101,6 +101,15 @@ class FastBackend:
         norms.rope(x, np.asarray(positions, np.int64), float(freq_base), bool(neox), out)
         return out
 
+    def rope_freqs(self, x: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray,
+                   mscale: float, neox: bool):
+        """Scaled RoPE (see kernels.norms.rope_freqs_ref): rotated copy of x."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        out = np.empty_like(x)
+        norms.rope_freqs(x, np.asarray(positions, np.int64), np.asarray(inv_freq, np.float64),
+                         float(mscale), bool(neox), out)
+        return out
+
     def store_kv(self, batch, layer: int, k: np.ndarray, v: np.ndarray) -> None:
         """k, v (n, n_kv_head, hd) into `batch`'s rows' cache slots (NumPy's scattered
         assignment costs ~50 us a layer, the kernel ~1)."""

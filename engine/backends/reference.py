@@ -56,6 +56,11 @@ class ReferenceBackend:
         """x (n, heads, head_dim), positions (n,): `kernels.norms.rope_ref`."""
         return norms.rope_ref(x, np.asarray(positions), freq_base, neox)
 
+    def rope_freqs(self, x: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray,
+                   mscale: float, neox: bool) -> np.ndarray:
+        """Scaled RoPE, frequencies inv_freq (hd/2,) given: `kernels.norms.rope_freqs_ref`."""
+        return norms.rope_freqs_ref(x, np.asarray(positions), inv_freq, mscale, neox)
+
     def store_kv(self, batch, layer: int, k: np.ndarray, v: np.ndarray) -> None:
         """Write `batch`'s keys and values k, v (n, n_kv_head, hd) into its rows' cache slots:
         `kernels.attention.kv_store_ref`."""

@@ -65,3 +65,15 @@ def test_an_unknown_architecture_is_one_line_naming_the_known_ones(tmp_path):
     assert "\n" not in message and "'falcon'" in message
     for arch in ("llama", "gemma3", "bert"):
         assert arch in message
+
+
+def test_llama3_rope_freqs_and_linear_scaling_change_the_logits(tmp_path):
+    ids = list(range(3, 40))
+    plain = load(write_tiny(tmp_path / "plain.gguf")).logits(ids)
+    freqs = np.linspace(1, 8, 8).astype(np.float32)  # head_dim 16: 8 pairs
+    llama3 = load(write_tiny(tmp_path / "llama3.gguf", extra_tensors={"rope_freqs.weight": freqs}))
+    linear = load(write_tiny(tmp_path / "linear.gguf", metadata={
+        "llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": 4.0}))
+    for scaled in (llama3.logits(ids), linear.logits(ids)):
+        np.testing.assert_allclose(scaled[0], plain[0], rtol=1e-5, atol=1e-5)  # position 0
+        assert np.abs(scaled[1:] - plain[1:]).max() > 1e-3
