@@ -145,6 +145,11 @@ def _paged_attention_cases():
     return cases
 
 
+def _paged_attention_softcap_cases():
+    """The paged cases with soft-capping at 5 (scores of these random q, k reach ~20)."""
+    return {name: (*args, 5.0) for name, args in _paged_attention_cases().items()}
+
+
 def _kv_store_cases():
     r = np.random.default_rng(10)
     k_cache, v_cache = _randn(r, 3, 64, 16), _randn(r, 3, 64, 16)  # (n_kv, slots, hd)
@@ -261,6 +266,9 @@ TWINS: dict[Callable, Twin] = {
     norms.add_bias: Twin(norms.add_bias_ref, _add_bias_cases, rtol=1e-5, atol=1e-6),
     attention.paged_attention: Twin(attention.paged_attention_ref, _paged_attention_cases,
                                     rtol=1e-4, atol=1e-5),
+    attention.paged_attention_softcap: Twin(attention.paged_attention_ref,
+                                            _paged_attention_softcap_cases, rtol=1e-4,
+                                            atol=1e-5),
     attention.kv_store: Twin(attention.kv_store_ref, _kv_store_cases, run=_caches_after,
                              run_ref=_caches_after),
     attention.encoder_attention: Twin(attention.encoder_attention_ref, _encoder_attention_cases,

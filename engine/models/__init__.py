@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from ..errors import GGUFError
 from ..gguf_file import GGUFFile
-from . import bert, gemma3, llama
+from . import bert, gemma2, gemma3, llama, phi3, qwen2, qwen3
 from .support import TensorUse, check_metadata, check_tensors_read
 
-ARCHITECTURES = {"llama": llama, "gemma3": gemma3, "bert": bert}
+ARCHITECTURES = {"llama": llama, "qwen2": qwen2, "qwen3": qwen3, "phi3": phi3,
+                 "gemma2": gemma2, "gemma3": gemma3, "bert": bert}
 
 
 def architecture_module(name: str, path: str = "model"):

@@ -94,12 +94,13 @@ class Layer:
 class Model:
     MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
     VECTORS = ("attn_norm", "ffn_norm")
+    Layer = Layer  # an architecture with other fused matrices brings its own (phi3)
 
     def __init__(self, args: ModelArgs, gf: GGUFFile, backend):
         self.args = args
         self.backend = backend
         self.token_embd = backend.prepare_embedding(gf.tensors["token_embd.weight"])
-        self.layers = [Layer(gf, i, backend, self.MATRICES, self.VECTORS)
+        self.layers = [self.Layer(gf, i, backend, self.MATRICES, self.VECTORS)
                        for i in range(args.n_layers)]
         norm = gf.tensors["output_norm.weight"]
         self.output_norm = dequantize(norm.data, norm.qtype, norm.shape).reshape(-1)
