@@ -57,6 +57,11 @@ TEXTS = [  # what the tokenizers are compared on (NFC text; some characters neve
     "Emoji 🙂🚀✨ and unseen ones 🦊🐕 ∑∫√ ΩΨΦ",
     "Mixed: abc123def 1,000,000 ... !!! ??? ''' \"quoted\"",
     "new\nlines\r\nand\ttabs",
+    "I'M SURE we'LL see THEY'RE here, don't you'd've?",
+    "1234567 12 123 1234 3.14159265 1e10 0x1F",
+    "spaces before newline   \n\n\n  then indented\n    code",
+    "「引用」『二重』、。！？ full-width ＡＢＣ１２３",
+    "Ünïcödé çömbïnéd façade naïve résumé — “quotes” … – end",
 ]
 
 # case -> (config class, its arguments, tokenizer kind)
