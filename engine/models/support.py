@@ -53,7 +53,7 @@ def check_metadata(gf: GGUFFile, module, head_dim: int) -> None:
     problems = []
     for key, off in MATH_KEYS.items():
         value = gf.arch(key)
-        if value is None or key in supported or _is_off(value, off):
+        if value is None or key in supported or is_off(value, off):
             continue
         problems.append(f"{gf.architecture}.{key} = {_show(value)}")
     kind = gf.arch("rope.scaling.type")
@@ -69,7 +69,7 @@ def check_metadata(gf: GGUFFile, module, head_dim: int) -> None:
                         f"not implement, refused rather than run wrong: {'; '.join(problems)}")
 
 
-def _is_off(value, off: tuple) -> bool:
+def is_off(value, off: tuple) -> bool:
     if hasattr(value, "tolist"):
         value = value.tolist()
     if isinstance(value, list):
@@ -88,14 +88,18 @@ def _show(value) -> str:
 
 
 class TensorUse(dict):
-    """The file's tensors, noting which ones the model reads (`[]`, `get`)."""
+    """The file's tensors, noting which ones the model reads (`[]`, `get`); a tensor the
+    model needs and the file lacks is a GGUFError naming it."""
 
-    def __init__(self, tensors: dict[str, TensorInfo]):
+    def __init__(self, tensors: dict[str, TensorInfo], path: str):
         super().__init__(tensors)
+        self.path = path
         self.read: set[str] = set()
 
     def __getitem__(self, name: str) -> TensorInfo:
         self.read.add(name)
+        if name not in self:
+            raise GGUFError(f"{self.path}: missing tensor {name}")
         return super().__getitem__(name)
 
     def get(self, name: str, default=None):

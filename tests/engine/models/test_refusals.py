@@ -77,3 +77,32 @@ def test_llama3_rope_freqs_and_linear_scaling_change_the_logits(tmp_path):
     for scaled in (llama3.logits(ids), linear.logits(ids)):
         np.testing.assert_allclose(scaled[0], plain[0], rtol=1e-5, atol=1e-5)  # position 0
         assert np.abs(scaled[1:] - plain[1:]).max() > 1e-3
+
+
+def test_a_missing_tensor_is_named(tmp_path):
+    from engine.backends import get_backend
+    from engine.gguf_file import open_gguf
+    from engine.models import build_model, describe
+
+    path = write_tiny(tmp_path / "m.gguf", n_layers=1)
+    gf = open_gguf(path)
+    del gf.tensors["blk.0.ffn_down.weight"]
+    with pytest.raises(GGUFError, match="missing tensor blk.0.ffn_down.weight"):
+        build_model(gf, get_backend("reference"))
+    assert describe(gf)["supported"] is False
+
+
+def test_describe_says_what_a_file_runs_and_can_do_without_loading_weights(tmp_path):
+    from engine.gguf_file import open_gguf
+    from engine.models import describe
+    from tests.arch_models import DATA
+
+    gemma2 = describe(open_gguf(DATA / "gemma2.q8_0.gguf"))
+    assert gemma2["supported"] and gemma2["refused"] is None
+    assert gemma2["capabilities"] == ["chat", "completion", "embeddings"]
+    assert "attn_logit_softcapping = 3.0" in gemma2["features"]
+    assert "rope scaling llama3 (rope_freqs)" in describe(
+        open_gguf(DATA / "llama3.q8_0.gguf"))["features"]
+    refused = describe(open_gguf(write_tiny(tmp_path / "m.gguf", metadata={
+        "llama.rope.scaling.type": "yarn"})))
+    assert not refused["supported"] and "yarn" in refused["refused"]
