@@ -26,6 +26,10 @@ EXPECTED_ARCH = {"llama3": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3
                  "phi3": "phi3", "gemma2": "gemma2"}
 HAVE_TRANSFORMERS = all(importlib.util.find_spec(m) for m in ("torch", "transformers",
                                                               "tokenizers"))
+if HAVE_TRANSFORMERS:  # the cases are written with transformers 5's rope_parameters
+    from importlib.metadata import version
+
+    HAVE_TRANSFORMERS = int(version("transformers").split(".")[0]) >= 5
 
 
 @functools.cache
