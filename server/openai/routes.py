@@ -35,6 +35,7 @@ def runtime() -> Runtime:
 
 def _model_object(served) -> dict:
     return {"id": served.id, "object": "model", "created": served.created, "owned_by": "numbalm",
+            "architecture": served.llm.architecture, "context_length": served.llm.n_ctx,
             "capabilities": served.capabilities}
 
 
