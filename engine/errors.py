@@ -39,3 +39,12 @@ class TokenIdError(EngineError):
 
 class CapabilityError(EngineError):
     """The model cannot do what was asked (say, generate text with an embedding-only model)."""
+
+
+class TraceError(EngineError):
+    """A trace the engine cannot make as asked (an option out of range, or a trace too big to
+    return); `.option` names the option to change."""
+
+    def __init__(self, message: str, option: str):
+        super().__init__(message)
+        self.option = option
