@@ -48,3 +48,7 @@ class TraceError(EngineError):
     def __init__(self, message: str, option: str):
         super().__init__(message)
         self.option = option
+
+
+class TraceTooLargeError(TraceError):
+    """A trace over the size bound (engine.trace.MAX_TRACE_TOKENS, MAX_ATTENTION_WEIGHTS)."""

@@ -40,7 +40,7 @@ from kernels.attention import attention_weights_ref
 
 from .batch import scratch_batch
 from .compute import COMPUTE
-from .errors import TraceError
+from .errors import TraceError, TraceTooLargeError
 from .generate import check_prompt
 
 MAX_TRACE_TOKENS = 1024  # positions in one trace (prompt + generated): the lens is L x n rows
@@ -226,7 +226,7 @@ def trace(llm, prompt, *, top_k: int = 5, attention: bool = True, attention_laye
     generate = _int(generate, "generate", 0, MAX_TRACE_TOKENS)
     if n_prompt + generate > MAX_TRACE_TOKENS:
         what = "prompt" if generate == 0 else "generate"
-        raise TraceError(f"a trace covers at most {MAX_TRACE_TOKENS} positions, this one "
+        raise TraceTooLargeError(f"a trace covers at most {MAX_TRACE_TOKENS} positions, this one "
                          f"{n_prompt} + {generate}: shorten the {what}", what)
     top_k = _int(top_k, "top_k", 1, MAX_TOP_K)
     L, H, n = args.n_layers, args.n_heads, n_prompt + generate
@@ -235,7 +235,7 @@ def trace(llm, prompt, *, top_k: int = 5, attention: bool = True, attention_laye
     rows = _indices(attention_positions, n, "attention_positions") if attention else []
     size = len(layers) * len(heads) * len(rows) * n
     if size > MAX_ATTENTION_WEIGHTS:
-        raise TraceError(
+        raise TraceTooLargeError(
             f"the attention weights asked for are {len(layers)} layers x {len(heads)} heads x "
             f"{len(rows)} positions x {n} keys = {size:,} numbers, over the limit of "
             f"{MAX_ATTENTION_WEIGHTS:,}: narrow attention_layers, attention_heads or "

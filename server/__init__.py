@@ -27,8 +27,9 @@ from server.openai import embeddings, routes
 from server.serving.config import ServerConfig, build_config
 from server.serving.pool import ModelPool
 from server.serving.runtime import Runtime
+from server.trace import routes as trace_routes
 
-BLUEPRINTS = (ops.bp, routes.bp, embeddings.bp)
+BLUEPRINTS = (ops.bp, routes.bp, embeddings.bp, trace_routes.bp)
 
 
 def create_app(config: ServerConfig | Mapping | None = None, *, pool: ModelPool | None = None,
