@@ -76,6 +76,14 @@ class LLM:
         hidden = self.model.forward(scratch_batch([ids], self.model.kv_layout()))
         return self.model.logits(hidden).astype(np.float32)
 
+    def trace(self, prompt, **options):
+        """The forward pass over `prompt` (text, token ids or chat messages), layer by layer:
+        an `engine.trace.Trace` (logit lens, norms, attention weights, interventions). The
+        options are `engine.trace.trace`'s; docs/inspect.md shows how to read it."""
+        from .trace import trace
+
+        return trace(self, prompt, **options)
+
     def generate(self, prompt_ids: list[int], *, max_tokens: int = 256, stop=(),
                  should_stop=None, grammar=None, **sampling) -> TokenStream:
         """Start a generation; iterate the result for one GeneratedToken per sampled token.

@@ -27,8 +27,10 @@ from server.openai import embeddings, routes
 from server.serving.config import ServerConfig, build_config
 from server.serving.pool import ModelPool
 from server.serving.runtime import Runtime
+from server.trace import routes as trace_routes
+from server.ui import bp as ui_bp
 
-BLUEPRINTS = (ops.bp, routes.bp, embeddings.bp)
+BLUEPRINTS = (ops.bp, routes.bp, embeddings.bp, trace_routes.bp, ui_bp)
 
 
 def create_app(config: ServerConfig | Mapping | None = None, *, pool: ModelPool | None = None,

@@ -16,6 +16,7 @@ from server.http.logs import request_id
 access_log = logging.getLogger("numbalm.access")
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 OPEN_ROUTES = ("/healthz", "/readyz", "/metrics")
+OPEN_PREFIX = "/ui"  # the web page's static files (it sends the API key it is given)
 
 
 def _start_request():
@@ -29,7 +30,8 @@ def _start_request():
 
 def _check_api_key():
     keys = current_app.extensions["numbalm"].config.api_keys
-    if not keys or request.method == "OPTIONS" or request.path in OPEN_ROUTES:
+    if not keys or request.method == "OPTIONS" or request.path in OPEN_ROUTES \
+            or request.path == OPEN_PREFIX or request.path.startswith(OPEN_PREFIX + "/"):
         return
     scheme, _, given = request.headers.get("Authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not given.strip():
