@@ -97,7 +97,10 @@ class LLM:
         after penalties and logit_bias, before temperature/top-k/top-p/min-p (greedy picks
         the best allowed token); end of turn is allowed only once the grammar accepts; the
         generation ends with finish_reason "stop" as soon as the grammar is complete, or
-        "length" when max_tokens cuts it short (the text may then be unfinished JSON).
+        "length" when max_tokens cuts it short. A grammar's reply lands within max_tokens
+        (engine/landing.py): when the budget runs short the choice is narrowed to tokens
+        that still let the grammar finish, so the text is complete (it then ends "length"),
+        unless even the shortest ending known from the start was longer than max_tokens.
         Log-probs, when asked, are those of the masked distribution.
         """
         return self.submit(prompt_ids, 1, max_tokens=max_tokens, stop=stop,
