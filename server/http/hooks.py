@@ -15,7 +15,7 @@ from server.http.logs import request_id
 
 access_log = logging.getLogger("numbalm.access")
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-OPEN_ROUTES = ("/healthz", "/readyz", "/metrics")
+OPEN_ROUTES = ("/healthz", "/readyz", "/metrics", "/openapi.json", "/docs")
 
 
 def _start_request():

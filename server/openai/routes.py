@@ -8,8 +8,10 @@ import time
 from flask import Blueprint, Response, current_app, g, jsonify, request
 
 from server.http.errors import APIError
+from server.http.schema import route
 from server.http.sse import EventStream, sse_lines
-from server.openai.requests import parse_chat, parse_completion, parse_json
+from server.openai.requests import parse_chat, parse_completion
+from server.openai.schemas import CHAT, COMPLETION
 from server.openai.shapes import Shaper
 from server.serving.generation import (
     Stats,
@@ -39,30 +41,34 @@ def _model_object(served) -> dict:
 
 
 @bp.get("/models")
+@route("List the served models", tag="OpenAI")
 def list_models():
     rt = runtime()
     return jsonify({"object": "list", "data": [_model_object(s) for s in rt.pool.list()]})
 
 
 @bp.get("/models/<path:model_id>")
+@route("Retrieve a served model (by id or alias)", tag="OpenAI")
 def get_model(model_id: str):
     return jsonify(_model_object(runtime().pool.get(model_id)))
 
 
 @bp.post("/chat/completions")
-def chat_completions():
-    return _generate(parse_chat)
+@route("Create a chat completion", body=CHAT, tag="OpenAI", streams=True)
+def chat_completions(body):
+    return _generate(parse_chat, body)
 
 
 @bp.post("/completions")
-def completions():
-    return _generate(parse_completion)
+@route("Create a text completion", body=COMPLETION, tag="OpenAI", streams=True)
+def completions(body):
+    return _generate(parse_completion, body)
 
 
-def _generate(parse):
+def _generate(parse, body: dict):
     rt = runtime()
     cfg = rt.config
-    req = parse(parse_json(request.get_data(cache=False)), cfg.max_tokens_cap, cfg.max_n)
+    req = parse(body, cfg.max_tokens_cap, cfg.max_n)
     served = rt.pool.get(req.model, need=req.kind)  # 400 for an embedding-only model
     the_plan = plan(req, served, cfg.max_tokens_cap)
     stats = Stats(start=g.start)
