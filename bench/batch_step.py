@@ -19,6 +19,12 @@ On a busy machine wall time is noise (OpenMP's workers wait for each other's tim
 `--clock cpu` times with the process's CPU time instead, which with `NUMBA_NUM_THREADS=1`
 is the work itself, a fair guide to ratios (not to tok/s).
 
+3. **http** (`--http`): the same B greedy generations streamed over loopback from an
+   in-process `numbalm serve` (waitress), B client threads reading the SSE lines. Prints
+   the wall ms/step and the CPU ms/step of each group of threads (the compute thread and
+   OpenMP's workers; waitress's loop and worker threads; the clients), so what the server
+   adds per step shows beside what the model costs, even on a busy machine.
+
 Batch sizes alternate within each repeat (1, 2, 4, 8, 1, 2, ...) and the median over repeats
 is printed, so a noisy neighbour hurts them alike; the ratio column is what to compare.
 """
@@ -231,6 +237,86 @@ def scheduler_table(model, batches, n_tokens, repeats) -> None:
               f"{med['sampling'] * 1e3:.2f} | {sched_ms * 1e3:.2f} | {med['tok/s']:.0f} |")
 
 
+def thread_cpu() -> dict[str, float]:
+    """CPU seconds so far of this process's threads, by group (from /proc/self/task)."""
+    import os
+    import threading
+
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    groups: dict[str, float] = defaultdict(float)
+    tick = os.sysconf("SC_CLK_TCK")
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # the thread has ended
+        name = names.get(int(tid), "")
+        group = ("compute" if name in ("numbalm-compute", "") else
+                 "waitress" if name.startswith("waitress") else
+                 "clients" if name.startswith("client") else "other")
+        groups[group] += (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+    return groups
+
+
+def http_table(model, batches, n_tokens, repeats) -> None:
+    """B streaming clients against an in-process server: wall and CPU per step, by thread."""
+    import http.client
+    import json
+    import threading
+
+    from server import ModelPool, create_app
+    from server.http.wsgi import ServerThread
+
+    pool = ModelPool.from_models([model], warmup=True)
+    app = create_app({"max_concurrent": max(batches), "queue_size": max(batches)}, pool=pool)
+    no_end = {str(t): -100 for t in model.tokenizer.eot_ids}
+    sched = model._scheduler()
+
+    def client(port, i, r, counts):
+        body = json.dumps({"model": model.id, "stream": True, "max_tokens": n_tokens,
+                           "temperature": 0, "logit_bias": no_end,
+                           "messages": [{"role": "user", "content": f"Story {r}-{i} of a {i}"}]})
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+        conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        n = 0
+        for line in resp:
+            if line.startswith(b"data: {") and b'"content":"' in line:
+                n += 1
+        counts[i] = n
+        conn.close()
+
+    print(f"\n## http: B streaming clients, {n_tokens} greedy tokens each ({model.id})")
+    print("| B | steps | wall ms/step | tok/s | CPU ms/step: compute | waitress | clients |")
+    print("|---|---|---|---|---|---|---|")
+    with ServerThread(app) as server:
+        port = server.server.effective_port
+        rows = defaultdict(list)
+        for r in range(repeats + 1):
+            for b in batches:
+                counts = [0] * b
+                threads = [threading.Thread(target=client, args=(port, i, r, counts),
+                                            name=f"client-{i}") for i in range(b)]
+                cpu0, steps0, t0 = thread_cpu(), sched.stats.steps, time.perf_counter()
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+                wall = time.perf_counter() - t0
+                cpu1, steps = thread_cpu(), sched.stats.steps - steps0
+                if r:
+                    rows[b].append({"wall": wall / steps, "tok/s": sum(counts) / wall,
+                                    "steps": steps,
+                                    **{g: (cpu1[g] - cpu0.get(g, 0)) / steps
+                                       for g in ("compute", "waitress", "clients")}})
+        for b in batches:
+            med = {k: statistics.median(x[k] for x in rows[b]) for k in rows[b][0]}
+            print(f"| {b} | {med['steps']:.0f} | {med['wall'] * 1e3:.2f} | {med['tok/s']:.0f} "
+                  f"| {med['compute'] * 1e3:.2f} | {med['waitress'] * 1e3:.2f} "
+                  f"| {med['clients'] * 1e3:.2f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", nargs="+", default=["smollm2-135m-instruct"])
@@ -240,6 +326,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=64, help="tokens per generation (scheduler)")
     ap.add_argument("--no-scheduler", action="store_true")
+    ap.add_argument("--no-forward", action="store_true")
+    ap.add_argument("--http", action="store_true", help="also stream over loopback HTTP")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                     help="cpu: process CPU time (use with NUMBA_NUM_THREADS=1 when busy)")
     args = ap.parse_args()
@@ -247,9 +335,12 @@ def main() -> None:
     CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     for name in args.model:
         model = load_model(name, backend="fast")
-        forward_table(model, args.contexts, args.batches, args.steps, args.repeats)
+        if not args.no_forward:
+            forward_table(model, args.contexts, args.batches, args.steps, args.repeats)
         if not args.no_scheduler:
             scheduler_table(model, args.batches, args.tokens, args.repeats)
+        if args.http:
+            http_table(model, args.batches, args.tokens, args.repeats)
 
 
 if __name__ == "__main__":

@@ -40,17 +40,27 @@ def rms_norm(x, weight, eps, out):
 # --- RoPE ----------------------------------------------------------------------------------------
 
 
-def rope_ref(x: np.ndarray, positions: np.ndarray, freq_base: float, neox: bool) -> np.ndarray:
-    """Rotary embedding. x (n, heads, hd) float32, positions (n,) int -> (n, heads, hd).
+def rope_table_ref(positions: np.ndarray, freq_base: float, head_dim: int) -> np.ndarray:
+    """The rotary angles of each row: positions (n,) int -> (n, 2, head_dim/2) float32,
+    cos in [:, 0] and sin in [:, 1]. Pair i turns by angle pos * base^(-2i/head_dim).
 
-    Pair i (i < hd/2) turns by angle pos * base^(-2i/hd). `neox=False` pairs elements
-    (2i, 2i+1) (llama as converted to GGUF); `neox=True` pairs (i, i + hd/2) (gemma3).
+    Every layer (and q and k) of a forward pass rotates by the same angles, so the model
+    computes this once per pass and per base (`rope_ref` applies it).
+    """
+    inv_freq = freq_base ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)  # (hd/2,)
+    angles = positions.astype(np.float64)[:, None] * inv_freq  # (n, hd/2)
+    return np.stack([np.cos(angles), np.sin(angles)], axis=1).astype(np.float32)
+
+
+def rope_ref(x: np.ndarray, table: np.ndarray, neox: bool) -> np.ndarray:
+    """Rotary embedding. x (n, heads, hd) float32, table (n, 2, hd/2) from `rope_table_ref`
+    -> (n, heads, hd).
+
+    `neox=False` pairs elements (2i, 2i+1) (llama as converted to GGUF); `neox=True` pairs
+    (i, i + hd/2) (gemma3).
     """
     hd = x.shape[-1]
-    inv_freq = freq_base ** (-np.arange(0, hd, 2, dtype=np.float64) / hd)  # (hd/2,)
-    angles = positions.astype(np.float64)[:, None] * inv_freq  # (n, hd/2)
-    cos = np.cos(angles).astype(np.float32)[:, None, :]  # (n, 1, hd/2)
-    sin = np.sin(angles).astype(np.float32)[:, None, :]
+    cos, sin = table[:, None, 0], table[:, None, 1]  # (n, 1, hd/2)
     a, b = (x[..., : hd // 2], x[..., hd // 2 :]) if neox else (x[..., 0::2], x[..., 1::2])
     out = np.empty_like(x)
     ra, rb = a * cos - b * sin, a * sin + b * cos
@@ -62,17 +72,28 @@ def rope_ref(x: np.ndarray, positions: np.ndarray, freq_base: float, neox: bool)
 
 
 @njit
-def rope(x, positions, freq_base, neox, out):
-    """Numba twin of `rope_ref`: x, out (n, heads, hd) float32; positions (n,) int."""
-    n, heads, hd = x.shape
-    half = hd // 2
-    cos = np.empty(half, np.float32)
-    sin = np.empty(half, np.float32)
+def rope_table(positions, freq_base, out):
+    """Numba twin of `rope_table_ref`: positions (n,) int, out (n, 2, hd/2) float32."""
+    n, _, half = out.shape
+    hd = 2 * half
+    inv_freq = np.empty(half, np.float64)
+    for i in range(half):
+        inv_freq[i] = freq_base ** (-(2.0 * i) / hd)
     for t in range(n):
         for i in range(half):
-            angle = np.float64(positions[t]) * freq_base ** (-(2.0 * i) / hd)
-            cos[i] = math.cos(angle)
-            sin[i] = math.sin(angle)
+            angle = np.float64(positions[t]) * inv_freq[i]
+            out[t, 0, i] = math.cos(angle)
+            out[t, 1, i] = math.sin(angle)
+
+
+@njit
+def rope(x, table, neox, out):
+    """Numba twin of `rope_ref`: x, out (n, heads, hd) float32 (x may be a strided view, such
+    as q's columns of the fused q|k|v output); table (n, 2, hd/2)."""
+    n, heads, hd = x.shape
+    half = hd // 2
+    for t in range(n):
+        cos, sin = table[t, 0], table[t, 1]
         for h in range(heads):
             for i in range(half):
                 ia, ib = (i, i + half) if neox else (2 * i, 2 * i + 1)

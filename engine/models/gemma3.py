@@ -51,7 +51,10 @@ class Model(llama.Model):
         x = super().embed(ids)  # (n, dim)
         return x * np.float32(math.sqrt(self.args.dim))
 
-    def attention_block(self, i, layer, x, batch):
+    def rope_bases(self) -> tuple[float, ...]:
+        return (LOCAL_ROPE_BASE, self.args.rope_base)  # sliding layers, global ones
+
+    def attention_block(self, i, layer, x, batch, rope):
         a, b = self.args, self.backend
         h = b.rms_norm(x, layer.attn_norm, a.norm_eps)
         q, k, v = self.qkv(layer, h)  # (n, heads, hd)
@@ -59,8 +62,8 @@ class Model(llama.Model):
         k = b.rms_norm(k, layer.attn_k_norm, a.norm_eps)
         sliding = a.is_sliding(i)
         rope_base = LOCAL_ROPE_BASE if sliding else a.rope_base
-        q = b.rope(q, batch.positions, rope_base, True)
-        k = b.rope(k, batch.positions, rope_base, True)
+        q = b.rope(q, rope[rope_base], True)
+        k = b.rope(k, rope[rope_base], True)
         b.store_kv(batch, i, k, v)
         window = a.sliding_window if sliding else 0
         o = b.attention(q, batch, i, window, 1.0 / math.sqrt(a.head_dim))

@@ -111,10 +111,19 @@ class Model:
         """The packed tokens of `batch` → final-normed hidden states (n, dim). Each row's key
         and value go into its sequence's blocks of the KV cache on the way."""
         x = self.embed(batch.ids)  # (n, dim)
+        rope = self.rope_tables(batch.positions)  # every layer turns by the same angles
         for i, layer in enumerate(self.layers):
-            x = x + self.attention_block(i, layer, x, batch)
+            x = x + self.attention_block(i, layer, x, batch, rope)
             x = x + self.ffn_block(layer, x)
         return self.backend.rms_norm(x, self.output_norm, self.args.norm_eps)
+
+    def rope_bases(self) -> tuple[float, ...]:
+        return (self.args.rope_base,)
+
+    def rope_tables(self, positions: np.ndarray) -> dict[float, np.ndarray]:
+        """The rotary angles of the batch's rows, once per forward pass: {base: table}."""
+        b, hd = self.backend, self.args.head_dim
+        return {base: b.rope_table(positions, base, hd) for base in self.rope_bases()}
 
     def logits(self, h: np.ndarray) -> np.ndarray:
         """(n, dim) hidden states → (n, n_vocab) float32 logits."""
@@ -130,12 +139,13 @@ class Model:
         v = v.reshape(n, a.n_kv_heads, a.head_dim)
         return q, k, v
 
-    def attention_block(self, i: int, layer: Layer, x: np.ndarray, batch: Batch) -> np.ndarray:
+    def attention_block(self, i: int, layer: Layer, x: np.ndarray, batch: Batch,
+                        rope: dict) -> np.ndarray:
         a, b = self.args, self.backend
         h = b.rms_norm(x, layer.attn_norm, a.norm_eps)
         q, k, v = self.qkv(layer, h)
-        q = b.rope(q, batch.positions, a.rope_base, a.rope_neox)
-        k = b.rope(k, batch.positions, a.rope_base, a.rope_neox)
+        q = b.rope(q, rope[a.rope_base], a.rope_neox)
+        k = b.rope(k, rope[a.rope_base], a.rope_neox)
         b.store_kv(batch, i, k, v)  # into each sequence's KV blocks
         o = b.attention(q, batch, i, 0, 1.0 / math.sqrt(a.head_dim))  # (n, n_heads * hd)
         return b.linear(o, layer.attn_output)  # (n, dim)
