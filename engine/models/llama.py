@@ -21,6 +21,14 @@ from kernels.dequant import dequantize
 
 from ..batch import Batch
 from ..gguf_file import GGUFFile
+from .rope import Rope, rope_from_gguf
+
+# Maths-changing metadata this module implements (engine/models/support.py): linear RoPE
+# scaling, llama3's (its `rope_freqs` tensor, engine/models/rope.py) and Mistral's sliding
+# window on every layer.
+SUPPORTED_KEYS = frozenset({"rope.scaling.type", "rope.scaling.factor",
+                            "attention.sliding_window"})
+ROPE_SCALING = frozenset({"none", "linear"})
 
 
 @dataclass
@@ -36,6 +44,7 @@ class ModelArgs:
     norm_eps: float
     rope_base: float
     rope_neox: bool = False  # llama in GGUF rotates adjacent pairs
+    sliding_window: int = 0  # every layer attends to this many positions (0: all; Mistral)
 
     @classmethod
     def from_gguf(cls, gf: GGUFFile) -> ModelArgs:
@@ -52,6 +61,7 @@ class ModelArgs:
             n_ctx=int(gf.arch("context_length")),
             norm_eps=float(gf.arch("attention.layer_norm_rms_epsilon")),
             rope_base=float(gf.arch("rope.freq_base", 10000.0)),
+            sliding_window=int(gf.arch("attention.sliding_window", 0)),
         )
 
 
@@ -84,18 +94,20 @@ class Layer:
 class Model:
     MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
     VECTORS = ("attn_norm", "ffn_norm")
+    Layer = Layer  # an architecture with other fused matrices brings its own (phi3)
 
     def __init__(self, args: ModelArgs, gf: GGUFFile, backend):
         self.args = args
         self.backend = backend
         self.token_embd = backend.prepare_embedding(gf.tensors["token_embd.weight"])
-        self.layers = [Layer(gf, i, backend, self.MATRICES, self.VECTORS)
+        self.layers = [self.Layer(gf, i, backend, self.MATRICES, self.VECTORS)
                        for i in range(args.n_layers)]
         norm = gf.tensors["output_norm.weight"]
         self.output_norm = dequantize(norm.data, norm.qtype, norm.shape).reshape(-1)
         # Small models tie the output head to the embedding table.
         head = gf.tensors.get("output.weight", gf.tensors["token_embd.weight"])
         self.output = backend.prepare(head)
+        self.rope = rope_from_gguf(gf, args.rope_base, args.head_dim, args.rope_neox, args.n_ctx)
 
     def kv_layout(self) -> tuple[int, int, int]:
         """What one position costs in the KV cache: (n_layers, n_kv_heads, head_dim)."""
@@ -110,11 +122,30 @@ class Model:
     def forward(self, batch: Batch) -> np.ndarray:
         """The packed tokens of `batch` → final-normed hidden states (n, dim). Each row's key
         and value go into its sequence's blocks of the KV cache on the way."""
+        rec = batch.recorder  # None unless this pass is traced (engine/trace.py)
         x = self.embed(batch.ids)  # (n, dim)
+        rope = self.rope_tables(batch.positions)  # every layer turns by the same angles
         for i, layer in enumerate(self.layers):
-            x = x + self.attention_block(i, layer, x, batch)
-            x = x + self.ffn_block(layer, x)
+            attn = self.attention_block(i, layer, x, batch, rope)
+            x = x + (attn if rec is None else rec.attn_out(i, attn))
+            mlp = self.ffn_block(layer, x)
+            x = x + (mlp if rec is None else rec.mlp_out(i, mlp))
+            if rec is not None:
+                x = rec.resid_post(i, x)
+        return self.final_norm(x)
+
+    def final_norm(self, x: np.ndarray) -> np.ndarray:
+        """The residual stream (n, dim) → normed for the output head."""
         return self.backend.rms_norm(x, self.output_norm, self.args.norm_eps)
+
+    def ropes(self) -> tuple[Rope, ...]:
+        """The RoPEs the layers use (gemma3's sliding layers have one of their own)."""
+        return (self.rope,)
+
+    def rope_tables(self, positions: np.ndarray) -> dict[Rope, np.ndarray]:
+        """The rotary angles of the batch's rows, once per forward pass: {rope: table}."""
+        b, hd = self.backend, self.args.head_dim
+        return {r: r.table(b, positions, hd) for r in self.ropes()}
 
     def logits(self, h: np.ndarray) -> np.ndarray:
         """(n, dim) hidden states → (n, n_vocab) float32 logits."""
@@ -130,14 +161,18 @@ class Model:
         v = v.reshape(n, a.n_kv_heads, a.head_dim)
         return q, k, v
 
-    def attention_block(self, i: int, layer: Layer, x: np.ndarray, batch: Batch) -> np.ndarray:
+    def attention_block(self, i: int, layer: Layer, x: np.ndarray, batch: Batch,
+                        rope: dict) -> np.ndarray:
         a, b = self.args, self.backend
         h = b.rms_norm(x, layer.attn_norm, a.norm_eps)
         q, k, v = self.qkv(layer, h)
-        q = b.rope(q, batch.positions, a.rope_base, a.rope_neox)
-        k = b.rope(k, batch.positions, a.rope_base, a.rope_neox)
+        q = self.rope.rotate(b, q, rope)
+        k = self.rope.rotate(b, k, rope)
         b.store_kv(batch, i, k, v)  # into each sequence's KV blocks
-        o = b.attention(q, batch, i, 0, 1.0 / math.sqrt(a.head_dim))  # (n, n_heads * hd)
+        scale = 1.0 / math.sqrt(a.head_dim)
+        o = b.attention(q, batch, i, a.sliding_window, scale)  # (n, n_heads * hd)
+        if batch.recorder is not None:  # attention weights, head ablation (engine/trace.py)
+            o = batch.recorder.heads(i, q, batch, a.sliding_window, scale, o)
         return b.linear(o, layer.attn_output)  # (n, dim)
 
     def ffn_block(self, layer: Layer, x: np.ndarray) -> np.ndarray:
