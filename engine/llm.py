@@ -76,6 +76,14 @@ class LLM:
         hidden = self.model.forward(scratch_batch([ids], self.model.kv_layout()))
         return self.model.logits(hidden).astype(np.float32)
 
+    def trace(self, prompt, **options):
+        """The forward pass over `prompt` (text, token ids or chat messages), layer by layer:
+        an `engine.trace.Trace` (logit lens, norms, attention weights, interventions). The
+        options are `engine.trace.trace`'s; docs/inspect.md shows how to read it."""
+        from .trace import trace
+
+        return trace(self, prompt, **options)
+
     def generate(self, prompt_ids: list[int], *, max_tokens: int = 256, stop=(),
                  should_stop=None, grammar=None, **sampling) -> TokenStream:
         """Start a generation; iterate the result for one GeneratedToken per sampled token.
@@ -89,7 +97,10 @@ class LLM:
         after penalties and logit_bias, before temperature/top-k/top-p/min-p (greedy picks
         the best allowed token); end of turn is allowed only once the grammar accepts; the
         generation ends with finish_reason "stop" as soon as the grammar is complete, or
-        "length" when max_tokens cuts it short (the text may then be unfinished JSON).
+        "length" when max_tokens cuts it short. A grammar's reply lands within max_tokens
+        (engine/landing.py): when the budget runs short the choice is narrowed to tokens
+        that still let the grammar finish, so the text is complete (it then ends "length"),
+        unless even the shortest ending known from the start was longer than max_tokens.
         Log-probs, when asked, are those of the masked distribution.
         """
         return self.submit(prompt_ids, 1, max_tokens=max_tokens, stop=stop,

@@ -21,28 +21,42 @@ from kernels.jit import njit, pnjit
 KV_BLOCK = 16  # positions per KV-cache block (the one definition; engine.kv uses it)
 
 
-def attention_ref(q, k, v, pos0: int, window: int, scale: float,
-                  softcap: float = 0.0) -> np.ndarray:
-    """q (n, n_head, hd); k, v (n_kv_head, n_keys, hd) float32 -> (n, n_head * hd).
+def attention_weights_ref(q, k, q_pos, window: int, scale: float,
+                          softcap: float = 0.0) -> np.ndarray:
+    """The attention probabilities: q (n, n_head, hd) at positions q_pos (n,) over keys
+    k (n_kv_head, n_keys, hd) at positions 0..n_keys-1 -> (n, n_head, n_keys) float32, each
+    row summing to 1 over the keys it may see (0 elsewhere). The paged kernels never keep
+    these; `engine/trace.py` recomputes them here from the cached keys.
 
     `softcap` > 0 caps the scaled scores softly, `softcap * tanh(s / softcap)` (gemma2)."""
-    n, n_head, hd = q.shape
+    n, n_head, _ = q.shape
     n_kv_head, n_keys, _ = k.shape
     group = n_head // n_kv_head
-    q_pos = pos0 + np.arange(n)[:, None]  # (n, 1)
+    q_pos = np.asarray(q_pos)[:, None]  # (n, 1)
     k_pos = np.arange(n_keys)[None, :]  # (1, n_keys)
     allowed = k_pos <= q_pos
     if window > 0:
         allowed &= k_pos > q_pos - window
-    out = np.empty((n, n_head, hd), np.float32)
+    weights = np.empty((n, n_head, n_keys), np.float32)
     for h in range(n_head):
         scores = (q[:, h, :] @ k[h // group].T) * scale  # (n, n_keys)
         if softcap > 0:
             scores = softcap * np.tanh(scores / softcap)
         scores = np.where(allowed, scores, -np.inf)
-        weights = np.exp(scores - scores.max(axis=-1, keepdims=True))
-        weights /= weights.sum(axis=-1, keepdims=True)
-        out[:, h, :] = weights @ v[h // group]  # (n, hd)
+        w = np.exp(scores - scores.max(axis=-1, keepdims=True))
+        weights[:, h, :] = w / w.sum(axis=-1, keepdims=True)
+    return weights
+
+
+def attention_ref(q, k, v, pos0: int, window: int, scale: float,
+                  softcap: float = 0.0) -> np.ndarray:
+    """q (n, n_head, hd); k, v (n_kv_head, n_keys, hd) float32 -> (n, n_head * hd)."""
+    n, n_head, hd = q.shape
+    group = n_head // k.shape[0]
+    weights = attention_weights_ref(q, k, pos0 + np.arange(n), window, scale, softcap)
+    out = np.empty((n, n_head, hd), np.float32)
+    for h in range(n_head):
+        out[:, h, :] = weights[:, h, :] @ v[h // group]  # (n, hd)
     return out.reshape(n, n_head * hd)
 
 

@@ -67,6 +67,8 @@ class Model(gemma3.Model):
         b.store_kv(batch, i, k, v)
         window = a.sliding_window if a.is_sliding(i) else 0
         o = b.attention(q, batch, i, window, a.attn_scale, softcap=a.attn_softcap)
+        if batch.recorder is not None:  # attention weights, head ablation (engine/trace.py)
+            o = batch.recorder.heads(i, q, batch, window, a.attn_scale, o, a.attn_softcap)
         o = b.linear(o, layer.attn_output)  # (n, dim)
         return b.rms_norm(o, layer.post_attention_norm, a.norm_eps)
 

@@ -69,7 +69,10 @@ class Model(llama.Model):
         k = rope.rotate(b, k, batch.positions)
         b.store_kv(batch, i, k, v)
         window = a.sliding_window if sliding else 0
-        o = b.attention(q, batch, i, window, 1.0 / math.sqrt(a.head_dim))
+        scale = 1.0 / math.sqrt(a.head_dim)
+        o = b.attention(q, batch, i, window, scale)
+        if batch.recorder is not None:  # attention weights, head ablation (engine/trace.py)
+            o = batch.recorder.heads(i, q, batch, window, scale, o)
         o = b.linear(o, layer.attn_output)  # (n, dim)
         return b.rms_norm(o, layer.post_attention_norm, a.norm_eps)
 

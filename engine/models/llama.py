@@ -122,10 +122,19 @@ class Model:
     def forward(self, batch: Batch) -> np.ndarray:
         """The packed tokens of `batch` → final-normed hidden states (n, dim). Each row's key
         and value go into its sequence's blocks of the KV cache on the way."""
+        rec = batch.recorder  # None unless this pass is traced (engine/trace.py)
         x = self.embed(batch.ids)  # (n, dim)
         for i, layer in enumerate(self.layers):
-            x = x + self.attention_block(i, layer, x, batch)
-            x = x + self.ffn_block(layer, x)
+            attn = self.attention_block(i, layer, x, batch)
+            x = x + (attn if rec is None else rec.attn_out(i, attn))
+            mlp = self.ffn_block(layer, x)
+            x = x + (mlp if rec is None else rec.mlp_out(i, mlp))
+            if rec is not None:
+                x = rec.resid_post(i, x)
+        return self.final_norm(x)
+
+    def final_norm(self, x: np.ndarray) -> np.ndarray:
+        """The residual stream (n, dim) → normed for the output head."""
         return self.backend.rms_norm(x, self.output_norm, self.args.norm_eps)
 
     def logits(self, h: np.ndarray) -> np.ndarray:
@@ -151,6 +160,8 @@ class Model:
         b.store_kv(batch, i, k, v)  # into each sequence's KV blocks
         scale = 1.0 / math.sqrt(a.head_dim)
         o = b.attention(q, batch, i, a.sliding_window, scale)  # (n, n_heads * hd)
+        if batch.recorder is not None:  # attention weights, head ablation (engine/trace.py)
+            o = batch.recorder.heads(i, q, batch, a.sliding_window, scale, o)
         return b.linear(o, layer.attn_output)  # (n, dim)
 
     def ffn_block(self, layer: Layer, x: np.ndarray) -> np.ndarray:
