@@ -70,7 +70,7 @@ def describe(gf: GGUFFile) -> dict:
     features += [what for name, what in FEATURE_TENSORS.items() if name in gf.tensors]
     try:
         build_model(gf, _NoWeights())
-    except GGUFError as e:
+    except (GGUFError, ValueError) as e:  # ValueError: a tensor of the wrong size
         return {"supported": False, "refused": str(e), "capabilities": [],
                 "features": features}
     return {"supported": True, "refused": None,
