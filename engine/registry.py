@@ -59,6 +59,7 @@ from .download import (
 )
 from .errors import GGUFError, ModelNotFoundError, RegistryError
 from .gguf_file import open_gguf
+from .models import capabilities
 
 MANIFEST_VERSION = 1
 LOCK_TIMEOUT = 60.0  # seconds to wait for another numbalm process to release the manifest
@@ -188,6 +189,9 @@ class ModelEntry:
     added: str  # ISO 8601, UTC
     stored: str  # "cache" (the cache owns the file) or "reference" (the user's file)
     source_sha256: str | None = None  # converted models: sha256 of the wheel converted from
+    # what it can do (engine.models.capabilities): no "chat" without a chat template; None in
+    # entries written before numbalm recorded it (`capabilities_of` reads the file then)
+    capabilities: list[str] | None = None
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelEntry:
@@ -200,7 +204,8 @@ def describe_gguf(path: Path, **fields_) -> ModelEntry:
     gf = open_gguf(path)
     name = fields_.pop("name", None) or gf.get("general.name") or path.stem
     ctx = gf.arch("context_length")
-    return ModelEntry(
+    caps = capabilities(gf.architecture, "tokenizer.chat_template" in gf.metadata, str(path))
+    return ModelEntry(capabilities=sorted(caps),
         name=str(name), path=str(path.resolve()), size=path.stat().st_size,
         architecture=gf.architecture, quant_mix=gf.quant_mix(),
         parameter_count=gf.parameter_count(), context_length=int(ctx) if ctx else None,
@@ -610,6 +615,18 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> str:
 def get_entry(id: str) -> ModelEntry:
     """The manifest entry for an id or alias (ModelNotFoundError if unknown)."""
     return Registry().get_entry(id)
+
+
+def capabilities_of(entry: ModelEntry) -> list[str]:
+    """What a registered model can do, from its entry (or its file, for an older entry)."""
+    if entry.capabilities is not None:
+        return entry.capabilities
+    try:
+        gf = open_gguf(Registry()._local_path(entry))
+        has_template = "tokenizer.chat_template" in gf.metadata
+        return sorted(capabilities(gf.architecture, has_template, entry.path))
+    except (GGUFError, OSError):
+        return []
 
 
 def list_entries() -> list[ModelEntry]:

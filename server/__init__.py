@@ -22,6 +22,7 @@ from collections.abc import Mapping
 
 from flask import Flask
 
+from engine.chat import read_template
 from server.http import errors, hooks, ops
 from server.openai import embeddings, routes
 from server.serving.config import ServerConfig, build_config
@@ -43,9 +44,11 @@ def create_app(config: ServerConfig | Mapping | None = None, *, pool: ModelPool 
     app.json.sort_keys = False
     app.json.ensure_ascii = False
     if pool is None:
+        options = {"kv_cache_mb": config.kv_cache_mb, "step_tokens": config.step_tokens}
+        if config.chat_template:  # a file that cannot be used is an error before loading
+            options["chat_template"] = read_template(config.chat_template)
         pool = ModelPool(config.models, config.aliases, config.backend, config.warmup,
-                         engine_options={"kv_cache_mb": config.kv_cache_mb,
-                                         "step_tokens": config.step_tokens})
+                         engine_options=options)
         if load:
             pool.start()
     elif config.aliases:

@@ -43,6 +43,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         p.add_argument(flag, type=kind, default=_env(env, default, kind),
                        help=f"default {default} (env NUMBALM_{env})")
     p.add_argument("--stop", action="append", default=[], help="stop sequence (repeatable)")
+    p.add_argument("--chat-template", metavar="FILE", default=_env("CHAT_TEMPLATE", None),
+                   help="Jinja chat template instead of the model's own, or a built-in one "
+                        "(chatml, gemma); a base model (no template) chats only with one "
+                        "(env NUMBALM_CHAT_TEMPLATE)")
 
 
 def add_parser(sub) -> None:
@@ -67,8 +71,10 @@ def _sampling(args) -> dict:
 
 def _load(args):
     import engine
+    from engine.chat import read_template
 
-    return engine.load_model(args.model, backend=args.backend)
+    template = read_template(args.chat_template) if args.chat_template else None
+    return engine.load_model(args.model, backend=args.backend, chat_template=template)
 
 
 def _stream(model, ids, args, out=sys.stdout) -> str:
@@ -94,6 +100,7 @@ def cmd_generate(args) -> int:
 
 def cmd_chat(args) -> int:
     model = _load(args)
+    model.require("chat")  # a base model says so now, not after the first question
     messages = [{"role": "system", "content": args.system}] if args.system else []
     print(f"numbalm chat with {model.id} — Ctrl-C stops a reply, Ctrl-D quits.",
           file=sys.stderr)

@@ -12,7 +12,15 @@ import sys
 from dataclasses import asdict
 
 from engine.gguf_file import open_gguf
-from engine.registry import ALIASES, CATALOG, DEFAULT_MODEL, ModelEntry, Registry, cache_dir
+from engine.registry import (
+    ALIASES,
+    CATALOG,
+    DEFAULT_MODEL,
+    ModelEntry,
+    Registry,
+    cache_dir,
+    capabilities_of,
+)
 
 EXIT_MISMATCH = 1
 
@@ -96,17 +104,24 @@ def cmd_add(args) -> int:
 def cmd_list(args) -> int:
     entries = Registry().list_entries()
     if args.json:
-        print(json.dumps([asdict(e) for e in entries], indent=2))
+        print(json.dumps([{**asdict(e), "capabilities": capabilities_of(e)} for e in entries],
+                         indent=2))
         return 0
     if not entries:
         print("no models yet; run `numbalm model pull`")
         return 0
-    rows = [("ID", "ARCH", "PARAMS", "SIZE", "QUANT", "STORED", "PATH")]
+    caps = {e.id: capabilities_of(e) for e in entries}
+    rows = [("ID", "ARCH", "PARAMS", "SIZE", "QUANT", "CAPABILITIES", "STORED", "PATH")]
     rows += [(e.id, e.architecture, _params(e.parameter_count), _mb(e.size),
-              _mix(e.quant_mix), e.stored, e.path) for e in entries]
+              _mix(e.quant_mix), ",".join(caps[e.id]) or "?", e.stored, e.path)
+             for e in entries]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[-1])
+    base = [e.id for e in entries if "completion" in caps[e.id] and "chat" not in caps[e.id]]
+    if base:
+        print(f"\n{', '.join(base)}: no chat template (a base model): use `numbalm generate` "
+              f"or /v1/completions, or chat with --chat-template FILE")
     return 0
 
 

@@ -166,6 +166,13 @@ class ModelPool:
         if served is None:
             raise APIError(404, f"The model '{name}' does not exist; see /v1/models.",
                            param="model", code="model_not_found")
+        if need == "chat" and "chat" not in served.capabilities \
+                and "completion" in served.capabilities:
+            raise bad_request(f"The model '{served.id}' has no chat template: it is a base "
+                              f"model that continues text, so it cannot chat. Use "
+                              f"{ROUTE['completion']} with a prompt, or serve it with "
+                              f"--chat-template FILE.", param="model",
+                              code="model_not_supported")
         if need is not None and need not in served.capabilities:
             can = ", ".join(ROUTE[c] for c in served.capabilities if c in ROUTE)
             raise bad_request(f"The model '{served.id}' is not {WHAT.get(need, need)}, so "

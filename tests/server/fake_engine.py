@@ -103,6 +103,8 @@ class FakeModel:
         self.n_ctx = n_ctx
         self.delay = delay
         self.has_chat_template = chat_template
+        if not chat_template:  # a base model: it completes text but does not chat
+            self.capabilities = self.capabilities - {"chat"}
         self.tokenizer = FakeTokenizer()
         self.n_vocab = self.tokenizer.n_vocab
         self.calls: list[dict] = []        # the options of every generate call, for assertions

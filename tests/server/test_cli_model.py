@@ -140,3 +140,18 @@ def test_numbalm_model_help_says_referenced(home):
                           capture_output=True, text=True, cwd=Path(__file__).parents[2])
     assert proc.returncode == 0 and "referenced, not copied" in proc.stdout
     assert "--copy" in proc.stdout
+
+
+def test_list_says_which_models_chat(capsys, tmp_path):
+    write_tiny_gguf(tmp_path / "chat.gguf", chat_template="{{ messages }}")
+    write_tiny_gguf(tmp_path / "base.gguf")
+    for name in ("chat", "base"):
+        assert run(capsys, "add", str(tmp_path / f"{name}.gguf"), "--id", name)[0] == 0
+    code, out, _ = run(capsys, "list")
+    rows = {line.split()[0]: line.split() for line in out.splitlines()[1:3]}
+    assert rows["chat"][6] == "chat,completion,embeddings"
+    assert rows["base"][6] == "completion,embeddings"
+    assert "base: no chat template (a base model): use `numbalm generate`" in out
+    _, out, _ = run(capsys, "list", "--json")
+    assert {e["id"]: e["capabilities"] for e in json.loads(out)}["base"] == [
+        "completion", "embeddings"]
