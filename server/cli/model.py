@@ -11,6 +11,7 @@ import json
 import sys
 from dataclasses import asdict
 
+from engine.download import TextProgress
 from engine.gguf_file import open_gguf
 from engine.registry import (
     ALIASES,
@@ -84,7 +85,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 def cmd_pull(args) -> int:
     entry, changed = Registry().pull(args.target, id=args.id, name=args.name,
-                                     sha256=args.sha256, progress_stream=sys.stderr)
+                                     sha256=args.sha256, progress=TextProgress())
     state = "pulled" if changed else "already present"
     print(f"{entry.id}: {state} ({entry.path}, {_mb(entry.size)})")
     return 0
@@ -92,7 +93,7 @@ def cmd_pull(args) -> int:
 
 def cmd_add(args) -> int:
     entry = Registry().add(args.source, id=args.id, name=args.name, copy=args.copy,
-                           sha256=args.sha256, progress_stream=sys.stderr)
+                           sha256=args.sha256, progress=TextProgress())
     if entry.stored == "reference":
         how = "referenced in place"
     else:
