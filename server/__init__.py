@@ -10,6 +10,7 @@ The parts, one folder each:
   generation, the structured-output grammar and tool-call parsing, metrics (`Runtime` holds
   them all);
 - `server/openai/`: OpenAI's wire format: request parsing, response shapes and the `/v1` routes;
+- `server/ollama/`: Ollama's native API (`/api/chat`, `/api/generate`, ...) on the same serving;
 - `server/cli/`: the `numbalm` command line, a client of the engine and of this app.
 
 The engine is reached only through `app.extensions["numbalm"]` (the `Runtime`), whose pool
@@ -24,12 +25,13 @@ from flask import Flask
 
 from engine.chat import read_template
 from server.http import errors, hooks, ops
+from server.ollama import routes as ollama
 from server.openai import embeddings, routes
 from server.serving.config import ServerConfig, build_config
 from server.serving.pool import ModelPool
 from server.serving.runtime import Runtime
 
-BLUEPRINTS = (ops.bp, routes.bp, embeddings.bp)
+BLUEPRINTS = (ops.bp, routes.bp, embeddings.bp, ollama.bp)
 
 
 def create_app(config: ServerConfig | Mapping | None = None, *, pool: ModelPool | None = None,
