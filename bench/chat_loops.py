@@ -26,7 +26,7 @@ PROMPTS = [
     "Describe your favourite colour.",
     "Write a short poem about double rainbows.",
 ]
-SEEDS = range(3)  # sampled runs per prompt
+SEEDS = (0,)  # sampled runs per prompt (more: --seeds N)
 REPEAT = re.compile(r"\b(\w+)(?:\W+\1\b){2}", re.IGNORECASE)  # a word three times running
 
 SETTINGS = {  # name → sampling options (beside temperature and seed)
@@ -41,12 +41,15 @@ def loops(text: str) -> str | None:
     return m.group(0) if m else None
 
 
-def run(model, options: dict, temperature: float, seeds, max_tokens: int):
-    """(replies that loop, replies, cut at max_tokens, examples)."""
+def start(model, options: dict, temperature: float, seeds, max_tokens: int) -> list:
+    """Every prompt's generations for these settings, started at once (they run batched)."""
     prompts = [model.chat_prompt_ids([{"role": "user", "content": p}]) for p in PROMPTS]
-    jobs = [(ids, seed) for ids in prompts for seed in seeds]
-    streams = [model.generate(ids, max_tokens=max_tokens, temperature=temperature, seed=seed,
-                              **options) for ids, seed in jobs]
+    return [model.generate(ids, max_tokens=max_tokens, temperature=temperature, seed=seed,
+                           **options) for ids in prompts for seed in seeds]
+
+
+def count(streams) -> tuple[int, int, int, list[str]]:
+    """(replies that loop, replies, cut at max_tokens, the loops seen)."""
     looped, cut, examples = 0, 0, []
     for stream in streams:
         tokens = list(stream)
@@ -63,21 +66,25 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("-m", "--model", default="smollm2-135m-instruct")
-    ap.add_argument("--max-tokens", type=int, default=256)
+    ap.add_argument("--max-tokens", type=int, default=200)
     ap.add_argument("--temperature", type=float, default=0.8, help="the sampled runs'")
+    ap.add_argument("--seeds", type=int, default=len(SEEDS), help="sampled runs per prompt")
     args = ap.parse_args(argv)
     import engine
 
     model = engine.load_model(args.model)
     print(f"{args.model}: {len(PROMPTS)} chat prompts, max_tokens {args.max_tokens}; "
           f"replies repeating one word three times in a row")
-    for name, options in SETTINGS.items():
-        for label, temp, seeds in (("greedy", 0.0, [0]),
-                                   (f"T={args.temperature} seeds 0-2", args.temperature, SEEDS)):
-            looped, n, cut, examples = run(model, options, temp, seeds, args.max_tokens)
-            print(f"{name:40} {label:18} {looped:2d}/{n:<2d} loop  {cut:2d} cut  "
-                  f"{'; '.join(examples[:3])}")
-
+    seeds = range(args.seeds)
+    runs = [(name, label, start(model, options, temp, s, args.max_tokens))
+            for name, options in SETTINGS.items()
+            for label, temp, s in (("greedy", 0.0, [0]),
+                                   (f"T={args.temperature} seeds 0-{args.seeds - 1}",
+                                    args.temperature, seeds))]
+    for name, label, streams in runs:  # all of them run batched together
+        looped, n, cut, examples = count(streams)
+        print(f"{name:40} {label:18} {looped:2d}/{n:<2d} loop  {cut:2d} cut  "
+              f"{'; '.join(examples[:3])}", flush=True)
 
 if __name__ == "__main__":
     main()
