@@ -31,8 +31,9 @@ REPEAT = re.compile(r"\b(\w+)(?:\W+\1\b){2}", re.IGNORECASE)  # a word three tim
 
 SETTINGS = {  # name → sampling options (beside temperature and seed)
     "engine defaults (no penalty)": {},
-    "repeat_penalty 1.1, whole history": {"repetition_penalty": 1.1},
     "repeat_penalty 1.1, last 64 (Ollama)": {"repetition_penalty": 1.1, "repeat_last_n": 64},
+    "repeat_penalty 1.1, last 64 of the reply": {"repetition_penalty": 1.1, "repeat_last_n": 64,
+                                                 "penalize_prompt": False},
 }
 
 
@@ -48,18 +49,23 @@ def start(model, options: dict, temperature: float, seeds, max_tokens: int) -> l
                            **options) for ids in prompts for seed in seeds]
 
 
-def count(streams) -> tuple[int, int, int, list[str]]:
-    """(replies that loop, replies, cut at max_tokens, the loops seen)."""
-    looped, cut, examples = 0, 0, []
-    for stream in streams:
+ANSWERS = {"What is the capital of France?": "Paris", "What is 12 times 7?": "84"}
+
+
+def count(streams, per_prompt: int) -> tuple[int, int, int, int, list[str]]:
+    """(replies that loop, replies, cut at max_tokens, factual replies that are right, the
+    loops seen): the cost of a penalty shows in the last but one."""
+    looped, cut, right, examples = 0, 0, 0, []
+    for i, stream in enumerate(streams):
         tokens = list(stream)
         text = "".join(t.text for t in tokens)
         cut += tokens[-1].finish_reason == "length"
+        right += ANSWERS.get(PROMPTS[i // per_prompt], "\0") in text
         hit = loops(text)
         if hit:
             looped += 1
             examples.append(hit[:40])
-    return looped, len(streams), cut, examples
+    return looped, len(streams), cut, right, examples
 
 
 def main(argv=None) -> None:
@@ -76,15 +82,15 @@ def main(argv=None) -> None:
     print(f"{args.model}: {len(PROMPTS)} chat prompts, max_tokens {args.max_tokens}; "
           f"replies repeating one word three times in a row")
     seeds = range(args.seeds)
-    runs = [(name, label, start(model, options, temp, s, args.max_tokens))
+    runs = [(name, label, len(s), start(model, options, temp, s, args.max_tokens))
             for name, options in SETTINGS.items()
             for label, temp, s in (("greedy", 0.0, [0]),
                                    (f"T={args.temperature} seeds 0-{args.seeds - 1}",
                                     args.temperature, seeds))]
-    for name, label, streams in runs:  # all of them run batched together
-        looped, n, cut, examples = count(streams)
-        print(f"{name:40} {label:18} {looped:2d}/{n:<2d} loop  {cut:2d} cut  "
-              f"{'; '.join(examples[:3])}", flush=True)
+    for name, label, per_prompt, streams in runs:  # all of them run batched together
+        looped, n, cut, right, examples = count(streams, per_prompt)
+        print(f"{name:42} {label:16} {looped:2d}/{n:<2d} loop  {cut:2d} cut  "
+              f"{right}/{2 * per_prompt} right  {'; '.join(examples[:3])}", flush=True)
 
 if __name__ == "__main__":
     main()

@@ -36,6 +36,7 @@ class SamplingParams:
     min_p: float = 0.05  # 0 → off
     repetition_penalty: float = 1.0  # 1 → off (llama.cpp / CTRL style: divide positive logits)
     repeat_last_n: int = -1  # the penalties look at the last N tokens; -1: all, 0: none
+    penalize_prompt: bool = True  # the penalties count the prompt's tokens too (llama.cpp)
     presence_penalty: float = 0.0  # OpenAI: minus this once a token has appeared
     frequency_penalty: float = 0.0  # OpenAI: minus this × the token's count so far
     logit_bias: dict[int, float] = field(default_factory=dict)

@@ -169,6 +169,7 @@ class FakeModel:
 
     def generate(self, prompt_ids, *, max_tokens=256, stop=(), temperature=1.0, top_k=0,
                  top_p=1.0, min_p=0.0, seed=None, repetition_penalty=1.0, repeat_last_n=-1,
+                 penalize_prompt=True,
                  presence_penalty=0.0, frequency_penalty=0.0, logit_bias=None, logprobs=None,
                  should_stop=None, grammar=None):
         if len(prompt_ids) >= self.n_ctx:
