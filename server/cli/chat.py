@@ -16,6 +16,7 @@ import threading
 import time
 from contextlib import contextmanager
 
+from engine.errors import EngineError
 from engine.registry import cache_dir
 
 HISTORY_FILE = "chat_history"
@@ -205,10 +206,15 @@ class ChatSession:
         """Send one user message and print the reply as it comes."""
         system = [{"role": "system", "content": self.system}] if self.system else []
         self.messages.append({"role": "user", "content": text})
-        ids = self.model.chat_prompt_ids(system + self.messages)
         started = time.perf_counter()
         pieces, first, finish, n = [], None, None, 0
-        stream = self.model.generate(ids, **self.options)
+        try:
+            ids = self.model.chat_prompt_ids(system + self.messages)
+            stream = self.model.generate(ids, **self.options)
+        except EngineError as e:  # a conversation past the context, a bad /set value, ...
+            self.messages.pop()
+            self.out.write(f"error: {e}\n")
+            return
         try:
             notice = slow_notice("(compiling the kernels for this CPU: the first run only)",
                                  self.err, after=2.0) if self.replies == 0 else _nothing()

@@ -18,9 +18,9 @@ from tests.server.fake_engine import SCRIPT, FakeModel
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def session(lines: list[str], **options):
+def session(lines: list[str], model=None, **options):
     out = io.StringIO()
-    chat = ChatSession(FakeModel(), {"temperature": 0.0, **options}, out=out, err=out)
+    chat = ChatSession(model or FakeModel(), {"temperature": 0.0, **options}, out=out, err=out)
     feed = iter(lines)
 
     def read(prompt):
@@ -62,6 +62,12 @@ def test_a_reply_cut_at_the_limit_says_so_and_bye_leaves():
     chat, out = session(["Hi", "/bye", "never read"], max_tokens=5)
     assert "Hello [... cut at the token limit (5); /set max_tokens N" in out
     assert len(chat.messages) == 2
+
+
+def test_an_engine_error_is_said_and_the_chat_goes_on():
+    chat, out = session(["x" * 300, "Hi"], model=FakeModel(n_ctx=200))
+    assert "error: prompt of" in out and out.count(SCRIPT) == 1
+    assert [m["role"] for m in chat.messages] == ["user", "assistant"]
 
 
 def test_verbose_prints_tokens_per_second():

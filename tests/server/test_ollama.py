@@ -171,3 +171,25 @@ def test_embed_truncates_by_default_as_ollama(make_app):
                        ).status_code == 200
     r = client.post("/api/embed", json={"model": "fake-model", "input": long, "truncate": False})
     assert r.status_code == 400 and "maximum context length" in r.get_json()["error"]
+
+
+def test_pull_streams_the_registrys_progress(client, tmp_path, monkeypatch):
+    from tests.engine.test_hub import Hub
+    from tests.engine.test_registry import write_tiny_gguf
+
+    payload = write_tiny_gguf(tmp_path / "p.gguf", n_vocab=256).read_bytes()
+    hub = Hub(payload)
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    monkeypatch.setenv("NUMBALM_HOME", str(tmp_path / "home"))
+    try:
+        chunks = lines(client.post("/api/pull", json={"model": "hf.co/owner/repo:Q8_0"}))
+        quiet = client.post("/api/pull", json={"model": "hf.co/owner/repo:Q8_0",
+                                               "stream": False})
+    finally:
+        hub.close()
+    assert chunks[0] == {"status": "pulling manifest"} and chunks[-1] == {"status": "success"}
+    bytes_ = [c for c in chunks if c.get("digest") == "SmolThing-Q8_0.gguf"]
+    assert bytes_[-1]["completed"] == bytes_[-1]["total"] == len(payload)
+    assert quiet.get_json() == {"status": "success"}
+    r = client.post("/api/pull", json={"model": "no-such-model", "stream": False})
+    assert r.status_code == 404 and "not a catalog model" in r.get_json()["error"]
