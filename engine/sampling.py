@@ -63,11 +63,13 @@ class SamplingParams:
         check_token_ids(self.logit_bias, n_vocab, "logit_bias")
 
 
-# What `numbalm chat`, `numbalm run` and Ollama's API use when a setting is not given: the
-# engine's defaults (llama.cpp's) plus Ollama's mild repetition penalty over the last 64 tokens,
-# which keeps a 135M model out of "double double double" loops without hurting its answers
-# (measured with bench/chat_loops.py; docs/cli.md quotes the counts).
-CHAT_DEFAULTS = {"repetition_penalty": 1.1, "repeat_last_n": 64}
+# What `numbalm chat`, `numbalm run`, `numbalm generate` and Ollama's API use when a setting is
+# not given: the engine's defaults (llama.cpp's) plus a mild repetition penalty, Ollama's 1.1
+# over the last 64 tokens, but of the reply only: counting the prompt's tokens too (llama.cpp
+# and Ollama do) penalizes the words of the question itself, and SmolLM2 asked "What is 2+2?"
+# then talks about probability theory instead of saying 4. bench/chat_loops.py measures it;
+# docs/cli.md quotes the counts.
+CHAT_DEFAULTS = {"repetition_penalty": 1.1, "repeat_last_n": 64, "penalize_prompt": False}
 
 
 @dataclass

@@ -52,7 +52,7 @@ def add_sampling(p: argparse.ArgumentParser) -> None:
             (["--repeat-penalty", "--repetition-penalty"], float,
              DEFAULTS.repetition_penalty, "1: off; 1.1 as Ollama"),
             (["--repeat-last-n"], int, DEFAULTS.repeat_last_n,
-             "tokens the penalty looks back on; -1: all"),
+             "tokens of the reply the penalty looks back on; -1: all"),
             (["--seed"], int, None, "a fixed seed makes sampling reproducible")):
         env = flags[0][2:].replace("-", "_").upper()
         p.add_argument(*flags, type=kind, default=_env(env, default, kind),
@@ -90,7 +90,8 @@ def add_chat_options(p: argparse.ArgumentParser) -> None:
 def sampling(args) -> dict:
     return dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                 top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repeat_penalty,
-                repeat_last_n=args.repeat_last_n, seed=args.seed, stop=args.stop)
+                repeat_last_n=args.repeat_last_n, penalize_prompt=DEFAULTS.penalize_prompt,
+                seed=args.seed, stop=args.stop)
 
 
 def load(args, model: str | None = None):

@@ -41,6 +41,7 @@ def test_chat_streams_ndjson_by_default(client):
 def test_options_reach_the_engine_and_defaults_are_the_chat_defaults(client, model):
     client.post("/api/chat", json=CHAT)
     assert model.calls[-1]["repetition_penalty"] == CHAT_DEFAULTS["repetition_penalty"]
+    assert model.calls[-1]["penalize_prompt"] is False
     options = {"temperature": 0.5, "top_k": 7, "top_p": 0.5, "min_p": 0.1, "seed": 3,
                "num_predict": 5, "stop": ["x"], "repeat_penalty": 1.3, "repeat_last_n": -1,
                "num_ctx": 4096, "num_thread": 2}  # the last two tune Ollama's runner: no effect
