@@ -22,7 +22,7 @@ from .errors import CapabilityError, ContextOverflowError, EngineError
 from .generate import Decoding, GeneratedToken, check_prompt
 from .gguf_file import GGUFFile, open_gguf
 from .kv import BLOCK, KVPool
-from .models import architecture_module, capabilities
+from .models import architecture_module, capabilities, no_chat_message
 from .sampling import SamplingParams
 from .scheduler import STEP_TOKENS, Scheduler, TokenStream
 from .tokenizer import Tokenizer, check_token_ids
@@ -160,10 +160,7 @@ class LLM:
         """Raise CapabilityError unless this model can do `capability` ("completion", …)."""
         if capability == "chat" and "completion" in self.capabilities \
                 and capability not in self.capabilities:
-            raise CapabilityError(
-                f"model {self.id!r} has no chat template, so it cannot chat: it is a base "
-                f"model that continues text. Use `numbalm generate` (or /v1/completions), or "
-                f"give it a template with --chat-template FILE (or chatml, gemma)")
+            raise CapabilityError(no_chat_message(self.id))
         if capability not in self.capabilities:
             can = ", ".join(sorted(self.capabilities))
             what = {"completion": "generate text", "chat": "chat"}.get(capability, capability)

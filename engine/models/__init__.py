@@ -30,3 +30,10 @@ def capabilities(architecture: str, has_chat_template: bool, path: str = "model"
     module = architecture_module(architecture, path)
     caps = frozenset(getattr(module, "CAPABILITIES", DECODER_CAPABILITIES))
     return caps if has_chat_template else caps - {"chat"}
+
+
+def no_chat_message(model_id: str) -> str:
+    """What a base model (no chat template) says when asked to chat."""
+    return (f"model {model_id!r} has no chat template, so it cannot chat: it is a base model "
+            f"that continues text. Use `numbalm generate` (or /v1/completions), or give it a "
+            f"template with --chat-template FILE (or chatml, gemma)")

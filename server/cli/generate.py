@@ -127,5 +127,18 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def refuse_base_model(name: str, args) -> None:
+    """A registered base model is refused before it loads (seconds for a 270M model)."""
+    from engine.errors import CapabilityError
+    from engine.models import no_chat_message
+    from engine.registry import Registry, capabilities_of
+
+    entry = None if args.chat_template else Registry().find(name)
+    if entry is not None and "chat" not in capabilities_of(entry) \
+            and "completion" in capabilities_of(entry):
+        raise CapabilityError(no_chat_message(entry.id))
+
+
 def cmd_chat(args) -> int:
+    refuse_base_model(args.model, args)
     return interactive(load(args), sampling(args), args.system, args.stats)
