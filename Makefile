@@ -8,7 +8,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8080
 MODEL  ?= smollm2-135m-instruct
 
-.PHONY: run test lint bench models install dev deploy-tools image clean
+.PHONY: run test lint bench fuzz models install dev deploy-tools image clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +53,13 @@ deploy-tools:
 
 test: dev models lint deploy-tools
 	$(PY) -m pytest -q
+
+# The long fuzz runs (Hypothesis; docs/operations.md has the counts of the last run): each
+# fuzz test runs its `fuzz_examples` cases with fresh random seeds instead of the few hundred
+# fixed ones `make test` runs. Takes about an hour on 2 cores.
+FUZZ_TESTS ?= tests/engine/test_fuzz_gguf.py
+fuzz: dev models
+	NUMBALM_FUZZ=1 $(PY) -m pytest $(FUZZ_TESTS) -q -p no:cacheprovider --hypothesis-show-statistics
 
 # The container image (deploy/Dockerfile; docs/deploy.md), with docker when its daemon runs, else
 # podman. Where no image registry is reachable, give a local base: make image

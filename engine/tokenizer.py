@@ -120,7 +120,7 @@ class Tokenizer:
         self.n_vocab = len(self.tokens)
         types = metadata.get("tokenizer.ggml.token_type")
         types = np.full(self.n_vocab, NORMAL) if types is None else np.asarray(types)
-        if types.shape != (self.n_vocab,):
+        if types.shape != (self.n_vocab,) or types.dtype.kind not in "iub":
             raise TokenizerError(f"tokenizer.ggml.token_type has {types.size} entries for "
                                  f"{self.n_vocab} tokens")
         self.token_types: list[int] = types.tolist()
@@ -156,9 +156,11 @@ class Tokenizer:
 
     def _id_key(self, metadata: dict, key: str) -> int | None:
         value = metadata.get(f"tokenizer.ggml.{key}")
-        if value is None or not 0 <= int(value) < self.n_vocab:
+        if value is None:
             return None
-        return int(value)
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
+            raise TokenizerError(f"tokenizer.ggml.{key} is {value!r:.40}, not a token id")
+        return int(value) if 0 <= int(value) < self.n_vocab else None
 
     def _end_of_turn_ids(self, metadata: dict) -> frozenset[int]:
         ids = {self.eos_id, self._id_key(metadata, "eot_token_id"),
@@ -297,6 +299,8 @@ class BPETokenizer(Tokenizer):
         merges = metadata.get("tokenizer.ggml.merges")
         if merges is None:
             raise TokenizerError("a BPE vocabulary needs tokenizer.ggml.merges")
+        if not isinstance(merges, list) or not all(isinstance(m, str) for m in merges):
+            raise TokenizerError("tokenizer.ggml.merges is not a list of strings")
         self.ranks = {tuple(m.split(" ", 1)): rank for rank, m in enumerate(merges)}
         self._word_cache: dict[str, list[int]] = {}
 
@@ -354,6 +358,10 @@ class SPMTokenizer(Tokenizer):
         if scores is None:
             raise TokenizerError("a SentencePiece vocabulary needs tokenizer.ggml.scores")
         self.scores: list[float] = _tolist(scores)
+        if len(self.scores) != self.n_vocab or not all(
+                isinstance(x, (int, float)) for x in self.scores[:1]):
+            raise TokenizerError(f"tokenizer.ggml.scores has {len(self.scores)} numbers for "
+                                 f"{self.n_vocab} tokens")
         self.add_space_prefix = bool(metadata.get("tokenizer.ggml.add_space_prefix", True))
         self.byte_ids = [self._byte_id(b) for b in range(256)]
 
