@@ -57,7 +57,7 @@ test: dev models lint deploy-tools
 # The long fuzz runs (Hypothesis; docs/operations.md has the counts of the last run): each
 # fuzz test runs its `fuzz_examples` cases with fresh random seeds instead of the few hundred
 # fixed ones `make test` runs. Takes about an hour on 2 cores.
-FUZZ_TESTS ?= tests/engine/test_fuzz_gguf.py
+FUZZ_TESTS ?= tests/engine/test_fuzz_gguf.py tests/engine/test_fuzz_text.py
 fuzz: dev models
 	NUMBALM_FUZZ=1 $(PY) -m pytest $(FUZZ_TESTS) -q -p no:cacheprovider --hypothesis-show-statistics
 

@@ -187,6 +187,7 @@ class Tokenizer:
     def encode(self, text: str, add_bos: bool | None = None, special: bool = False) -> list[int]:
         """Text → token ids. `add_bos=None` follows the metadata; `special=True` turns the text
         of control tokens (`<|im_start|>`, `<start_of_turn>`, ...) into their ids."""
+        text = valid_unicode(text)
         ids = []
         if self.add_bos if add_bos is None else add_bos:
             if self.bos_id is None:
@@ -418,6 +419,17 @@ def check_token_ids(ids, n_vocab: int, where: str = "the input") -> None:
     if bad is not None:
         raise TokenIdError(f"token id {bad} in {where} is outside the vocabulary "
                            f"(0..{n_vocab - 1})")
+
+
+_SURROGATE = regex.compile("[\ud800-\udfff]")
+
+
+def valid_unicode(text: str) -> str:
+    """`text` as UTF-8 can hold it: a surrogate pair left as two code points (JSON's
+    "\\ud83d\\ude00") becomes its character, a lone surrogate U+FFFD."""
+    if not _SURROGATE.search(text):
+        return text
+    return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
 
 
 def _tolist(values) -> list:
