@@ -280,14 +280,19 @@ def default_id(source: str) -> str:
 
 
 def _writes_cache(method):
-    """A cache that cannot be written (a read-only volume, another user's files) is one clear
-    RegistryError from `method`, not an OSError about some file inside it."""
+    """A cache that cannot be written (a read-only volume, another user's files, a full disk)
+    is one clear RegistryError from `method`, not an OSError about some file inside it."""
 
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
         try:
             return method(self, *args, **kwargs)
         except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):  # a write has no file name to check
+                raise RegistryError(f"the model cache {self.root} is full ({e.strerror}): "
+                                    f"nothing was registered; free some space there (a "
+                                    f"partial download in downloads/ resumes) or set "
+                                    f"NUMBALM_HOME to a larger disk") from None
             if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM) or not (
                     e.filename and _inside(Path(e.filename), self.root)):
                 raise
@@ -356,6 +361,8 @@ class Registry:
         lock = FileLock(str(self.manifest_path) + ".lock", timeout=LOCK_TIMEOUT)
         try:
             with lock:
+                for stale in self.root.glob(".manifest-*.tmp"):  # a writer killed mid-write
+                    stale.unlink(missing_ok=True)  # (only a lock holder writes one)
                 data = self._read()
                 yield data["models"]
                 self._write(data)
