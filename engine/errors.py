@@ -8,8 +8,10 @@ import re
 
 # Characters that can break or forge a log line or a terminal: C0 and C1 controls (newline,
 # carriage return, escape sequences), DEL, the Unicode line/paragraph separators and the bidi
-# overrides ("Trojan source"). Text from a model file or a client may hold any of them.
-_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+# overrides ("Trojan source"), and lone surrogates (which no stream can encode). Text from a
+# model file or a client may hold any of them.
+_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069"
+                       "\ud800-\udfff]")
 _NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 

@@ -107,3 +107,12 @@ def test_a_traceback_still_spans_lines():
     text = TextFormatter().format(record)
     first, *rest = text.split("\n")
     assert first.endswith("failed\\nhere") and "Traceback" in rest[0]
+
+
+def test_a_lone_surrogate_in_json_is_text_not_a_500(client):
+    body = b'{"model": "fake-model", "messages": [{"role": "user", "content": "a\\ud800b"}]}'
+    r = client.post("/v1/chat/completions", data=body, content_type="application/json")
+    assert r.status_code == 200, r.get_data()
+    line = TextFormatter().format(_record("%s", "a\ud800b"))
+    assert line.endswith("a\\ud800b")
+    line.encode("utf-8")  # a log stream can write it
