@@ -8,7 +8,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8080
 MODEL  ?= smollm2-135m-instruct
 
-.PHONY: run test lint bench fuzz models install dev deploy-tools image clean
+.PHONY: run test lint bench fuzz models install dev deploy-tools browser image clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -51,14 +51,30 @@ deploy-tools:
 	else echo "nginx is missing and cannot be installed here (needs root and apt-get):" \
 		"tests/deploy/test_failover.py will skip"; fi
 
-test: dev models lint deploy-tools
+# tests/server/test_ui.py drives Debian's chromium with Playwright (from '.[dev]'; it uses the
+# system browser, never downloads one). Installed here only when missing, as for nginx above.
+browser:
+	@if command -v chromium >/dev/null 2>&1 || [ -x /usr/bin/chromium ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing chromium (Debian package) for tests/server/test_ui.py"; \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1 \
+		|| { apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium; }; \
+	else echo "chromium is missing and cannot be installed here (needs root and apt-get):" \
+		"tests/server/test_ui.py will skip"; fi
+
+test: dev models lint deploy-tools browser
 	$(PY) -m pytest -q
 
-# The long fuzz runs (Hypothesis; docs/operations.md has the counts of the last run): each
-# fuzz test runs its `fuzz_examples` cases with fresh random seeds instead of the few hundred
-# fixed ones `make test` runs. Takes about an hour on 2 cores.
+# Long fuzz runs (not in `make test`, which runs a few hundred cases of the same tests): the HTTP
+# API from its OpenAPI document with schemathesis, >= 10,000 cases; the counts are printed. Then
+# the GGUF reader, model load, registry, tokenizers, chat template and stop matcher
+# (Hypothesis): each test its `fuzz_examples` cases with fresh random seeds (docs/operations.md
+# has the counts; about an hour on 2 cores).
+FUZZ_EXAMPLES ?= 600
 FUZZ_TESTS ?= tests/engine/test_fuzz_gguf.py tests/engine/test_fuzz_text.py
 fuzz: dev models
+	NUMBALM_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest tests/server/test_fuzz_api.py -q -s
 	NUMBALM_FUZZ=1 $(PY) -m pytest $(FUZZ_TESTS) -q -p no:cacheprovider --hypothesis-show-statistics
 
 # The container image (deploy/Dockerfile; docs/deploy.md), with docker when its daemon runs, else

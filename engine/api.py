@@ -88,3 +88,6 @@ class LanguageModel(Protocol):
     def chat_prompt_ids(self, messages: list[dict], tools=None) -> list[int]: ...
 
     def compile_grammar(self, grammar): ...
+
+    def trace(self, prompt, **options):
+        """The forward pass layer by layer: an `engine.trace.Trace` (docs/inspect.md)."""

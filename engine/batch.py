@@ -31,6 +31,8 @@ class Batch:
     block_tables: np.ndarray | None = None  # (B, max_blocks) int32: each sequence's blocks
     row_seq: np.ndarray | None = None  # (n,) int32: the sequence of each row
     slots: np.ndarray | None = None  # (n,) int64: the cache slot of each row's own key/value
+    # a traced pass only (engine/trace.py): records activations, applies interventions
+    recorder: object | None = None
 
     @classmethod
     def pack(cls, pieces: list[tuple[list[int], int]], kv: KVPool | None = None,

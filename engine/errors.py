@@ -66,3 +66,16 @@ class TokenIdError(EngineError):
 
 class CapabilityError(EngineError):
     """The model cannot do what was asked (say, generate text with an embedding-only model)."""
+
+
+class TraceError(EngineError):
+    """A trace the engine cannot make as asked (an option out of range, or a trace too big to
+    return); `.option` names the option to change."""
+
+    def __init__(self, message: str, option: str):
+        super().__init__(message)
+        self.option = option
+
+
+class TraceTooLargeError(TraceError):
+    """A trace over the size bound (engine.trace.MAX_TRACE_TOKENS, MAX_ATTENTION_WEIGHTS)."""

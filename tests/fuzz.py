@@ -13,7 +13,7 @@ import os
 from hypothesis import HealthCheck, settings
 
 FUZZING = os.environ.get("NUMBALM_FUZZ") == "1"
-OVERRIDE = int(os.environ.get("NUMBALM_FUZZ_EXAMPLES", "0"))  # a quick check of a long run
+OVERRIDE = int(os.environ.get("NUMBALM_HYPOTHESIS_EXAMPLES", "0"))  # a quick check of a long run
 
 
 def fuzz_settings(small: int, fuzz_examples: int) -> settings:

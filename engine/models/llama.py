@@ -22,6 +22,14 @@ from kernels.dequant import dequantize
 from ..batch import Batch
 from ..errors import GGUFError
 from ..gguf_file import GGUFFile
+from .rope import rope_from_gguf
+
+# Maths-changing metadata this module implements (engine/models/support.py): linear RoPE
+# scaling, llama3's (its `rope_freqs` tensor, engine/models/rope.py) and Mistral's sliding
+# window on every layer.
+SUPPORTED_KEYS = frozenset({"rope.scaling.type", "rope.scaling.factor",
+                            "attention.sliding_window"})
+ROPE_SCALING = frozenset({"none", "linear"})
 
 
 @dataclass
@@ -37,6 +45,7 @@ class ModelArgs:
     norm_eps: float
     rope_base: float
     rope_neox: bool = False  # llama in GGUF rotates adjacent pairs
+    sliding_window: int = 0  # every layer attends to this many positions (0: all; Mistral)
 
     @classmethod
     def from_gguf(cls, gf: GGUFFile) -> ModelArgs:
@@ -59,6 +68,7 @@ class ModelArgs:
             n_ctx=int(gf.arch("context_length")),
             norm_eps=float(gf.arch("attention.layer_norm_rms_epsilon")),
             rope_base=float(gf.arch("rope.freq_base", 10000.0)),
+            sliding_window=int(gf.arch("attention.sliding_window", 0)),
         )
 
 
@@ -92,30 +102,39 @@ class Model:
     MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
     VECTORS = ("attn_norm", "ffn_norm")
     HEAD_VECTORS = ("attn_q_norm", "attn_k_norm")  # per-head norms (gemma3): (head_dim,)
+    Layer = Layer  # an architecture with other fused matrices brings its own (phi3)
 
     def __init__(self, args: ModelArgs, gf: GGUFFile, backend):
         gf.check_shapes(self.tensor_shapes(args))  # a damaged file fails here, not mid-forward
         self.args = args
         self.backend = backend
         self.token_embd = backend.prepare_embedding(gf.tensors["token_embd.weight"])
-        self.layers = [Layer(gf, i, backend, self.MATRICES, self.VECTORS)
+        self.layers = [self.Layer(gf, i, backend, self.MATRICES, self.VECTORS)
                        for i in range(args.n_layers)]
         norm = gf.tensors["output_norm.weight"]
         self.output_norm = dequantize(norm.data, norm.qtype, norm.shape).reshape(-1)
         # Small models tie the output head to the embedding table.
         head = gf.tensors.get("output.weight", gf.tensors["token_embd.weight"])
         self.output = backend.prepare(head)
+        self.rope = rope_from_gguf(gf, args.rope_base, args.head_dim, args.rope_neox, args.n_ctx)
+
+    @classmethod
+    def matrix_shapes(cls, a: ModelArgs) -> dict[str, tuple[int, int]]:
+        """(n_out, n_in) of each layer matrix, from the args (`attn_qkv`: q, k, v stacked)."""
+        q, kv = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
+        return {"attn_q": (q, a.dim), "attn_k": (kv, a.dim), "attn_v": (kv, a.dim),
+                "attn_qkv": (q + 2 * kv, a.dim), "attn_output": (a.dim, q),
+                "ffn_gate": (a.ffn_dim, a.dim), "ffn_up": (a.ffn_dim, a.dim),
+                "ffn_down": (a.dim, a.ffn_dim)}
 
     @classmethod
     def tensor_shapes(cls, a: ModelArgs) -> dict[str, tuple[int, ...]]:
         """The shape (NumPy order) of every tensor this network reads, from its args."""
-        q, kv = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
-        matrices = {"attn_q": (q, a.dim), "attn_k": (kv, a.dim), "attn_v": (kv, a.dim),
-                    "attn_output": (a.dim, q), "ffn_gate": (a.ffn_dim, a.dim),
-                    "ffn_up": (a.ffn_dim, a.dim), "ffn_down": (a.dim, a.ffn_dim)}
+        matrices = cls.matrix_shapes(a)
         shapes = {"token_embd.weight": (a.n_vocab, a.dim), "output_norm.weight": (a.dim,)}
         for i in range(a.n_layers):
-            shapes.update({f"blk.{i}.{m}.weight": matrices[m] for m in cls.MATRICES})
+            shapes.update({f"blk.{i}.{m}.weight": matrices[m] for m in cls.MATRICES
+                           if m in matrices})
             shapes.update({f"blk.{i}.{v}.weight": (a.head_dim,) if v in cls.HEAD_VECTORS
                            else (a.dim,) for v in cls.VECTORS})
         return shapes
@@ -133,10 +152,19 @@ class Model:
     def forward(self, batch: Batch) -> np.ndarray:
         """The packed tokens of `batch` → final-normed hidden states (n, dim). Each row's key
         and value go into its sequence's blocks of the KV cache on the way."""
+        rec = batch.recorder  # None unless this pass is traced (engine/trace.py)
         x = self.embed(batch.ids)  # (n, dim)
         for i, layer in enumerate(self.layers):
-            x = x + self.attention_block(i, layer, x, batch)
-            x = x + self.ffn_block(layer, x)
+            attn = self.attention_block(i, layer, x, batch)
+            x = x + (attn if rec is None else rec.attn_out(i, attn))
+            mlp = self.ffn_block(layer, x)
+            x = x + (mlp if rec is None else rec.mlp_out(i, mlp))
+            if rec is not None:
+                x = rec.resid_post(i, x)
+        return self.final_norm(x)
+
+    def final_norm(self, x: np.ndarray) -> np.ndarray:
+        """The residual stream (n, dim) → normed for the output head."""
         return self.backend.rms_norm(x, self.output_norm, self.args.norm_eps)
 
     def logits(self, h: np.ndarray) -> np.ndarray:
@@ -157,10 +185,13 @@ class Model:
         a, b = self.args, self.backend
         h = b.rms_norm(x, layer.attn_norm, a.norm_eps)
         q, k, v = self.qkv(layer, h)
-        q = b.rope(q, batch.positions, a.rope_base, a.rope_neox)
-        k = b.rope(k, batch.positions, a.rope_base, a.rope_neox)
+        q = self.rope.rotate(b, q, batch.positions)
+        k = self.rope.rotate(b, k, batch.positions)
         b.store_kv(batch, i, k, v)  # into each sequence's KV blocks
-        o = b.attention(q, batch, i, 0, 1.0 / math.sqrt(a.head_dim))  # (n, n_heads * hd)
+        scale = 1.0 / math.sqrt(a.head_dim)
+        o = b.attention(q, batch, i, a.sliding_window, scale)  # (n, n_heads * hd)
+        if batch.recorder is not None:  # attention weights, head ablation (engine/trace.py)
+            o = batch.recorder.heads(i, q, batch, a.sliding_window, scale, o)
         return b.linear(o, layer.attn_output)  # (n, dim)
 
     def ffn_block(self, layer: Layer, x: np.ndarray) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""The `numbalm` command line: model management, convert, generate, chat, serve.
+"""The `numbalm` command line: model management, convert, generate, chat, inspect, serve.
 
 Each command group lives in its own module of this package and registers itself with
 `add_parser(sub)`; this module only wires them together and turns a user's mistake into one
@@ -15,9 +15,9 @@ import traceback
 
 from engine import __version__
 from engine.errors import EngineError, clean_text
-from server.cli import convert, generate, model, serve
+from server.cli import convert, generate, model, serve, trace
 
-COMMANDS = (model, convert, generate, serve)  # each adds its subcommands to the parser
+COMMANDS = (model, convert, generate, trace, serve)  # each adds its subcommands to the parser
 
 EXIT_USER_ERROR = 1
 EXIT_INTERRUPTED = 130

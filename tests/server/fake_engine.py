@@ -20,7 +20,7 @@ import time
 import numpy as np
 
 from engine.chat import render_chat
-from engine.errors import ChatTemplateError, ContextOverflowError
+from engine.errors import CapabilityError, ChatTemplateError, ContextOverflowError
 from engine.generate import GeneratedToken, StopMatcher
 from engine.tokenizer import valid_unicode
 
@@ -130,6 +130,10 @@ class FakeModel:
     def compile_grammar(self, grammar):
         """Any grammar fits a byte vocabulary well enough for a fake: nothing to check."""
         return grammar
+
+    def trace(self, prompt, **options):
+        """The fake has no layers to look into (tests/server/test_trace.py uses SmolLM2)."""
+        raise CapabilityError("the fake model cannot trace")
 
     def logits(self, ids) -> np.ndarray:
         out = np.zeros((len(ids), self.n_vocab), dtype=np.float32)  # (n_tokens, n_vocab)

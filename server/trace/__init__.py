@@ -1,0 +1,1 @@
+"""`POST /v1/trace`: a prompt's forward pass layer by layer, as JSON (a numbalm extension)."""
