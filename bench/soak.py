@@ -2,7 +2,7 @@
 
     python bench/soak.py                         # 20 minutes, SmolLM2, a server it starts
     python bench/soak.py --minutes 2             # a short check
-    python bench/soak.py --fake --minutes 1      # the fake model, in-process (no weights)
+    python bench/soak.py --fake --minutes 1      # the fake model, in-process (no weights, no RSS)
 
 Starts `numbalm serve` on a free loopback port (or uses `--url`, loopback only, with `--pid`
 for its memory) with `--slots` generation slots and a queue of `--queue`, and runs
@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
-import os
 import random
 import subprocess
 import sys
@@ -36,6 +35,9 @@ from urllib.parse import urlsplit
 ROOT = Path(__file__).resolve().parents[1]
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 MAX_BODY = 64 * 1024
+# The embedding cache is an LRU bounded by bytes: a small one fills during the warm-up, so RSS
+# after it measures leaks, not the cache filling up to its bound (64 MiB by default).
+EMBEDDING_CACHE = 1 << 20
 # kind: weight in the mix
 MIX = {"chat": 20, "stream": 20, "disconnect": 10, "completion": 10, "embedding": 15,
        "malformed": 10, "oversized": 10, "far_oversized": 5}
@@ -203,7 +205,8 @@ def start_server(args) -> tuple[subprocess.Popen, int]:
     models = [args.model] + ([args.embed_model] if args.embed_model else [])
     cmd = [sys.executable, "-m", "server.cli", "serve", "--port", str(port),
            "--max-concurrent", str(args.slots), "--queue-size", str(args.queue),
-           "--queue-timeout", "60", "--max-body-size", str(MAX_BODY), "--log-level", "warning"]
+           "--queue-timeout", "60", "--max-body-size", str(MAX_BODY), "--log-level", "warning",
+           "--embeddings-cache-bytes", str(EMBEDDING_CACHE)]
     for m in models:
         cmd += ["-m", m]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL)
@@ -225,6 +228,7 @@ def fake_server(args):
     args.model_name = args.embed_name = pool.list()[0].id
     app = create_app({"max_concurrent": args.slots, "queue_size": args.queue,
                       "queue_timeout": 60, "max_body_size": MAX_BODY,
+                      "embeddings_cache_bytes": EMBEDDING_CACHE,
                       "threads": args.clients + 4}, pool=pool)
     return ServerThread(app).__enter__()
 
@@ -257,9 +261,9 @@ def main(argv=None) -> dict:
         if parts.hostname not in LOOPBACK:
             raise SystemExit("soak: only loopback servers (127.0.0.1, localhost, ::1)")
         host, port, pid = parts.hostname, parts.port or 80, args.pid
-    elif args.fake:
+    elif args.fake:  # no RSS: the clients share the process, and the fake records its calls
         server = fake_server(args)
-        host, port, pid = "127.0.0.1", int(server.url.rsplit(":", 1)[1]), os.getpid()
+        host, port, pid = "127.0.0.1", int(server.url.rsplit(":", 1)[1]), 0
     else:
         proc, port = start_server(args)
         host, pid = "127.0.0.1", proc.pid
