@@ -194,20 +194,23 @@ def _expected_total(resp, done: int) -> int | None:
 
 
 def _copy_stream(url, resp, out, h, done, total, progress) -> int:
-    """Copy the response body to `out`, hashing it; return the bytes now in the file."""
-    try:
-        while chunk := resp.read(CHUNK):
-            out.write(chunk)
-            h.update(chunk)
-            done += len(chunk)
-            if progress:
-                progress.update(done)
-    except (OSError, http.client.HTTPException) as e:
-        out.flush()
-        raise RegistryError(f"{url}: connection lost after {done}"
-                            f"{f' of {total}' if total else ''} bytes ({e}); "
-                            f"run the same command again to resume") from None
-    return done
+    """Copy the response body to `out`, hashing it; return the bytes now in the file. A
+    failed read is a lost connection; a failed write (a full disk) is raised as it is."""
+    while True:
+        try:
+            chunk = resp.read(CHUNK)
+        except (OSError, http.client.HTTPException) as e:
+            out.flush()
+            raise RegistryError(f"{url}: connection lost after {done}"
+                                f"{f' of {total}' if total else ''} bytes ({e}); "
+                                f"run the same command again to resume") from None
+        if not chunk:
+            return done
+        out.write(chunk)
+        h.update(chunk)
+        done += len(chunk)
+        if progress:
+            progress.update(done)
 
 
 # ---------------------------------------------------------------------------------------------

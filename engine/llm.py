@@ -18,7 +18,7 @@ from . import chat
 from .backends import get_backend
 from .batch import scratch_batch
 from .compute import COMPUTE
-from .errors import CapabilityError, ContextOverflowError, EngineError
+from .errors import CapabilityError, ContextOverflowError, EngineError, GGUFError, TokenizerError
 from .generate import Decoding, GeneratedToken, check_prompt
 from .gguf_file import GGUFFile, open_gguf
 from .kv import BLOCK, KVPool
@@ -44,7 +44,10 @@ class LLM:
         self.path = gf.path
         self.architecture = gf.architecture
         self.metadata = gf.metadata
-        self.tokenizer = Tokenizer.from_metadata(gf.metadata)
+        try:
+            self.tokenizer = Tokenizer.from_metadata(gf.metadata)
+        except TokenizerError as e:  # the vocabulary is part of the file
+            raise GGUFError(f"{gf.path}: {e}") from None
         self.backend = get_backend(backend)
         self.backend_name: str = self.backend.name
         _, self.args, self.model = build_model(gf, self.backend)

