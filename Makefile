@@ -8,7 +8,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8080
 MODEL  ?= smollm2-135m-instruct
 
-.PHONY: run test lint bench models install dev deploy-tools browser image clean
+.PHONY: run test lint bench fuzz models install dev deploy-tools browser image clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -65,6 +65,12 @@ browser:
 
 test: dev models lint deploy-tools browser
 	$(PY) -m pytest -q
+
+# Long fuzz runs (not in `make test`, which runs a few hundred cases of the same tests): the HTTP
+# API from its OpenAPI document with schemathesis, >= 10,000 cases; the counts are printed.
+FUZZ_EXAMPLES ?= 600
+fuzz: dev
+	NUMBALM_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest tests/server/test_fuzz_api.py -q -s
 
 # The container image (deploy/Dockerfile; docs/deploy.md), with docker when its daemon runs, else
 # podman. Where no image registry is reachable, give a local base: make image

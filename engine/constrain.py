@@ -12,7 +12,9 @@ set of tokens that keep the output a prefix of some string in the grammar, as a 
 - `Grammar` is model-independent and immutable, hence safe to share between threads and
   requests. It keeps one compiled matcher per tokenizer and deep-copies it per generation.
 - `Constraint` is the state of one generation: `fill_mask()` (drops the GIL, so it can run in a
-  thread while the model computes logits), `mask`, `consume(token)`, `is_complete`.
+  thread while the model computes logits), `mask`, `consume(token)`, `is_complete`, and the
+  `ending` that would finish the grammar from here (engine/landing.py), which lets the decoder
+  land a reply inside max_tokens (`ending_after`, `landing_mask`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
+from . import landing
 from .errors import EngineError
 
 # llguidance's JSON output style: whitespace between tokens is allowed but bounded, per gap
@@ -64,6 +67,7 @@ def _llguidance():
 # -- the tokenizer, as llguidance sees it ---------------------------------------------------
 
 _LL_TOKENIZERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_SPELLINGS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _LL_LOCK = threading.Lock()
 
 
@@ -117,6 +121,16 @@ def ll_tokenizer(tokenizer):
             cached = llg.LLTokenizer(llg.TokenizerWrapper(_Vocabulary(tokenizer)),
                                      n_vocab=tokenizer.n_vocab, eos_token=eos)
             _LL_TOKENIZERS[tokenizer] = cached
+        return cached
+
+
+def spelling(tokenizer) -> landing.Spelling:
+    """The tokens of one engine Tokenizer by their bytes, for landing (built once, ~0.1 s)."""
+    with _LL_LOCK:
+        cached = _SPELLINGS.get(tokenizer)
+        if cached is None:
+            cached = landing.Spelling(tokenizer, set(special_token_ids(tokenizer)))
+            _SPELLINGS[tokenizer] = cached
         return cached
 
 
@@ -208,7 +222,7 @@ class Grammar:
         template = self.compile_for(tokenizer)
         with self._lock:
             matcher = template.deep_copy()
-        return Constraint(matcher, tokenizer.n_vocab)
+        return Constraint(matcher, tokenizer)
 
 
 def _validate(spec: str, where: str, tokenizer=None) -> tuple[str, ...]:
@@ -251,19 +265,26 @@ OVERLAP_MASK: bool | None = None
 
 
 class Constraint:
-    """The grammar state of one generation: which tokens may come next."""
+    """The grammar state of one generation: which tokens may come next, and how it could end."""
 
-    def __init__(self, matcher, n_vocab: int):
+    def __init__(self, matcher, tokenizer):
         from llguidance.numpy import allocate_token_bitmask, fill_next_token_bitmask
 
         self.matcher = matcher
-        self._bitmask = allocate_token_bitmask(1, n_vocab)  # (1, n_words) int32
+        self._bitmask = allocate_token_bitmask(1, tokenizer.n_vocab)  # (1, n_words) int32
         self._fill = fill_next_token_bitmask
         self._pending: Future | None = None
         global OVERLAP_MASK
         if OVERLAP_MASK is None:
             OVERLAP_MASK = _spare_core()
         self._overlap = OVERLAP_MASK
+        self._tokenizer = tokenizer
+        self._eot = sorted(tokenizer.eot_ids) or [tokenizer.eos_id]
+        self._spelling = spelling(tokenizer)
+        self._strings = landing.JsonStrings()
+        self._peeked: tuple[int, landing.Ending | None] | None = None
+        self.ending: landing.Ending | None = landing.find_ending(matcher, self._strings,
+                                                                 self._spelling)
 
     def fill_mask(self) -> None:
         """Compute the mask for the next token (after the tokens consumed so far)."""
@@ -288,14 +309,78 @@ class Constraint:
 
     def consume(self, token: int) -> None:
         """Advance past a sampled token (it must have been allowed)."""
-        if not self.matcher.consume_token(int(token)):
+        token = int(token)
+        peeked, self._peeked = self._peeked, None
+        if not self.matcher.consume_token(token):
             self._check()
+        data = self._tokenizer.token_bytes(token)
+        if peeked is not None and peeked[0] == token:
+            ending = peeked[1]
+        else:
+            ending = self._next_ending(data, self._strings_after(data))
+        self._strings.feed(data)
+        self.ending = ending
 
     @property
     def is_complete(self) -> bool:
         """True when the grammar is satisfied and can take no more text."""
         return self.matcher.is_stopped()
 
+    # -- landing (engine/landing.py) ----------------------------------------------------------
+
+    def ending_after(self, token: int) -> landing.Ending | None:
+        """The ending there would be after `token` (an allowed one), the state left as it is;
+        end of turn, allowed once the grammar accepts, ends it at once (an empty ending)."""
+        token = int(token)
+        if token in self._eot:
+            return self._spelling.spell(b"")
+        if not self.matcher.consume_token(token):
+            self._check()
+        data = self._tokenizer.token_bytes(token)
+        try:
+            ending = self._next_ending(data, self._strings_after(data))
+        finally:
+            self.matcher.rollback(1)
+        self._peeked = (token, ending)
+        return ending
+
+    def landing_mask(self, left: int) -> np.ndarray:
+        """(n_words,) int32: the allowed tokens that begin the ending and leave its rest
+        spellable in `left - 1` tokens, and end of turn where the grammar accepts."""
+        ending = self.ending
+        out = np.zeros_like(self.mask)
+        tokens = self._spelling.first_tokens(ending, left) if ending is not None else []
+        if ending is not None and ending.length == 0:
+            tokens += self._eot
+        for token in tokens:
+            set_token(out, token)
+        return out & self.mask
+
+    def _strings_after(self, data: bytes) -> landing.JsonStrings:
+        strings = self._strings.copy()
+        strings.feed(data)
+        return strings
+
+    def _next_ending(self, data: bytes, strings: landing.JsonStrings) -> landing.Ending | None:
+        """The ending once `data` (a token just consumed) is written: the rest of the old one
+        when the token began it, the old one when it still fits, else a new one."""
+        old = self.ending
+        if old is not None and old.data.startswith(data):
+            return old.after(len(data))
+        if old is not None and landing.still_ends(self.matcher, old, self._spelling):
+            return old
+        return landing.find_ending(self.matcher, strings, self._spelling)
+
     def _check(self) -> None:
         if self.matcher.is_error():
             raise EngineError(f"constrained decoding failed: {self.matcher.get_error()}")
+
+
+def set_token(mask: np.ndarray, token: int) -> None:
+    """Allow `token` in a (n_words,) int32 bitmask."""
+    mask.view(np.uint32)[token >> 5] |= np.uint32(1 << (token & 31))
+
+
+def clear_token(mask: np.ndarray, token: int) -> None:
+    """Forbid `token` in a (n_words,) int32 bitmask."""
+    mask.view(np.uint32)[token >> 5] &= np.uint32(~(1 << (token & 31)) & 0xFFFFFFFF)

@@ -1,4 +1,5 @@
-"""Convert a BERT-family sentence-transformers folder into a GGUF file.
+"""Convert a BERT-family sentence-transformers folder into a GGUF file (and, through
+`convert_decoder.py`, a Hugging Face decoder checkpoint: Llama, Mistral, Qwen2/3, Phi-3, Gemma 2).
 
 The output follows llama.cpp's `bert` conventions (convert_hf_to_gguf.py, class BertModel), so
 the same file loads in llama.cpp too:
@@ -74,6 +75,12 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, outtype: str = "f32"
     end, so a failed conversion leaves no half file.
     """
     src, out = Path(src), Path(out)
+    if src.is_dir() and (src / "config.json").is_file():
+        from .convert_decoder import convert_decoder, is_decoder
+
+        config = _read_json(src / "config.json")
+        if is_decoder(config):  # Llama, Mistral, Qwen2/3, Phi-3, Gemma 2: convert_decoder.py
+            return convert_decoder(src, out, outtype, name, config)
     if outtype not in OUTTYPES:
         raise ConvertError(f"unknown --outtype {outtype!r} (choose from {', '.join(OUTTYPES)})")
     cfg = read_config(src)
@@ -120,8 +127,11 @@ def read_config(src: Path) -> BertConfig:
     hp = _read_json(src / "config.json")
     archs = hp.get("architectures") or [hp.get("model_type", "?")]
     if not any(a in ARCHITECTURES for a in archs) and hp.get("model_type") != "bert":
+        from .convert_decoder import ARCHITECTURES as DECODERS
+
         raise ConvertError(f"{src / 'config.json'}: architecture {', '.join(map(str, archs))} "
-                           f"is not supported (only BERT: {', '.join(ARCHITECTURES)})")
+                           f"is not supported (numbalm converts {', '.join(ARCHITECTURES)} "
+                           f"and the decoders {', '.join(DECODERS)})")
     if hp.get("position_embedding_type", "absolute") != "absolute":
         raise ConvertError(f"{src / 'config.json'}: position_embedding_type "
                            f"{hp['position_embedding_type']!r} is not supported")

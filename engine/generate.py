@@ -11,6 +11,10 @@ scheduler batches the forward passes of many sequences and calls each one's `Dec
 With a grammar (engine/constrain.py) each step also asks it which tokens may come next. That
 mask is computed in a worker thread during the forward pass only when a core is free beyond
 Numba's threads (`constrain.OVERLAP_MASK`); otherwise right after it, in this thread.
+
+A grammar's reply also lands within max_tokens (engine/landing.py): every token leaves a way
+to finish the grammar in the tokens still left, so a structured reply cut by the budget still
+parses; it then ends with finish_reason "length", as any reply the budget shaped.
 """
 
 from __future__ import annotations
@@ -20,10 +24,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .constrain import Grammar
+from .constrain import Grammar, clear_token
 from .errors import ContextOverflowError, EngineError
-from .sampling import Sampler, SamplingParams
+from .sampling import Choice, Sampler, SamplingParams
 from .tokenizer import check_token_ids
+
+REDRAWS = 3  # draws that may overshoot the budget before only the ending's tokens are allowed
 
 
 @dataclass
@@ -110,18 +116,20 @@ class Decoding:
         self.constraint = grammar.start(tokenizer) if grammar is not None else None
         self.history = list(prompt_ids)  # what the penalties look at
         self.n_generated = 0
+        self.landed = False  # has the budget narrowed a choice (the grammar's landing)
         if self.constraint:
             self.constraint.fill_mask_async()  # overlaps the prefill
 
     def step(self, logits: np.ndarray) -> GeneratedToken:
         """The next token from its logits (n_vocab,); `finish_reason` is set on the last."""
         constraint = self.constraint
-        choice = self.sampler(logits, self.history, constraint.mask if constraint else None)
+        choice = self._choose(logits)
         self.history.append(choice.token)
         self.n_generated += 1
         step = GeneratedToken(choice.token, "", choice.logprob, choice.top_logprobs)
+        ended = "length" if self.landed else "stop"  # a landed reply was shaped by the budget
         if choice.token in self.tokenizer.eot_ids:
-            step.text, step.finish_reason = self.matcher.flush() + self.decoder.flush(), "stop"
+            step.text, step.finish_reason = self.matcher.flush() + self.decoder.flush(), ended
             return step
         if constraint:
             constraint.consume(choice.token)
@@ -130,10 +138,37 @@ class Decoding:
             step.finish_reason = "stop"
         elif (constraint and constraint.is_complete) or self.n_generated == self.max_tokens:
             step.text += self.matcher.push(self.decoder.flush())[0] + self.matcher.flush()
-            step.finish_reason = "stop" if constraint and constraint.is_complete else "length"
+            step.finish_reason = ended if constraint and constraint.is_complete else "length"
         elif constraint:
             constraint.fill_mask_async()  # overlaps the next forward pass
         return step
+
+    def _choose(self, logits: np.ndarray) -> Choice:
+        """Sample the next token; under a grammar, one after which it can still be finished
+        in the tokens left (its ending's length, engine/landing.py), when that is possible.
+
+        With room to spare the whole mask is open, and a token that would need more than the
+        budget to close (an opened key or array, say) is drawn again without it; with no
+        room, or after REDRAWS such draws, only the tokens that begin the ending remain."""
+        constraint = self.constraint
+        if constraint is None:
+            return self.sampler(logits, self.history)
+        mask = constraint.mask
+        left = self.max_tokens - self.n_generated  # this token included
+        ending = constraint.ending
+        if ending is None or ending.length > left:  # no ending known that fits: no landing
+            return self.sampler(logits, self.history, mask)
+        if ending.length < left:
+            for _ in range(REDRAWS):
+                choice = self.sampler(logits, self.history, mask)
+                after = constraint.ending_after(choice.token)
+                if after is not None and after.length <= left - 1:
+                    return choice
+                mask = mask.copy()
+                clear_token(mask, choice.token)
+                self.landed = True
+        self.landed = True
+        return self.sampler(logits, self.history, constraint.landing_mask(left))
 
     def cancelled(self) -> GeneratedToken:
         """The marker a stopped generation ends with: what text was held back, no token."""

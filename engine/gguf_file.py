@@ -40,17 +40,18 @@ SUPPORTED_QTYPES = frozenset(
 )
 
 # Metadata every architecture needs; `{arch}` is replaced by general.architecture.
+_DECODER_KEYS = (
+    "{arch}.context_length", "{arch}.embedding_length", "{arch}.block_count",
+    "{arch}.feed_forward_length", "{arch}.attention.head_count",
+    "{arch}.attention.layer_norm_rms_epsilon",
+)
 REQUIRED_KEYS = {
-    "llama": (
-        "{arch}.context_length", "{arch}.embedding_length", "{arch}.block_count",
-        "{arch}.feed_forward_length", "{arch}.attention.head_count",
-        "{arch}.attention.layer_norm_rms_epsilon",
-    ),
-    "gemma3": (
-        "{arch}.context_length", "{arch}.embedding_length", "{arch}.block_count",
-        "{arch}.feed_forward_length", "{arch}.attention.head_count",
-        "{arch}.attention.layer_norm_rms_epsilon", "{arch}.attention.key_length",
-    ),
+    "llama": _DECODER_KEYS,
+    "qwen2": _DECODER_KEYS,
+    "qwen3": _DECODER_KEYS,
+    "phi3": _DECODER_KEYS,
+    "gemma2": _DECODER_KEYS,
+    "gemma3": _DECODER_KEYS + ("{arch}.attention.key_length",),
     "bert": (
         "{arch}.context_length", "{arch}.embedding_length", "{arch}.block_count",
         "{arch}.feed_forward_length", "{arch}.attention.head_count",

@@ -22,14 +22,11 @@ from .errors import CapabilityError, ContextOverflowError, EngineError
 from .generate import Decoding, GeneratedToken, check_prompt
 from .gguf_file import GGUFFile, open_gguf
 from .kv import BLOCK, KVPool
-from .models import architecture_module
+from .models import build_model, capabilities
 from .sampling import SamplingParams
 from .scheduler import STEP_TOKENS, Scheduler, TokenStream
 from .tokenizer import Tokenizer, check_token_ids
 
-# What a model can do; an architecture module may narrow it with its own CAPABILITIES
-# (bert: {"embeddings"}). The server lists these per model and routes requests by them.
-CAPABILITIES = frozenset({"completion", "chat", "embeddings"})
 MAX_BATCH_TOKENS = 8192  # tokens per forward pass when embedding many inputs
 KV_CACHE_MB = 1024  # the KV pool of one model, shared by all its running generations
 MIN_SHARD_TOKENS = 48  # a smaller pass is not worth a second thread (BLAS is slow below)
@@ -48,12 +45,12 @@ class LLM:
         self.architecture = gf.architecture
         self.metadata = gf.metadata
         self.tokenizer = Tokenizer.from_metadata(gf.metadata)
-        module = architecture_module(gf.architecture, gf.path)
-        self.args = module.ModelArgs.from_gguf(gf)
         self.backend = get_backend(backend)
         self.backend_name: str = self.backend.name
-        self.model = module.Model(self.args, gf, self.backend)
-        self.capabilities = frozenset(getattr(module, "CAPABILITIES", CAPABILITIES))
+        _, self.args, self.model = build_model(gf, self.backend)
+        # what it can do (engine.models.capabilities); the server lists these per model and
+        # routes requests by them
+        self.capabilities = capabilities(self.architecture)
         self._encoder_pool: ThreadPoolExecutor | None = None  # made on first big batch
         self.n_ctx = min(n_ctx or self.args.n_ctx, self.args.n_ctx)
         self.n_vocab = self.args.n_vocab
@@ -100,7 +97,10 @@ class LLM:
         after penalties and logit_bias, before temperature/top-k/top-p/min-p (greedy picks
         the best allowed token); end of turn is allowed only once the grammar accepts; the
         generation ends with finish_reason "stop" as soon as the grammar is complete, or
-        "length" when max_tokens cuts it short (the text may then be unfinished JSON).
+        "length" when max_tokens cuts it short. A grammar's reply lands within max_tokens
+        (engine/landing.py): when the budget runs short the choice is narrowed to tokens
+        that still let the grammar finish, so the text is complete (it then ends "length"),
+        unless even the shortest ending known from the start was longer than max_tokens.
         Log-probs, when asked, are those of the masked distribution.
         """
         return self.submit(prompt_ids, 1, max_tokens=max_tokens, stop=stop,

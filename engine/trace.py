@@ -165,12 +165,13 @@ class Recorder:
         self.attention: dict[int, np.ndarray] = {}
 
     def heads(self, i: int, q: np.ndarray, batch, window: int, scale: float,
-              o: np.ndarray) -> np.ndarray:
+              o: np.ndarray, softcap: float = 0.0) -> np.ndarray:
         """q (n, n_heads, hd) rotated queries; o (n, n_heads * hd) the heads' mixed values."""
         if self.record and i in self.attention_layers:
             keys = batch.kv.k[i][:, batch.slots]  # (n_kv, n, hd): one sequence, from 0
             rows = self.attention_rows
-            w = attention_weights_ref(q[rows], keys, batch.positions[rows], window, scale)
+            w = attention_weights_ref(q[rows], keys, batch.positions[rows], window, scale,
+                                      softcap)
             self.attention[i] = w[:, self.attention_heads].transpose(1, 0, 2)  # (H, P, n)
         heads = self.ablate_heads.get(i)
         if heads:

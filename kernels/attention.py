@@ -21,11 +21,14 @@ from kernels.jit import njit, pnjit
 KV_BLOCK = 16  # positions per KV-cache block (the one definition; engine.kv uses it)
 
 
-def attention_weights_ref(q, k, q_pos, window: int, scale: float) -> np.ndarray:
+def attention_weights_ref(q, k, q_pos, window: int, scale: float,
+                          softcap: float = 0.0) -> np.ndarray:
     """The attention probabilities: q (n, n_head, hd) at positions q_pos (n,) over keys
     k (n_kv_head, n_keys, hd) at positions 0..n_keys-1 -> (n, n_head, n_keys) float32, each
     row summing to 1 over the keys it may see (0 elsewhere). The paged kernels never keep
-    these; `engine/trace.py` recomputes them here from the cached keys."""
+    these; `engine/trace.py` recomputes them here from the cached keys.
+
+    `softcap` > 0 caps the scaled scores softly, `softcap * tanh(s / softcap)` (gemma2)."""
     n, n_head, _ = q.shape
     n_kv_head, n_keys, _ = k.shape
     group = n_head // n_kv_head
@@ -37,17 +40,20 @@ def attention_weights_ref(q, k, q_pos, window: int, scale: float) -> np.ndarray:
     weights = np.empty((n, n_head, n_keys), np.float32)
     for h in range(n_head):
         scores = (q[:, h, :] @ k[h // group].T) * scale  # (n, n_keys)
+        if softcap > 0:
+            scores = softcap * np.tanh(scores / softcap)
         scores = np.where(allowed, scores, -np.inf)
         w = np.exp(scores - scores.max(axis=-1, keepdims=True))
         weights[:, h, :] = w / w.sum(axis=-1, keepdims=True)
     return weights
 
 
-def attention_ref(q, k, v, pos0: int, window: int, scale: float) -> np.ndarray:
+def attention_ref(q, k, v, pos0: int, window: int, scale: float,
+                  softcap: float = 0.0) -> np.ndarray:
     """q (n, n_head, hd); k, v (n_kv_head, n_keys, hd) float32 -> (n, n_head * hd)."""
     n, n_head, hd = q.shape
     group = n_head // k.shape[0]
-    weights = attention_weights_ref(q, k, pos0 + np.arange(n), window, scale)  # (n, nh, keys)
+    weights = attention_weights_ref(q, k, pos0 + np.arange(n), window, scale, softcap)
     out = np.empty((n, n_head, hd), np.float32)
     for h in range(n_head):
         out[:, h, :] = weights[:, h, :] @ v[h // group]  # (n, hd)
@@ -55,7 +61,7 @@ def attention_ref(q, k, v, pos0: int, window: int, scale: float) -> np.ndarray:
 
 
 def paged_attention_ref(q, k_cache, v_cache, block_tables, row_seq, positions, window: int,
-                        scale: float) -> np.ndarray:
+                        scale: float, softcap: float = 0.0) -> np.ndarray:
     """Causal attention of packed queries, each over its own sequence in a paged KV cache.
 
     q (n, n_head, hd) float32: row t belongs to sequence row_seq[t] (n,) and sits at position
@@ -78,7 +84,7 @@ def paged_attention_ref(q, k_cache, v_cache, block_tables, row_seq, positions, w
         table = block_tables[row_seq[a]]
         slots = table[seen // KV_BLOCK] * KV_BLOCK + seen % KV_BLOCK
         keys, values = k_cache[:, slots], v_cache[:, slots]  # (n_kv_head, n_keys, hd)
-        out[a:b] = attention_ref(q[a:b], keys, values, p0, window, scale)
+        out[a:b] = attention_ref(q[a:b], keys, values, p0, window, scale, softcap)
         a = b
     return out
 
@@ -134,6 +140,57 @@ def paged_attention(q, k_cache, v_cache, block_tables, row_seq, positions, windo
                 for e in range(hd):
                     s += qs[g, e] * k_cache[kv, slot, e]
                 scores[g, j] = s
+        total = np.zeros(group, np.float32)
+        for g in range(group):
+            best = scores[g].max()
+            for j in range(n_keys):
+                w = np.float32(math.exp(scores[g, j] - best))
+                scores[g, j] = w
+                total[g] += w
+        acc = np.zeros((group, hd), np.float32)
+        for j in range(n_keys):
+            pos = lo + j
+            slot = table[pos // KV_BLOCK] * KV_BLOCK + pos % KV_BLOCK
+            for g in range(group):
+                w = scores[g, j]
+                for e in range(hd):
+                    acc[g, e] += w * v_cache[kv, slot, e]
+        for g in range(group):
+            inv = np.float32(1) / total[g]
+            h = kv * group + g
+            for e in range(hd):
+                out[t, h * hd + e] = acc[g, e] * inv
+
+
+@pnjit
+def paged_attention_softcap(q, k_cache, v_cache, block_tables, row_seq, positions, window,
+                            scale, softcap, out):
+    """Numba twin of `paged_attention_ref` with `softcap` > 0 (gemma2): `paged_attention`
+    with each scaled score s replaced by softcap * tanh(s / softcap) before the softmax. A
+    kernel of its own so that the models without soft-capping keep theirs as it is."""
+    n, n_head, hd = q.shape
+    n_kv = k_cache.shape[0]
+    group = n_head // n_kv
+    cap = np.float32(softcap)
+    for job in prange(n * n_kv):
+        t, kv = job // n_kv, job % n_kv
+        p = positions[t]
+        lo = max(0, p - window + 1) if window > 0 else 0
+        n_keys = p + 1 - lo
+        table = block_tables[row_seq[t]]
+        qs = np.empty((group, hd), np.float32)
+        for g in range(group):
+            for e in range(hd):
+                qs[g, e] = q[t, kv * group + g, e] * np.float32(scale)
+        scores = np.empty((group, n_keys), np.float32)
+        for j in range(n_keys):
+            pos = lo + j
+            slot = table[pos // KV_BLOCK] * KV_BLOCK + pos % KV_BLOCK
+            for g in range(group):
+                s = np.float32(0)
+                for e in range(hd):
+                    s += qs[g, e] * k_cache[kv, slot, e]
+                scores[g, j] = cap * np.float32(math.tanh(s / cap))
         total = np.zeros(group, np.float32)
         for g in range(group):
             best = scores[g].max()

@@ -31,11 +31,12 @@ def f16(field: np.ndarray) -> np.ndarray:
     return field.view(np.float16).astype(np.float32)
 
 
-def _unpack(packed: np.ndarray, bits: int) -> np.ndarray:
+def unpack_bits(packed: np.ndarray, bits: int) -> np.ndarray:
     """Split each byte into 8/bits fields, lowest bits first: `(..., k)` -> `(..., 8/bits, k)`.
 
     Field i of every byte lands in row i, which is how ggml lays out its packed quants: the low
-    nibbles of 16 bytes are elements 0..15, the high nibbles elements 16..31.
+    nibbles of 16 bytes are elements 0..15, the high nibbles elements 16..31. (`kernels.qpack`
+    reads the K-quants' bits with it too.)
     """
     shifts = np.arange(0, 8, bits, dtype=np.uint8)[:, None]  # (8/bits, 1)
     return (packed[..., None, :] >> shifts) & np.uint8((1 << bits) - 1)
@@ -75,7 +76,7 @@ def dequant_q4_0_ref(blocks: np.ndarray) -> np.ndarray:
     """
     n = blocks.shape[0]
     d, qs = _fields(blocks, 2, 16)
-    q = _unpack(qs, 4).reshape(n, 32).astype(np.int8) - 8  # (n, 32) in [-8, 7]
+    q = unpack_bits(qs, 4).reshape(n, 32).astype(np.int8) - 8  # (n, 32) in [-8, 7]
     return f16(d) * q.astype(np.float32)
 
 
@@ -92,7 +93,7 @@ def dequant_q4_1_ref(blocks: np.ndarray) -> np.ndarray:
     """
     n = blocks.shape[0]
     d, m, qs = _fields(blocks, 2, 2, 16)
-    q = _unpack(qs, 4).reshape(n, 32).astype(np.float32)  # (n, 32) in [0, 15]
+    q = unpack_bits(qs, 4).reshape(n, 32).astype(np.float32)  # (n, 32) in [0, 15]
     x = f16(d) * q
     x += f16(m)
     return x
@@ -101,7 +102,7 @@ def dequant_q4_1_ref(blocks: np.ndarray) -> np.ndarray:
 def q5_quants(qh: np.ndarray, qs: np.ndarray) -> np.ndarray:
     """5-bit q of Q5_0/Q5_1: `(n, 4)` high bits and `(n, 16)` nibbles -> `(n, 32)` uint8."""
     n = qs.shape[0]
-    low = _unpack(qs, 4).reshape(n, 32)  # (n, 32)
+    low = unpack_bits(qs, 4).reshape(n, 32)  # (n, 32)
     high = np.unpackbits(qh, axis=1, bitorder="little")  # (n, 32): bit j of the u32 = element j
     return low | (high << 4)
 
@@ -175,7 +176,7 @@ def dequant_q2_k_ref(blocks: np.ndarray) -> np.ndarray:
     scales, qs, d, dmin = _fields(blocks, 16, 64, 2, 2)
     sc = f16(d) * (scales & 0xF).astype(np.float32)  # (n, 16)
     m = f16(dmin) * (scales >> 4).astype(np.float32)  # (n, 16)
-    q = _unpack(qs.reshape(n, 2, 32), 2).reshape(n, 16, 16)  # (n, sub-block, 16)
+    q = unpack_bits(qs.reshape(n, 2, 32), 2).reshape(n, 16, 16)  # (n, sub-block, 16)
     x = sc[:, :, None] * q.astype(np.float32)
     x -= m[:, :, None]
     return x.reshape(n, QK_K)
@@ -203,13 +204,13 @@ def dequant_q3_k_ref(blocks: np.ndarray) -> np.ndarray:
     """
     n = blocks.shape[0]
     hmask, qs, scales, d = _fields(blocks, 32, 64, 12, 2)
-    low = _unpack(scales[:, :8], 4).reshape(n, 16)  # (n, 16): A..H from low nibbles, I..P high
-    high = _unpack(scales[:, 8:], 2).reshape(n, 16)  # (n, 16): byte 8+i%4, bits 2*(i//4)
+    low = unpack_bits(scales[:, :8], 4).reshape(n, 16)  # (n, 16): A..H from low nibbles, I..P high
+    high = unpack_bits(scales[:, 8:], 2).reshape(n, 16)  # (n, 16): byte 8+i%4, bits 2*(i//4)
     sc = ((low | (high << 4)).astype(np.int8) - 32).astype(np.float32)  # (n, 16) in [-32, 31]
     sc = f16(d) * sc  # (n, 16)
 
-    q_low = _unpack(qs.reshape(n, 2, 32), 2).reshape(n, 8, 32)  # (n, 8, 32)
-    q_high = _unpack(hmask, 1)  # (n, 8, 32): row k = bit k of each hmask byte
+    q_low = unpack_bits(qs.reshape(n, 2, 32), 2).reshape(n, 8, 32)  # (n, 8, 32)
+    q_high = unpack_bits(hmask, 1)  # (n, 8, 32): row k = bit k of each hmask byte
     q = (q_low | (q_high << 2)).astype(np.int8) - 4  # (n, 8, 32) in [-4, 3]
     x = sc[:, :, None] * q.reshape(n, 16, 16).astype(np.float32)
     return x.reshape(n, QK_K)
@@ -251,7 +252,7 @@ def dequant_q4_k_ref(blocks: np.ndarray) -> np.ndarray:
     sc, m = k_scales(scales)
     sc = f16(d) * sc.astype(np.float32)  # (n, 8)
     m = f16(dmin) * m.astype(np.float32)  # (n, 8)
-    q = _unpack(qs.reshape(n, 4, 32), 4).reshape(n, 8, 32)  # (n, sub-block, 32)
+    q = unpack_bits(qs.reshape(n, 4, 32), 4).reshape(n, 8, 32)  # (n, sub-block, 32)
     x = sc[:, :, None] * q.astype(np.float32)
     x -= m[:, :, None]
     return x.reshape(n, QK_K)
@@ -275,8 +276,8 @@ def dequant_q5_k_ref(blocks: np.ndarray) -> np.ndarray:
     sc, m = k_scales(scales)
     sc = f16(d) * sc.astype(np.float32)  # (n, 8)
     m = f16(dmin) * m.astype(np.float32)  # (n, 8)
-    q_low = _unpack(qs.reshape(n, 4, 32), 4).reshape(n, 8, 32)  # (n, 8, 32)
-    q_high = _unpack(qh, 1)  # (n, 8, 32)
+    q_low = unpack_bits(qs.reshape(n, 4, 32), 4).reshape(n, 8, 32)  # (n, 8, 32)
+    q_high = unpack_bits(qh, 1)  # (n, 8, 32)
     q = q_low | (q_high << 4)  # (n, sub-block, 32) in [0, 31]
     x = sc[:, :, None] * q.astype(np.float32)
     x -= m[:, :, None]
@@ -301,8 +302,8 @@ def dequant_q6_k_ref(blocks: np.ndarray) -> np.ndarray:
     n = blocks.shape[0]
     ql, qh, scales, d = _fields(blocks, 128, 64, 16, 2)
     sc = f16(d) * scales.view(np.int8).astype(np.float32)  # (n, 16)
-    q_low = _unpack(ql.reshape(n, 2, 64), 4).reshape(n, 2, 4, 32)  # (n, half, k, 32)
-    q_high = _unpack(qh.reshape(n, 2, 32), 2)  # (n, half, k, 32)
+    q_low = unpack_bits(ql.reshape(n, 2, 64), 4).reshape(n, 2, 4, 32)  # (n, half, k, 32)
+    q_high = unpack_bits(qh.reshape(n, 2, 32), 2)  # (n, half, k, 32)
     q = (q_low | (q_high << 4)).astype(np.int8) - 32  # in [-32, 31]
     x = sc[:, :, None] * q.reshape(n, 16, 16).astype(np.float32)
     return x.reshape(n, QK_K)

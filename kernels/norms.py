@@ -48,17 +48,7 @@ def rope_ref(x: np.ndarray, positions: np.ndarray, freq_base: float, neox: bool)
     """
     hd = x.shape[-1]
     inv_freq = freq_base ** (-np.arange(0, hd, 2, dtype=np.float64) / hd)  # (hd/2,)
-    angles = positions.astype(np.float64)[:, None] * inv_freq  # (n, hd/2)
-    cos = np.cos(angles).astype(np.float32)[:, None, :]  # (n, 1, hd/2)
-    sin = np.sin(angles).astype(np.float32)[:, None, :]
-    a, b = (x[..., : hd // 2], x[..., hd // 2 :]) if neox else (x[..., 0::2], x[..., 1::2])
-    out = np.empty_like(x)
-    ra, rb = a * cos - b * sin, a * sin + b * cos
-    if neox:
-        out[..., : hd // 2], out[..., hd // 2 :] = ra, rb
-    else:
-        out[..., 0::2], out[..., 1::2] = ra, rb
-    return out
+    return rope_freqs_ref(x, positions, inv_freq, 1.0, neox)
 
 
 @njit
@@ -73,6 +63,49 @@ def rope(x, positions, freq_base, neox, out):
             angle = np.float64(positions[t]) * freq_base ** (-(2.0 * i) / hd)
             cos[i] = math.cos(angle)
             sin[i] = math.sin(angle)
+        for h in range(heads):
+            for i in range(half):
+                ia, ib = (i, i + half) if neox else (2 * i, 2 * i + 1)
+                a, b = x[t, h, ia], x[t, h, ib]
+                out[t, h, ia] = a * cos[i] - b * sin[i]
+                out[t, h, ib] = a * sin[i] + b * cos[i]
+
+
+def rope_freqs_ref(x: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray, mscale: float,
+                   neox: bool) -> np.ndarray:
+    """RoPE with given frequencies (scaled RoPE: linear, llama3, longrope). x (n, heads, hd)
+    float32, positions (n,) int, inv_freq (hd/2,) float64 -> (n, heads, hd).
+
+    Pair i turns by angle pos * inv_freq[i]; the rotation is scaled by `mscale` (longrope's
+    attention factor; 1 otherwise). `rope_ref` is this with inv_freq = base^(-2i/hd).
+    """
+    angles = positions.astype(np.float64)[:, None] * np.asarray(inv_freq, np.float64)
+    cos = (np.cos(angles) * mscale).astype(np.float32)[:, None, :]  # (n, 1, hd/2)
+    sin = (np.sin(angles) * mscale).astype(np.float32)[:, None, :]
+    hd = x.shape[-1]
+    a, b = (x[..., : hd // 2], x[..., hd // 2 :]) if neox else (x[..., 0::2], x[..., 1::2])
+    out = np.empty_like(x)
+    ra, rb = a * cos - b * sin, a * sin + b * cos
+    if neox:
+        out[..., : hd // 2], out[..., hd // 2 :] = ra, rb
+    else:
+        out[..., 0::2], out[..., 1::2] = ra, rb
+    return out
+
+
+@njit
+def rope_freqs(x, positions, inv_freq, mscale, neox, out):
+    """Numba twin of `rope_freqs_ref`: x, out (n, heads, hd) float32; positions (n,) int;
+    inv_freq (hd/2,) float64."""
+    n, heads, hd = x.shape
+    half = hd // 2
+    cos = np.empty(half, np.float32)
+    sin = np.empty(half, np.float32)
+    for t in range(n):
+        for i in range(half):
+            angle = np.float64(positions[t]) * inv_freq[i]
+            cos[i] = math.cos(angle) * mscale
+            sin[i] = math.sin(angle) * mscale
         for h in range(heads):
             for i in range(half):
                 ia, ib = (i, i + half) if neox else (2 * i, 2 * i + 1)

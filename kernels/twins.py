@@ -70,6 +70,14 @@ def _rope_cases():
     return {f"neox={neox}": (x, pos, 10000.0, neox) for neox in (False, True)}
 
 
+def _rope_freqs_cases():
+    r = np.random.default_rng(12)
+    x, pos = _randn(r, 7, 3, 64), np.array([0, 1, 2, 50, 51, 1000, 8191])
+    inv_freq = 10000.0 ** (-np.arange(0, 64, 2) / 64) / np.linspace(1, 8, 32)  # llama3-like
+    return {f"neox={neox},mscale={m}": (x, pos, inv_freq, m, neox)
+            for neox in (False, True) for m in (1.0, 1.19)}
+
+
 def _gate_cases():
     r = np.random.default_rng(3)
     gate, up = _randn(r, 3, 1536) * 4, _randn(r, 3, 1536)
@@ -135,6 +143,11 @@ def _paged_attention_cases():
         cases[f"heads={n_head}/{n_kv},window={window},seqs={seqs}"] = (
             q, k, v, tables, row_seq, positions, window, 0.125)
     return cases
+
+
+def _paged_attention_softcap_cases():
+    """The paged cases with soft-capping at 5 (scores of these random q, k reach ~20)."""
+    return {name: (*args, 5.0) for name, args in _paged_attention_cases().items()}
 
 
 def _kv_store_cases():
@@ -243,6 +256,7 @@ _MATMUL = {"cases": _matmul_cases, "rtol": 1e-5, "atol": 1e-6, "scale": _matmul_
 TWINS: dict[Callable, Twin] = {
     norms.rms_norm: Twin(norms.rms_norm_ref, _rms_norm_cases, rtol=1e-5, atol=1e-5),
     norms.rope: Twin(norms.rope_ref, _rope_cases, rtol=1e-5, atol=1e-5),
+    norms.rope_freqs: Twin(norms.rope_freqs_ref, _rope_freqs_cases, rtol=1e-5, atol=1e-5),
     norms.silu_gate: Twin(norms.silu_gate_ref, **_GATE),
     norms.gelu_gate: Twin(norms.gelu_gate_ref, **_GATE),
     norms.layer_norm: Twin(norms.layer_norm_ref, _layer_norm_cases, rtol=1e-4, atol=1e-5),
@@ -252,6 +266,9 @@ TWINS: dict[Callable, Twin] = {
     norms.add_bias: Twin(norms.add_bias_ref, _add_bias_cases, rtol=1e-5, atol=1e-6),
     attention.paged_attention: Twin(attention.paged_attention_ref, _paged_attention_cases,
                                     rtol=1e-4, atol=1e-5),
+    attention.paged_attention_softcap: Twin(attention.paged_attention_ref,
+                                            _paged_attention_softcap_cases, rtol=1e-4,
+                                            atol=1e-5),
     attention.kv_store: Twin(attention.kv_store_ref, _kv_store_cases, run=_caches_after,
                              run_ref=_caches_after),
     attention.encoder_attention: Twin(attention.encoder_attention_ref, _encoder_attention_cases,

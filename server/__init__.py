@@ -10,6 +10,8 @@ The parts, one folder each:
   generation, the structured-output grammar and tool-call parsing, metrics (`Runtime` holds
   them all);
 - `server/openai/`: OpenAI's wire format: request parsing, response shapes and the `/v1` routes;
+- `server/anthropic/`: Anthropic's Messages API (`/v1/messages`), its own error shape;
+- `server/llamacpp/`: llama-server's `/tokenize` and `/detokenize`;
 - `server/cli/`: the `numbalm` command line, a client of the engine and of this app.
 
 The engine is reached only through `app.extensions["numbalm"]` (the `Runtime`), whose pool
@@ -22,15 +24,18 @@ from collections.abc import Mapping
 
 from flask import Flask
 
-from server.http import errors, hooks, ops
-from server.openai import embeddings, routes
+from server.anthropic import routes as anthropic
+from server.http import errors, hooks, openapi, ops
+from server.llamacpp import routes as llamacpp
+from server.openai import embeddings, responses, routes
 from server.serving.config import ServerConfig, build_config
 from server.serving.pool import ModelPool
 from server.serving.runtime import Runtime
 from server.trace import routes as trace_routes
 from server.ui import bp as ui_bp
 
-BLUEPRINTS = (ops.bp, routes.bp, embeddings.bp, trace_routes.bp, ui_bp)
+BLUEPRINTS = (ops.bp, openapi.bp, routes.bp, responses.bp, embeddings.bp, llamacpp.bp,
+              anthropic.bp, trace_routes.bp, ui_bp)
 
 
 def create_app(config: ServerConfig | Mapping | None = None, *, pool: ModelPool | None = None,

@@ -13,7 +13,6 @@ from gguf.quants import quantize
 VOCAB = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)] + ["▁a", "▁b", "ab"]
 
 
-
 def add_tiny_vocab(w) -> None:
     """The shared tiny SentencePiece vocabulary: <unk> <s> </s>, 256 byte tokens, 3 pieces."""
     w.add_tokenizer_model("llama")
@@ -22,6 +21,7 @@ def add_tiny_vocab(w) -> None:
     w.add_token_types([2, 3, 3] + [6] * 256 + [1, 1, 1])
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
+
 
 def _tensor(writer: GGUFWriter, name: str, array: np.ndarray, qtype=GGMLQuantizationType.F32):
     """Add `array` (NumPy order, (n_out, n_in)) to the file, quantized to `qtype`."""
@@ -34,7 +34,10 @@ def _tensor(writer: GGUFWriter, name: str, array: np.ndarray, qtype=GGMLQuantiza
 
 def write_tiny(path, arch: str = "llama", seed: int = 0, qtype=GGMLQuantizationType.Q8_0,
                n_layers: int = 2, dim: int = 64, n_heads: int = 4, n_kv_heads: int = 2,
-               head_dim: int = 16, ffn: int = 96, n_ctx: int = 128, sliding_window: int = 8):
+               head_dim: int = 16, ffn: int = 96, n_ctx: int = 128, sliding_window: int = 8,
+               metadata: dict | None = None, extra_tensors: dict | None = None):
+    """A random llama or gemma3 model; `metadata` (key -> str/int/float) and `extra_tensors`
+    (name -> array) are added as they are."""
     rng = np.random.default_rng(seed)
     w = GGUFWriter(str(path), arch)
     w.add_context_length(n_ctx)
@@ -50,12 +53,18 @@ def write_tiny(path, arch: str = "llama", seed: int = 0, qtype=GGMLQuantizationT
     if arch == "gemma3":
         w.add_sliding_window(sliding_window)
     add_tiny_vocab(w)
+    for key, value in (metadata or {}).items():
+        add = w.add_string if isinstance(value, str) else (
+            w.add_float32 if isinstance(value, float) else w.add_uint32)
+        add(key, value)
 
     def rand(*shape, scale=0.2):
         return rng.normal(0, scale, size=shape)
 
     _tensor(w, "token_embd.weight", rand(len(VOCAB), dim, scale=1.0), qtype)
     _tensor(w, "output_norm.weight", 1 + rand(dim, scale=0.1))
+    for name, array in (extra_tensors or {}).items():
+        _tensor(w, name, np.asarray(array))
     for i in range(n_layers):
         p = f"blk.{i}."
         _tensor(w, p + "attn_norm.weight", 1 + rand(dim, scale=0.1))

@@ -101,6 +101,15 @@ class FastBackend:
         norms.rope(x, np.asarray(positions, np.int64), float(freq_base), bool(neox), out)
         return out
 
+    def rope_freqs(self, x: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray,
+                   mscale: float, neox: bool):
+        """Scaled RoPE (see kernels.norms.rope_freqs_ref): rotated copy of x."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        out = np.empty_like(x)
+        norms.rope_freqs(x, np.asarray(positions, np.int64), np.asarray(inv_freq, np.float64),
+                         float(mscale), bool(neox), out)
+        return out
+
     def store_kv(self, batch, layer: int, k: np.ndarray, v: np.ndarray) -> None:
         """k, v (n, n_kv_head, hd) into `batch`'s rows' cache slots (NumPy's scattered
         assignment costs ~50 us a layer, the kernel ~1)."""
@@ -109,15 +118,23 @@ class FastBackend:
                               np.ascontiguousarray(k, np.float32),
                               np.ascontiguousarray(v, np.float32))
 
-    def attention(self, q, batch, layer: int, window: int, scale: float) -> np.ndarray:
+    def attention(self, q, batch, layer: int, window: int, scale: float,
+                  softcap: float = 0.0) -> np.ndarray:
         """q (n, n_head, hd) of `batch`'s rows over each one's sequence in the KV cache ->
-        (n, n_head*hd), causal GQA, all sequences in one kernel call."""
+        (n, n_head*hd), causal GQA, all sequences in one kernel call (scores soft-capped
+        when `softcap` > 0, gemma2)."""
         n, n_head, hd = q.shape
         out = np.empty((n, n_head * hd), np.float32)
         kv = batch.kv
-        attn_kernels.paged_attention(np.ascontiguousarray(q, np.float32), kv.k[layer],
-                                     kv.v[layer], batch.block_tables, batch.row_seq,
-                                     batch.positions, int(window), float(scale), out)
+        q = np.ascontiguousarray(q, np.float32)
+        if softcap > 0:
+            attn_kernels.paged_attention_softcap(q, kv.k[layer], kv.v[layer], batch.block_tables,
+                                                 batch.row_seq, batch.positions, int(window),
+                                                 float(scale), float(softcap), out)
+            return out
+        attn_kernels.paged_attention(q, kv.k[layer], kv.v[layer], batch.block_tables,
+                                     batch.row_seq, batch.positions, int(window), float(scale),
+                                     out)
         return out
 
     def silu_gate(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:

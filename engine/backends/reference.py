@@ -56,6 +56,11 @@ class ReferenceBackend:
         """x (n, heads, head_dim), positions (n,): `kernels.norms.rope_ref`."""
         return norms.rope_ref(x, np.asarray(positions), freq_base, neox)
 
+    def rope_freqs(self, x: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray,
+                   mscale: float, neox: bool) -> np.ndarray:
+        """Scaled RoPE, frequencies inv_freq (hd/2,) given: `kernels.norms.rope_freqs_ref`."""
+        return norms.rope_freqs_ref(x, np.asarray(positions), inv_freq, mscale, neox)
+
     def store_kv(self, batch, layer: int, k: np.ndarray, v: np.ndarray) -> None:
         """Write `batch`'s keys and values k, v (n, n_kv_head, hd) into its rows' cache slots:
         `kernels.attention.kv_store_ref`."""
@@ -63,13 +68,14 @@ class ReferenceBackend:
         attn_kernels.kv_store_ref(kv.k[layer], kv.v[layer], batch.slots, k, v)
 
     def attention(self, q: np.ndarray, batch, layer: int, window: int,
-                  scale: float) -> np.ndarray:
+                  scale: float, softcap: float = 0.0) -> np.ndarray:
         """q (n, n_head, hd) of `batch`'s rows, each over its own sequence's keys and values in
-        the KV cache (layer `layer`) → (n, n_head*hd), causal GQA:
-        `kernels.attention.paged_attention_ref`."""
+        the KV cache (layer `layer`) → (n, n_head*hd), causal GQA, scores soft-capped when
+        `softcap` > 0: `kernels.attention.paged_attention_ref`."""
         kv = batch.kv
         return attn_kernels.paged_attention_ref(q, kv.k[layer], kv.v[layer], batch.block_tables,
-                                                batch.row_seq, batch.positions, window, scale)
+                                                batch.row_seq, batch.positions, window, scale,
+                                                softcap)
 
     def silu_gate(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
         """SwiGLU, silu(gate) * up: `kernels.norms.silu_gate_ref`."""

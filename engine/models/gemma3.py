@@ -5,7 +5,8 @@ What differs from `llama.py`, and nothing else is written here:
 - q and k get their own per-head RMSNorm before RoPE, and RoPE rotates NeoX-style halves;
 - attention scores are scaled by 1/sqrt(head_dim) on q (query_pre_attn_scalar = head_dim);
 - five of every six layers attend only to a sliding window (512 positions) and use a RoPE
-  base of 10,000; every sixth layer is global with the model's own base (1,000,000);
+  base of 10,000; every sixth layer is global with the model's own base (1,000,000) and
+  RoPE scaling (linear, factor 8 in the 4B and larger models);
 - both sub-blocks have a norm after them as well as before (`post_attention_norm`,
   `post_ffw_norm`), and the FFN gate is GELU (tanh approximation), not SiLU.
 The GGUF converter already folded Gemma's `1 + weight` into the norm weights.
@@ -23,9 +24,14 @@ import numpy as np
 
 from ..gguf_file import GGUFFile
 from . import llama
+from .rope import Rope
 
+# engine/models/support.py; linear RoPE scaling applies to the global layers only
+SUPPORTED_KEYS = frozenset({"attention.sliding_window", "rope.scaling.type",
+                            "rope.scaling.factor"})
+ROPE_SCALING = frozenset({"none", "linear"})
 SLIDING_WINDOW_PATTERN = 6  # layer i is global when (i + 1) % 6 == 0
-LOCAL_ROPE_BASE = 10000.0
+LOCAL_ROPE = Rope(10000.0, neox=True)  # the sliding layers' RoPE: never scaled
 
 
 @dataclass
@@ -36,8 +42,8 @@ class ModelArgs(llama.ModelArgs):
     @classmethod
     def from_gguf(cls, gf: GGUFFile) -> ModelArgs:
         base = llama.ModelArgs.from_gguf(gf)
-        fields = {**base.__dict__, "rope_neox": True}
-        return cls(**fields, sliding_window=int(gf.arch("attention.sliding_window", 512)))
+        return cls(**{**base.__dict__, "rope_neox": True,
+                      "sliding_window": int(gf.arch("attention.sliding_window", 512))})
 
     def is_sliding(self, layer: int) -> bool:
         return (layer + 1) % SLIDING_WINDOW_PATTERN != 0
@@ -58,9 +64,9 @@ class Model(llama.Model):
         q = b.rms_norm(q, layer.attn_q_norm, a.norm_eps)
         k = b.rms_norm(k, layer.attn_k_norm, a.norm_eps)
         sliding = a.is_sliding(i)
-        rope_base = LOCAL_ROPE_BASE if sliding else a.rope_base
-        q = b.rope(q, batch.positions, rope_base, True)
-        k = b.rope(k, batch.positions, rope_base, True)
+        rope = LOCAL_ROPE if sliding else self.rope  # self.rope: the file's, maybe scaled
+        q = rope.rotate(b, q, batch.positions)
+        k = rope.rotate(b, k, batch.positions)
         b.store_kv(batch, i, k, v)
         window = a.sliding_window if sliding else 0
         scale = 1.0 / math.sqrt(a.head_dim)

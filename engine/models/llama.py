@@ -21,6 +21,14 @@ from kernels.dequant import dequantize
 
 from ..batch import Batch
 from ..gguf_file import GGUFFile
+from .rope import rope_from_gguf
+
+# Maths-changing metadata this module implements (engine/models/support.py): linear RoPE
+# scaling, llama3's (its `rope_freqs` tensor, engine/models/rope.py) and Mistral's sliding
+# window on every layer.
+SUPPORTED_KEYS = frozenset({"rope.scaling.type", "rope.scaling.factor",
+                            "attention.sliding_window"})
+ROPE_SCALING = frozenset({"none", "linear"})
 
 
 @dataclass
@@ -36,6 +44,7 @@ class ModelArgs:
     norm_eps: float
     rope_base: float
     rope_neox: bool = False  # llama in GGUF rotates adjacent pairs
+    sliding_window: int = 0  # every layer attends to this many positions (0: all; Mistral)
 
     @classmethod
     def from_gguf(cls, gf: GGUFFile) -> ModelArgs:
@@ -52,6 +61,7 @@ class ModelArgs:
             n_ctx=int(gf.arch("context_length")),
             norm_eps=float(gf.arch("attention.layer_norm_rms_epsilon")),
             rope_base=float(gf.arch("rope.freq_base", 10000.0)),
+            sliding_window=int(gf.arch("attention.sliding_window", 0)),
         )
 
 
@@ -84,18 +94,20 @@ class Layer:
 class Model:
     MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
     VECTORS = ("attn_norm", "ffn_norm")
+    Layer = Layer  # an architecture with other fused matrices brings its own (phi3)
 
     def __init__(self, args: ModelArgs, gf: GGUFFile, backend):
         self.args = args
         self.backend = backend
         self.token_embd = backend.prepare_embedding(gf.tensors["token_embd.weight"])
-        self.layers = [Layer(gf, i, backend, self.MATRICES, self.VECTORS)
+        self.layers = [self.Layer(gf, i, backend, self.MATRICES, self.VECTORS)
                        for i in range(args.n_layers)]
         norm = gf.tensors["output_norm.weight"]
         self.output_norm = dequantize(norm.data, norm.qtype, norm.shape).reshape(-1)
         # Small models tie the output head to the embedding table.
         head = gf.tensors.get("output.weight", gf.tensors["token_embd.weight"])
         self.output = backend.prepare(head)
+        self.rope = rope_from_gguf(gf, args.rope_base, args.head_dim, args.rope_neox, args.n_ctx)
 
     def kv_layout(self) -> tuple[int, int, int]:
         """What one position costs in the KV cache: (n_layers, n_kv_heads, head_dim)."""
@@ -143,13 +155,13 @@ class Model:
         a, b = self.args, self.backend
         h = b.rms_norm(x, layer.attn_norm, a.norm_eps)
         q, k, v = self.qkv(layer, h)
-        q = b.rope(q, batch.positions, a.rope_base, a.rope_neox)
-        k = b.rope(k, batch.positions, a.rope_base, a.rope_neox)
+        q = self.rope.rotate(b, q, batch.positions)
+        k = self.rope.rotate(b, k, batch.positions)
         b.store_kv(batch, i, k, v)  # into each sequence's KV blocks
         scale = 1.0 / math.sqrt(a.head_dim)
-        o = b.attention(q, batch, i, 0, scale)  # (n, n_heads * hd)
-        if batch.recorder is not None:  # attention weights, head ablation
-            o = batch.recorder.heads(i, q, batch, 0, scale, o)
+        o = b.attention(q, batch, i, a.sliding_window, scale)  # (n, n_heads * hd)
+        if batch.recorder is not None:  # attention weights, head ablation (engine/trace.py)
+            o = batch.recorder.heads(i, q, batch, a.sliding_window, scale, o)
         return b.linear(o, layer.attn_output)  # (n, dim)
 
     def ffn_block(self, layer: Layer, x: np.ndarray) -> np.ndarray:

@@ -12,6 +12,7 @@ import sys
 from dataclasses import asdict
 
 from engine.gguf_file import open_gguf
+from engine.models import describe
 from engine.registry import ALIASES, CATALOG, DEFAULT_MODEL, ModelEntry, Registry, cache_dir
 
 EXIT_MISMATCH = 1
@@ -146,6 +147,7 @@ def inspect_file(path: str, entry: ModelEntry | None = None) -> dict:
     """A summary of a GGUF file: metadata (big arrays abridged), tensors, quant mix, sizes."""
     gf = open_gguf(path)
     tokens = gf.get("tokenizer.ggml.tokens") or []
+    support = describe(gf)  # runs here? what can it do? (no weights loaded)
     return {
         "id": entry.id if entry else None,
         "path": path,
@@ -153,6 +155,10 @@ def inspect_file(path: str, entry: ModelEntry | None = None) -> dict:
         "sha256": entry.sha256 if entry else None,
         "gguf_version": gf.version,
         "architecture": gf.architecture,
+        "supported": support["supported"],
+        "refused": support["refused"],
+        "capabilities": support["capabilities"],
+        "features": support["features"],
         "name": gf.get("general.name"),
         "parameter_count": gf.parameter_count(),
         "tensor_count": len(gf.tensors),
@@ -170,6 +176,8 @@ def inspect_file(path: str, entry: ModelEntry | None = None) -> dict:
 def _print_inspect(info: dict) -> None:
     skip = {"metadata", "quant_mix"}
     for key, value in info.items():
+        if isinstance(value, list):
+            value = ", ".join(value) or "none"
         if key not in skip and value is not None:
             print(f"{key + ':':<18}{value}")
     mix = ", ".join(f"{k} {v}" for k, v in info["quant_mix"].items())

@@ -71,8 +71,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     a("--embeddings-max-batch", type=int, help="inputs per /v1/embeddings request (256)")
     a("--embeddings-cache-bytes", type=int,
       help="bytes of recent embeddings kept (64 MiB; 0 turns the cache off)")
+    a("--responses-store", metavar="FILE",
+      help="SQLite file of stored /v1/responses (default: responses.sqlite3 in the cache)")
+    a("--responses-max-age-days", type=float, help="stored responses kept this long (30)")
+    a("--responses-max-mb", type=float, help="stored responses kept up to this size (256)")
     a("--api-key", dest="api_keys", action="append", metavar="KEY",
-      help="accept this Bearer key; repeatable; none: no authentication")
+      help="accept this key (as a Bearer token or x-api-key); repeatable; none: no "
+           "authentication")
     a("--cors-origin", dest="cors_origins", action="append", metavar="ORIGIN",
       help="allow browser requests from ORIGIN ('*' for any); repeatable")
     a("--log-level", help="debug, info, warning, error (default info)")
@@ -92,6 +97,7 @@ def config_from_args(args, environ=None) -> ServerConfig:
              "kv_cache_mb", "step_tokens",
              "queue_size", "queue_timeout", "request_timeout", "max_body_size", "max_tokens_cap",
              "max_n", "embeddings_max_batch", "embeddings_cache_bytes",
+             "responses_store", "responses_max_age_days", "responses_max_mb",
              "api_keys", "cors_origins", "log_level", "log_format", "shutdown_grace",
              "warmup")
     cli = {name: getattr(args, name, None) for name in names}

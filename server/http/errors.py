@@ -1,10 +1,19 @@
-"""OpenAI-shaped errors: `{"error": {"message", "type", "param", "code"}}` for every failure."""
+"""Errors in the shape of the route's protocol, for every failure.
+
+OpenAI's `{"error": {"message", "type", "param", "code"}}` is the default; a route documented
+with another shape (`server.http.schema.route(errors=...)`, e.g. Anthropic's `{"type": "error",
+"error": {"type", "message"}}`) gets its errors in that one, auth and 404/405/413 included.
+A protocol package adds its shape to `SHAPES`: a function of the APIError to the body, and
+the JSON schema of that body for the OpenAPI document.
+"""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 
-from flask import Flask, g, jsonify
+from flask import Flask, current_app, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 log = logging.getLogger("numbalm.server")
@@ -44,8 +53,40 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
     return APIError(400, message, param=param, code=code)
 
 
+@dataclass
+class ErrorShape:
+    body: Callable[[APIError], dict]   # the response body for an error
+    schema: dict                       # its JSON schema, for the OpenAPI document
+
+
+OPENAI_SCHEMA = {
+    "type": "object", "required": ["error"],
+    "properties": {"error": {
+        "type": "object", "required": ["message", "type", "param", "code"],
+        "properties": {"message": {"type": "string"}, "type": {"type": "string"},
+                       "param": {"type": ["string", "null"]},
+                       "code": {"type": ["string", "null"]}}}}}
+SHAPES: dict[str, ErrorShape] = {"openai": ErrorShape(APIError.body, OPENAI_SCHEMA)}
+
+
+def _shape_name() -> str:
+    """The error shape of the route this request is for (OpenAI's when none matched)."""
+    endpoint = request.endpoint
+    if endpoint is None and request.routing_exception is not None:
+        try:  # a wrong method: the route that exists for another method decides
+            methods = getattr(request.routing_exception, "valid_methods", None) or []
+            adapter = current_app.url_map.bind_to_environ(request.environ)
+            endpoint = adapter.match(method=methods[0])[0] if methods else None
+        except HTTPException:
+            endpoint = None
+    view = current_app.view_functions.get(endpoint) if endpoint else None
+    api = getattr(view, "api", None)
+    return api.errors if api is not None else "openai"
+
+
 def error_response(err: APIError):
-    response = jsonify(err.body())
+    shape = SHAPES.get(_shape_name(), SHAPES["openai"])
+    response = jsonify(shape.body(err))
     response.status_code = err.status
     response.headers.update(err.headers)
     return response
@@ -54,7 +95,7 @@ def error_response(err: APIError):
 def _http_error(e: HTTPException):
     """Werkzeug's own errors (404 route, 405, 413, ...) in OpenAI's shape."""
     messages = {
-        404: "Unknown route; see /v1/models, /v1/chat/completions, /v1/completions.",
+        404: "Unknown route; /openapi.json lists every route (/docs as a page).",
         405: "Method not allowed for this route.",
         413: "Request body too large.",
     }

@@ -15,7 +15,7 @@ from server.http.logs import request_id
 
 access_log = logging.getLogger("numbalm.access")
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-OPEN_ROUTES = ("/healthz", "/readyz", "/metrics")
+OPEN_ROUTES = ("/healthz", "/readyz", "/metrics", "/openapi.json", "/docs")
 OPEN_PREFIX = "/ui"  # the web page's static files (it sends the API key it is given)
 
 
@@ -35,8 +35,10 @@ def _check_api_key():
         return
     scheme, _, given = request.headers.get("Authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not given.strip():
+        given = request.headers.get("X-Api-Key", "")  # Anthropic's clients send this one
+    if not given.strip():
         raise APIError(401, "You didn't provide an API key. Send it as 'Authorization: Bearer "
-                       "YOUR_KEY'.", code="missing_api_key")
+                       "YOUR_KEY' (or 'x-api-key: YOUR_KEY').", code="missing_api_key")
     given_bytes = given.strip().encode()
     # Compare against every key, each in constant time, so timing says nothing about which.
     matches = [hmac.compare_digest(given_bytes, k.encode()) for k in keys]

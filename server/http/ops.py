@@ -5,16 +5,20 @@ from __future__ import annotations
 from flask import Blueprint, Response, current_app, jsonify
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from server.http.schema import route
+
 bp = Blueprint("ops", __name__)
 
 
 @bp.get("/healthz")
+@route("Liveness: the process answers HTTP", tag="Operations")
 def healthz():
     """Alive: the process answers HTTP."""
     return jsonify({"status": "ok"})
 
 
 @bp.get("/readyz")
+@route("Readiness: models loaded and warmed up, not draining", tag="Operations")
 def readyz():
     """Ready: models loaded and warmed up (kernels compiled), and not shutting down."""
     rt = current_app.extensions["numbalm"]
@@ -28,6 +32,7 @@ def readyz():
 
 
 @bp.get("/metrics")
+@route("Prometheus metrics", tag="Operations", response="text/plain")
 def metrics():
     rt = current_app.extensions["numbalm"]
     return Response(generate_latest(rt.metrics.registry), mimetype=CONTENT_TYPE_LATEST)

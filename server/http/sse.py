@@ -16,30 +16,40 @@ from server.http.errors import APIError
 log = logging.getLogger("numbalm.server")
 
 
-def sse(payload) -> bytes:
-    """One event: a JSON payload (or a bare string such as "[DONE]") as a `data:` line."""
+def sse(payload, named: bool = False) -> bytes:
+    """One event: a JSON payload (or a bare string such as "[DONE]") as a `data:` line; with
+    `named`, after an `event:` line naming the payload's "type" (Anthropic's and the
+    Responses API's streams, whose SDKs dispatch on it)."""
     data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False,
                                                                separators=(",", ":"))
+    if named and isinstance(payload, dict):
+        return f"event: {payload['type']}\ndata: {data}\n\n".encode()
     return f"data: {data}\n\n".encode()
 
 
-def sse_lines(events, check):
-    """Events as SSE lines, an error event if the stream breaks off, then `[DONE]`.
+def sse_lines(events, check, *, error=APIError.body, named: bool = False, done: bool = True):
+    """Events as SSE lines, an error event if the stream breaks off, then `[DONE]` (unless
+    `done` is false: Anthropic's and the Responses API's streams have no such end marker).
 
     `check` is the request's StopCheck: a stream cut by a timeout or a shutdown says so
     in-band (the status line is long gone); a client that has gone gets nothing more.
+    `error` turns an APIError into the protocol's error event (or a list of events).
     """
+    def failed(err: APIError):
+        out = error(err)
+        return b"".join(sse(e, named) for e in (out if isinstance(out, list) else [out]))
+
     try:
         for event in events:
-            yield sse(event)
+            yield sse(event, named)
         if check.reason in ("timeout", "shutdown"):
-            yield sse(check.error().body())
+            yield failed(check.error())
     except APIError as e:
-        yield sse(e.body())
+        yield failed(e)
     except Exception:  # noqa: BLE001 - the status line is gone; tell the client in-band
         log.exception("error while streaming")
-        yield sse(APIError(500, "Internal server error while streaming.").body())
-    if check.reason != "disconnect":
+        yield failed(APIError(500, "Internal server error while streaming."))
+    if done and check.reason != "disconnect":
         yield sse("[DONE]")
 
 

@@ -17,12 +17,14 @@ from __future__ import annotations
 import base64
 
 import numpy as np
-from flask import Blueprint, current_app, g, jsonify, request
+from flask import Blueprint, current_app, g, jsonify
 
 from engine.errors import ContextOverflowError, EngineError, TokenIdError
 from engine.tokenizer import check_token_ids
 from server.http.errors import APIError, bad_request
-from server.openai.requests import parse_embeddings, parse_json
+from server.http.schema import route
+from server.openai.requests import parse_embeddings
+from server.openai.schemas import EMBEDDINGS
 
 bp = Blueprint("v1_embeddings", __name__, url_prefix="/v1")
 
@@ -58,11 +60,12 @@ def _encode(vec: np.ndarray, fmt: str):
 
 
 @bp.post("/embeddings")
-def create_embeddings():
+@route("Create embeddings", body=EMBEDDINGS, tag="OpenAI")
+def create_embeddings(body):
     rt = current_app.extensions["numbalm"]
     cache = rt.embedding_cache
     max_batch = int(rt.config.embeddings_max_batch)
-    req = parse_embeddings(parse_json(request.get_data(cache=False)), max_batch)
+    req = parse_embeddings(body, max_batch)
     served = rt.pool.get(req.model, need="embeddings")
     llm = served.llm
     width = int(llm.dim)

@@ -3,25 +3,16 @@
 from __future__ import annotations
 
 import logging
-import time
 
-from flask import Blueprint, Response, current_app, g, jsonify, request
+from flask import Blueprint, current_app, jsonify
 
-from server.http.errors import APIError
-from server.http.sse import EventStream, sse_lines
-from server.openai.requests import parse_chat, parse_completion, parse_json
+from server.http.generate import begin, complete, stream
+from server.http.schema import route
+from server.http.sse import sse_lines
+from server.openai.requests import parse_chat, parse_completion
+from server.openai.schemas import CHAT, COMPLETION
 from server.openai.shapes import Shaper
-from server.serving.generation import (
-    Stats,
-    StopCheck,
-    cached_tokens,
-    close,
-    collect,
-    is_sampled,
-    plan,
-    run_choice,
-    start,
-)
+from server.serving.generation import Stats, StopCheck, cached_tokens, is_sampled, run_choice
 from server.serving.runtime import Runtime
 from server.serving.toolcalls import finish_reason
 
@@ -35,70 +26,46 @@ def runtime() -> Runtime:
 
 def _model_object(served) -> dict:
     return {"id": served.id, "object": "model", "created": served.created, "owned_by": "numbalm",
+            "architecture": served.llm.architecture, "context_length": served.llm.n_ctx,
             "capabilities": served.capabilities}
 
 
 @bp.get("/models")
+@route("List the served models", tag="OpenAI")
 def list_models():
     rt = runtime()
     return jsonify({"object": "list", "data": [_model_object(s) for s in rt.pool.list()]})
 
 
 @bp.get("/models/<path:model_id>")
+@route("Retrieve a served model (by id or alias)", tag="OpenAI")
 def get_model(model_id: str):
     return jsonify(_model_object(runtime().pool.get(model_id)))
 
 
 @bp.post("/chat/completions")
-def chat_completions():
-    return _generate(parse_chat)
+@route("Create a chat completion", body=CHAT, tag="OpenAI", streams=True)
+def chat_completions(body):
+    return _generate(parse_chat, body)
 
 
 @bp.post("/completions")
-def completions():
-    return _generate(parse_completion)
+@route("Create a text completion", body=COMPLETION, tag="OpenAI", streams=True)
+def completions(body):
+    return _generate(parse_completion, body)
 
 
-def _generate(parse):
-    rt = runtime()
-    cfg = rt.config
-    req = parse(parse_json(request.get_data(cache=False)), cfg.max_tokens_cap, cfg.max_n)
-    served = rt.pool.get(req.model, need=req.kind)  # 400 for an embedding-only model
-    the_plan = plan(req, served, cfg.max_tokens_cap)
-    stats = Stats(start=g.start)
-    g.access.update(model=served.id, stream=req.stream, stats=stats,
-                    prompt_tokens=the_plan.prompt_tokens)
-    rt.admit()
-    stats.admitted = time.perf_counter()
-    check = StopCheck(request.environ.get("waitress.client_disconnected"), cfg.request_timeout,
-                      rt.shutdown)
-    try:
-        results = start(the_plan, check, stats)  # every choice runs from now on, batched
-    except APIError:
-        rt.release()
-        raise
-
-    def finish():
-        close(results)  # a choice not read to its end (client gone, error) stops now
-        rt.release()
-        rt.observe(served.id, the_plan.prompt_tokens, stats)
-        if check.reason:
-            rt.metrics.cancelled.labels(check.reason).inc()
-
-    if req.stream:  # the slot passes to the response body, which frees it when closed
+def _generate(parse, body: dict):
+    cfg = runtime().config
+    req = parse(body, cfg.max_tokens_cap, cfg.max_n)
+    gen = begin(req)
+    if req.stream:
         events = _chat_events if req.kind == "chat" else _text_events
-        chunks = sse_lines(events(the_plan, results, Shaper(the_plan), check, stats), check)
-        return Response(EventStream(chunks, check, finish), mimetype="text/event-stream",
-                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    try:
-        collect(results, stats)
-        if check.reason:
-            raise check.error()
-        body = Shaper(the_plan).completion(results, stats.completion_tokens,
-                                           cached_tokens(the_plan, results))  # echo: logits
-    finally:
-        finish()
-    return jsonify(body)
+        shaper = Shaper(gen.plan)
+        return stream(gen, sse_lines(events(gen.plan, gen.results, shaper, gen.check,
+                                            gen.stats), gen.check))
+    return jsonify(complete(gen, lambda results: Shaper(gen.plan).completion(
+        results, gen.stats.completion_tokens, cached_tokens(gen.plan, results))))
 
 
 # --- streaming --------------------------------------------------------------------------------

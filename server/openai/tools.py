@@ -2,53 +2,24 @@
 
 from __future__ import annotations
 
-import re
-
 from server.http.errors import APIError, bad_request
 from server.serving.grammar import ToolSpec
 
-MAX_TOOLS = 128
-NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-
-
-# --- request validation -----------------------------------------------------------------------
 
 def _invalid(message: str, param: str, code: str = "invalid_value") -> APIError:
     return bad_request(message, param=param, code=code)
 
 
-def _tool(tool, i: int) -> dict:
-    at = f"tools[{i}]"
-    if not isinstance(tool, dict):
-        raise _invalid(f"'{at}' must be an object.", at, "invalid_type")
-    if tool.get("type") != "function":
-        raise _invalid(f"'{at}.type' must be 'function', got {tool.get('type')!r}.",
-                       f"{at}.type")
-    fn = tool.get("function")
-    if not isinstance(fn, dict):
-        raise _invalid(f"Missing or invalid '{at}.function': expected an object.",
-                       f"{at}.function", "missing_required_parameter" if fn is None
-                       else "invalid_type")
-    name = fn.get("name")
-    if not isinstance(name, str) or not NAME.match(name):
-        raise _invalid(f"'{at}.function.name' must be 1-64 letters, digits, '_' or '-'; "
-                       f"got {name!r}.", f"{at}.function.name")
-    description = fn.get("description")
-    if description is not None and not isinstance(description, str):
-        raise _invalid(f"'{at}.function.description' must be a string.",
-                       f"{at}.function.description", "invalid_type")
+def tool(fn: dict, at: str) -> dict:
+    """A validated function (name, description, parameters) as the chat template gets it."""
     params = fn.get("parameters")
     if params is None:
         params = {"type": "object", "properties": {}}  # OpenAI: no parameters, no arguments
-    if not isinstance(params, dict) or params.get("type", "object") != "object":
-        raise _invalid(f"'{at}.function.parameters' must be a JSON schema of type 'object'.",
-                       f"{at}.function.parameters")
-    strict = fn.get("strict")
-    if strict is not None and not isinstance(strict, bool):
-        raise _invalid(f"'{at}.function.strict' must be a boolean.", f"{at}.function.strict",
-                       "invalid_type")
-    out = {"name": name, "description": description, "parameters": params}
-    if description is None:
+    if params.get("type", "object") != "object":
+        raise _invalid(f"'{at}.parameters' must be a JSON schema of type 'object'.",
+                       f"{at}.parameters")
+    out = {"name": fn["name"], "description": fn.get("description"), "parameters": params}
+    if out["description"] is None:
         del out["description"]
     return {"type": "function", "function": out}
 
@@ -77,26 +48,24 @@ def _choice(value, names: set[str]) -> tuple[str, str | None]:
     return "function", name
 
 
-def parse_tools(body: dict) -> ToolSpec | None:
-    """`tools`, `tool_choice`, `parallel_tool_calls` → a ToolSpec, or None without tools."""
-    raw = body.get("tools")
-    if raw is not None and not isinstance(raw, list):
-        raise _invalid("'tools' must be an array of tool objects.", "tools", "invalid_type")
-    if raw is not None and len(raw) > MAX_TOOLS:
-        raise _invalid(f"'tools' holds {len(raw)} tools; at most {MAX_TOOLS} are allowed.",
-                       "tools")
-    tools = [_tool(t, i) for i, t in enumerate(raw or [])]
+def tool_spec(tools: list[dict], choice, parallel: bool | None) -> ToolSpec | None:
+    """Validated tools (as `tool` makes them), a `tool_choice` and `parallel_tool_calls` →
+    a ToolSpec, or None without tools. Shared by every protocol that offers tools."""
     names = [t["function"]["name"] for t in tools]
     dup = next((n for i, n in enumerate(names) if n in names[:i]), None)
     if dup:
         raise _invalid(f"'tools' names function {dup!r} twice.", "tools")
-    choice, function = _choice(body.get("tool_choice"), set(names))
-    parallel = body.get("parallel_tool_calls")
-    if parallel is not None and not isinstance(parallel, bool):
-        raise _invalid("'parallel_tool_calls' must be a boolean.", "parallel_tool_calls",
-                       "invalid_type")
+    choice, function = _choice(choice, set(names))
     if not tools:
         return None
     return ToolSpec(tools, choice, function, parallel is not False)
+
+
+def parse_tools(body: dict) -> ToolSpec | None:
+    """A body's `tools`, `tool_choice`, `parallel_tool_calls` (validated by
+    `schemas.TOOLS`...) → a ToolSpec, or None without tools."""
+    tools = [tool(t["function"], f"tools[{i}].function")
+             for i, t in enumerate(body.get("tools") or [])]
+    return tool_spec(tools, body.get("tool_choice"), body.get("parallel_tool_calls"))
 
 

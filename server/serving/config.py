@@ -37,6 +37,9 @@ class ServerConfig:
     max_n: int = 8                       # largest n accepted
     embeddings_max_batch: int = 256      # inputs per /v1/embeddings request
     embeddings_cache_bytes: int = 64 * 1024 * 1024  # LRU of recent embeddings; 0 turns it off
+    responses_store: str = ""            # SQLite file of stored responses; "": in the cache dir
+    responses_max_age_days: float = 30.0  # stored responses older than this are deleted
+    responses_max_mb: float = 256.0      # beyond this the oldest stored responses go
     api_keys: list[str] = field(default_factory=list)      # empty: no authentication
     cors_origins: list[str] = field(default_factory=list)  # "*" or exact origins
     log_level: str = "info"
@@ -57,7 +60,8 @@ class ServerConfig:
                      "embeddings_cache_bytes"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative, got {getattr(self, name)}")
-        for name in ("queue_timeout", "request_timeout", "shutdown_grace"):
+        for name in ("queue_timeout", "request_timeout", "shutdown_grace",
+                     "responses_max_age_days", "responses_max_mb"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.log_format not in ("text", "json"):

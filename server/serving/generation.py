@@ -49,6 +49,11 @@ def _chat_prompt(req: GenerationRequest, llm) -> tuple[list[int], str]:
                        param="messages", code="chat_template_error") from None
 
 
+def chat_prompt_tokens(req: GenerationRequest, llm) -> int:
+    """How many tokens the chat prompt of `req` takes (Anthropic's count_tokens)."""
+    return len(_chat_prompt(req, llm)[0])
+
+
 def _completion_prompt(prompt, llm) -> tuple[list[int], str]:
     if isinstance(prompt, str):
         return llm.tokenizer.encode(prompt, add_bos=None, special=True), prompt
@@ -248,6 +253,19 @@ def collect(results: list[ChoiceResult], stats: Stats) -> list[ChoiceResult]:
 def cached_tokens(plan: Plan, results: list[ChoiceResult]) -> int:
     """Prompt tokens the prefix cache had, summed over the prompts (their first choices)."""
     return sum(r.stream.cached_tokens for r in results if r.index % plan.req.n == 0)
+
+
+def matched_stop(result: ChoiceResult, tokenizer, stops: list[str]) -> str | None:
+    """The stop sequence that ended `result`, or None (it ended on an end-of-turn token, or
+    was not stopped). The engine cuts the stop out of the text; decoding the sampled tokens
+    again shows which one it was."""
+    if result.finish_reason != "stop" or not stops or not result.tokens:
+        return None
+    if result.tokens[-1].id in tokenizer.eot_ids or result.tokens[-1].id == tokenizer.eos_id:
+        return None
+    rest = tokenizer.decode([t.id for t in result.tokens])[len(result.text):]
+    found = [(rest.find(s), s) for s in stops if s in rest]
+    return min(found)[1] if found else None
 
 
 def prompt_logprobs(llm, ids: list[int], k: int) -> list[tuple[float | None, list]]:

@@ -5,12 +5,14 @@ from __future__ import annotations
 import threading
 import time
 
+from engine.registry import cache_dir
 from server.http.errors import APIError
 from server.serving.admission import Admission, QueueFull, QueueTimeout
 from server.serving.config import ServerConfig
 from server.serving.embedding_cache import EmbeddingCache
 from server.serving.metrics import Metrics
 from server.serving.pool import ModelPool
+from server.serving.response_store import ResponseStore
 
 
 class Runtime:
@@ -21,12 +23,22 @@ class Runtime:
         self.metrics = Metrics(self.admission, pool)
         self.metrics.ready.set_function(lambda: 1 if self.ready else 0)
         self.embedding_cache = EmbeddingCache(config.embeddings_cache_bytes)
+        self._responses: ResponseStore | None = None
         self.shutdown = threading.Event()   # set: cancel every running generation
         self.draining = False               # set on SIGTERM: refuse new work, finish the rest
 
     @property
     def ready(self) -> bool:
         return self.pool.ready and not self.draining
+
+    @property
+    def responses(self) -> ResponseStore:
+        """The stored responses (the file is made on first use)."""
+        if self._responses is None:
+            path = self.config.responses_store or cache_dir() / "responses.sqlite3"
+            self._responses = ResponseStore(path, self.config.responses_max_age_days,
+                                            self.config.responses_max_mb)
+        return self._responses
 
     def admit(self) -> None:
         """Take a generation slot or raise the 429/503 the client should see."""

@@ -17,113 +17,77 @@ from __future__ import annotations
 
 import time
 
-from flask import Blueprint, current_app, g, jsonify, request
+from flask import Blueprint, current_app, g, jsonify
 
 from engine.errors import CapabilityError, EngineError, TraceError, TraceTooLargeError
 from engine.trace import Steer
 from server.http.errors import APIError, bad_request
-from server.openai.requests import (
-    _bool,
-    _integer,
-    _is_ids,
-    _messages,
-    _number,
-    _type_error,
-    parse_json,
-)
+from server.http.schema import Array, Boolean, Integer, Number, Object, OneOf, String, route
+from server.openai.requests import _messages
+from server.openai.schemas import INT32_MAX, MESSAGE, MODEL, TOKEN_IDS
 
 bp = Blueprint("v1_trace", __name__, url_prefix="/v1")
 MAX_STEER = 8
-OPTIONS = ("prompt", "messages", "model", "top_k", "attention", "attention_layers",
-           "attention_heads", "attention_positions", "ablate_heads", "ablate_attn",
-           "ablate_mlp", "steer", "max_tokens", "temperature", "seed")
-
-
-def _int_list(body: dict, name: str) -> list[int] | None:
-    value = body.get(name)
-    if value is None:
-        return None
-    if isinstance(value, int) and not isinstance(value, bool):
-        return [value]
-    if not isinstance(value, list) or not all(
-            isinstance(v, int) and not isinstance(v, bool) for v in value):
-        raise _type_error(name, "an array of integers", value)
-    return value
-
-
-def _pairs(body: dict) -> list[tuple[int, int]]:
-    value = body.get("ablate_heads") or []
-    ok = isinstance(value, list) and all(
-        isinstance(p, list) and len(p) == 2 and all(
-            isinstance(v, int) and not isinstance(v, bool) for v in p) for p in value)
-    if not ok:
-        raise _type_error("ablate_heads", "an array of [layer, head] pairs", value)
-    return [tuple(p) for p in value]
-
-
-def _steer(body: dict) -> list[Steer]:
-    value = body.get("steer") or []
-    if not isinstance(value, list) or not all(isinstance(s, dict) for s in value):
-        raise _type_error("steer", "an array of objects", value)
-    if len(value) > MAX_STEER:
-        raise bad_request(f"'steer' takes at most {MAX_STEER} vectors.", param="steer",
-                          code="invalid_value")
-    out = []
-    for s in value:
-        layer = _integer(s, "layer", None)
-        if layer is None:
-            raise bad_request("Each 'steer' entry needs a 'layer'.", param="steer",
-                              code="missing_required_parameter")
-        vector = s.get("vector")
-        if vector is not None and (not isinstance(vector, list) or not all(
-                isinstance(x, (int, float)) and not isinstance(x, bool) for x in vector)):
-            raise _type_error("steer", "'vector' as an array of numbers", vector)
-        texts = [s.get(k) for k in ("positive", "negative")]
-        if any(t is not None and not isinstance(t, str) for t in texts):
-            raise _type_error("steer", "'positive' and 'negative' as strings", s)
-        out.append(Steer(layer, vector, float(_number(s, "scale", 1.0)), *texts))
-    return out
+INDICES = Array(items=Integer(0, INT32_MAX, nullable=False))
+TRACE = Object({
+    "model": MODEL,
+    "prompt": OneOf(options=(String(), TOKEN_IDS),
+                    description="Text or token ids to trace (or give `messages`)."),
+    "messages": Array(items=MESSAGE, min_items=1, description="A chat to trace, as in "
+                      "/v1/chat/completions (or give `prompt`)."),
+    "top_k": Integer(1, 100, default=5, description="Tokens per logit-lens cell."),
+    "attention": Boolean(default=True, description="Record attention weights."),
+    "attention_layers": INDICES, "attention_heads": INDICES, "attention_positions": INDICES,
+    "ablate_heads": Array(items=Array(items=Integer(0, INT32_MAX, nullable=False),
+                                      min_items=2, max_items=2, nullable=False),
+                          description="[layer, head] pairs to zero-ablate."),
+    "ablate_attn": INDICES, "ablate_mlp": INDICES,
+    "steer": Array(items=Object({
+        "layer": Integer(0, INT32_MAX, required=True),
+        "scale": Number(-1e6, 1e6, default=1.0),
+        "vector": Array(items=Number(nullable=False)),
+        "positive": String(), "negative": String(),
+    }, nullable=False), max_items=MAX_STEER, description="Vectors added to the residual "
+        "stream after a layer: given, or the difference of two texts' activations."),
+    "max_tokens": Integer(0, INT32_MAX, default=0, description="Generate this many tokens "
+                          "first and trace them too."),
+    "temperature": Number(0, 2, default=0.0),
+    "seed": Integer(),
+}, title="TraceRequest")
 
 
 def parse_trace(body: dict) -> dict:
-    """The body → (model name, prompt, trace options); a 400 for what is malformed."""
-    unknown = sorted(set(body) - set(OPTIONS))
-    if unknown:
+    """A body validated by `TRACE` → (model name, prompt, trace options)."""
+    unknown = sorted(set(body) - set(TRACE.properties))
+    if unknown:  # our own extension: a misspelt option is an error, not silently ignored
         raise bad_request(f"Unknown parameter '{unknown[0]}' for /v1/trace (it takes "
-                          f"{', '.join(OPTIONS)}).", param=unknown[0],
+                          f"{', '.join(TRACE.properties)}).", param=unknown[0],
                           code="unknown_parameter")
-    prompt, messages = body.get("prompt"), body.get("messages")
-    if (prompt is None) == (messages is None):
+    prompt, messages = body["prompt"], body["messages"]
+    if (prompt is None) == (messages is None) or prompt == "":
         raise bad_request("Give either 'prompt' (text or token ids) or 'messages'.",
                           param="prompt", code="missing_required_parameter")
-    if messages is not None:
-        if not isinstance(messages, list) or not messages:
-            raise bad_request("'messages' must be a non-empty array.", param="messages",
-                              code="invalid_value")
-        prompt = _messages(messages)
-    elif not (isinstance(prompt, str) and prompt) and not _is_ids(prompt):
-        raise _type_error("prompt", "a non-empty string or an array of token ids", prompt)
-    model = body.get("model")
-    if model is not None and not isinstance(model, str):
-        raise _type_error("model", "a string", model)
-    options = {"top_k": _integer(body, "top_k", 5), "attention": _bool(body, "attention", True),
-               "ablate_heads": _pairs(body), "steer": _steer(body),
-               "generate": _integer(body, "max_tokens", 0),
-               "temperature": _number(body, "temperature", 0.0, lo=0.0)}
+    steer = [Steer(s["layer"], s["vector"], float(s["scale"]), s["positive"], s["negative"])
+             for s in body["steer"] or []]
+    options = {"top_k": body["top_k"], "attention": body["attention"],
+               "ablate_heads": [tuple(p) for p in body["ablate_heads"] or []], "steer": steer,
+               "generate": body["max_tokens"], "temperature": body["temperature"]}
     for name in ("attention_layers", "attention_heads", "attention_positions"):
-        options[name] = _int_list(body, name)
+        options[name] = body[name]
     for name in ("ablate_attn", "ablate_mlp"):
-        options[name] = _int_list(body, name) or []
-    seed = _integer(body, "seed", None)
-    if seed is not None:
-        options["seed"] = seed
-    return {"model": model, "prompt": prompt, "options": options}
+        options[name] = body[name] or []
+    if body["seed"] is not None:
+        options["seed"] = body["seed"]
+    prompt = _messages(messages) if messages is not None else prompt
+    return {"model": body["model"], "prompt": prompt, "options": options}
 
 
 @bp.post("/trace")
-def create_trace():
+@route("Trace a prompt through the forward pass (numbalm extension)", body=TRACE,
+       tag="numbalm")
+def create_trace(body):
     rt = current_app.extensions["numbalm"]
-    req = parse_trace(parse_json(request.get_data(cache=False)))
+    req = parse_trace(body)
     served = rt.pool.get(req["model"], need="completion")
     g.access.update(model=served.id)
     rt.admit()

@@ -159,7 +159,7 @@ def test_output_is_deterministic(src, tmp_path):
     ("vocab.txt", r"vocab.txt: missing"),
     ("model.safetensors", r"model.safetensors: missing"),
     ("1_Pooling/config.json", r"1_Pooling/config.json: missing"),
-    ("arch", "architecture LlamaForCausalLM is not supported"),
+    ("arch", "architecture GPTNeoXForCausalLM is not supported"),
     ("tensor", "missing tensors blk.1.attn_k.weight"),
     ("garbage", "cannot read the weights"),
 ])
@@ -169,7 +169,7 @@ def test_bad_input_is_one_clear_error(tmp_path, breakage, message):
         src = tmp_path / "nowhere"
     elif breakage == "arch":
         (src / "config.json").write_text(json.dumps(
-            {"architectures": ["LlamaForCausalLM"], "model_type": "llama"}))
+            {"architectures": ["GPTNeoXForCausalLM"], "model_type": "gpt_neox"}))
     elif breakage == "tensor":
         t = bert_tensors(np.random.default_rng(0))
         del t["encoder.layer.1.attention.self.key.weight"]
@@ -221,3 +221,23 @@ def test_real_minilm_loads_in_llama_cpp():
         assert vec.shape == (384,)
         cosine = vec @ ref / np.linalg.norm(vec) / np.linalg.norm(ref)
         assert cosine > 0.9999, e["text"]
+
+
+def test_safetensors_reader_widens_bf16_exactly(tmp_path):
+    """NumPy has no bfloat16: the decoder converter reads BF16 checkpoints itself."""
+    import struct
+
+    from engine.convert_decoder import read_safetensors
+
+    want = np.array([[1.0, -2.5, 3.140625], [0.0, 1e-3, -65280.0]], np.float32)
+    bf16 = (want.view(np.uint32) >> 16).astype(np.uint16)  # exact for these values but 1e-3
+    f16 = want.astype(np.float16)
+    header = json.dumps({"a": {"dtype": "BF16", "shape": [2, 3], "data_offsets": [0, 12]},
+                         "b": {"dtype": "F16", "shape": [2, 3], "data_offsets": [12, 24]},
+                         "__metadata__": {"format": "pt"}}).encode()
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header + bf16.tobytes() + f16.tobytes())
+    got = read_safetensors(path)
+    np.testing.assert_array_equal(got["a"], (bf16.astype(np.uint32) << 16).view(np.float32))
+    np.testing.assert_allclose(got["a"], want, rtol=2**-8)
+    np.testing.assert_array_equal(got["b"], f16)

@@ -19,8 +19,9 @@ from kernels import jit, qmatmul
 from kernels.qpack import SPLIT, repack, unpack_ref
 from kernels.testing import random_tensor
 
-PACKED = [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q6_K]
-DENSE = [Q.F32, Q.F16, Q.Q5_K, Q.Q2_K, Q.Q3_K]
+PACKED = [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q6_K, Q.Q5_K, Q.Q2_K, Q.Q3_K]
+DENSE = [Q.F32, Q.F16]
+K_QUANTS = (Q.Q4_K, Q.Q6_K, Q.Q5_K, Q.Q2_K, Q.Q3_K)  # scales d * sc rounded to float16
 ISAS = ["generic"] + (["vnni", "vnni-serial"] if jit.HAS_AVX512_VNNI else [])
 
 
@@ -43,7 +44,7 @@ def test_unpack_matches_oracle(qtype):
     W = oracle(raw, qtype, shape)
     got = unpack_ref(repack(raw, qtype, shape))
     # K-quant scales d*sc are rounded to float16 at repack; the rest is exact
-    tol = 2.0**-10 * np.abs(W).max() if qtype in (Q.Q4_K, Q.Q6_K) else 0
+    tol = 2.0**-10 * np.abs(W).max() if qtype in K_QUANTS else 0
     np.testing.assert_allclose(got, W, rtol=0, atol=tol)
     assert (qtype in SPLIT) == (repack(raw, qtype, shape).data is not None)
 
@@ -70,7 +71,7 @@ def test_matmul_against_oracle(qtype, shape, n_tok, isa, terms):
     W = oracle(raw, qtype, shape)
     exact = x.astype(np.float64) @ W.T.astype(np.float64)
     bound = act_bound(x, W, terms) * 1.01 + 1e-5 * scale
-    if qtype in (Q.Q4_K, Q.Q6_K):
+    if qtype in K_QUANTS:
         bound += 2.0**-10 * scale
     if w.data is None:
         bound = 1e-5 * scale + 1e-6
@@ -78,7 +79,7 @@ def test_matmul_against_oracle(qtype, shape, n_tok, isa, terms):
     rel = np.abs(got - exact).max() / np.abs(exact).max()
     # typical activation-quantization error: ~0.5 % with one term, float-like with two (where
     # the float16 K-quant scales, relative error <= 2^-11, are what is left)
-    assert rel < (0.02 if terms == 1 else 5e-4 if qtype in (Q.Q4_K, Q.Q6_K) else 1e-4)
+    assert rel < (0.02 if terms == 1 else 5e-4 if qtype in K_QUANTS else 1e-4)
 
 
 @pytest.mark.skipif(not jit.HAS_AVX512_VNNI, reason="needs AVX-512 VNNI")

@@ -23,7 +23,8 @@ def error_of(response, status: int) -> dict:
     (b"{oops", None, "invalid_json"),
     (b"\xff\xfe", None, "invalid_json"),
     (b"[1, 2]", None, "invalid_json"),
-    (b'{"messages": "hi"}', "messages", "invalid_value"),
+    (b'{"messages": "hi"}', "messages", "invalid_type"),
+    (b'{"messages": []}', "messages", "invalid_value"),
     (b'{"model": 3, "messages": [{"role": "user", "content": "x"}]}', "model", "invalid_type"),
 ])
 def test_malformed_bodies_are_400(client, body, param, code):

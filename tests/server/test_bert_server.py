@@ -40,6 +40,8 @@ def test_models_list_capabilities(mixed):
     data = {m["id"]: m for m in mixed.get("/v1/models").get_json()["data"]}
     assert data["fake-embedder"]["capabilities"] == ["embeddings"]
     assert data["fake-model"]["capabilities"] == ["chat", "completion", "embeddings"]
+    assert data["fake-model"]["architecture"] == "fake"
+    assert data["fake-model"]["context_length"] == 512
     one = mixed.get("/v1/models/fake-embedder").get_json()
     assert one["capabilities"] == ["embeddings"] and one["object"] == "model"
 

@@ -70,6 +70,8 @@ def test_add_list_inspect_verify_rm(capsys, tiny, home):
     assert info["vocab_size"] == 64 and info["context_length"] == 128
     assert info["chat_template"] is True and info["parameter_count"] == 64 * 32
     assert info["metadata"]["tokenizer.ggml.tokens"].startswith("[64 items:")
+    # one tensor only: numbalm cannot run it, and says why
+    assert info["supported"] is False and "missing tensor" in info["refused"]
 
     code, out, _ = run(capsys, "inspect", str(tiny))  # a path works too
     assert code == 0 and "architecture:     llama" in out and "chat_template:    True" in out
@@ -140,3 +142,12 @@ def test_numbalm_model_help_says_referenced(home):
                           capture_output=True, text=True, cwd=Path(__file__).parents[2])
     assert proc.returncode == 0 and "referenced, not copied" in proc.stdout
     assert "--copy" in proc.stdout
+
+
+def test_inspect_shows_architecture_capabilities_and_features(capsys):
+    from tests.arch_models import DATA
+
+    code, out, _ = run(capsys, "inspect", str(DATA / "phi3.q8_0.gguf"))
+    assert code == 0 and "architecture:     phi3" in out and "supported:        True" in out
+    assert "capabilities:     chat, completion, embeddings" in out
+    assert "rope scaling longrope" in out and "attention.sliding_window = 16" in out
