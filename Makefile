@@ -67,10 +67,15 @@ test: dev models lint deploy-tools browser
 	$(PY) -m pytest -q
 
 # Long fuzz runs (not in `make test`, which runs a few hundred cases of the same tests): the HTTP
-# API from its OpenAPI document with schemathesis, >= 10,000 cases; the counts are printed.
+# API from its OpenAPI document with schemathesis, >= 10,000 cases; the counts are printed. Then
+# the GGUF reader, model load, registry, tokenizers, chat template and stop matcher
+# (Hypothesis): each test its `fuzz_examples` cases with fresh random seeds (docs/operations.md
+# has the counts; about an hour on 2 cores).
 FUZZ_EXAMPLES ?= 600
-fuzz: dev
+FUZZ_TESTS ?= tests/engine/test_fuzz_gguf.py tests/engine/test_fuzz_text.py
+fuzz: dev models
 	NUMBALM_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest tests/server/test_fuzz_api.py -q -s
+	NUMBALM_FUZZ=1 $(PY) -m pytest $(FUZZ_TESTS) -q -p no:cacheprovider --hypothesis-show-statistics
 
 # The container image (deploy/Dockerfile; docs/deploy.md), with docker when its daemon runs, else
 # podman. Where no image registry is reachable, give a local base: make image

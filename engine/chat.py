@@ -4,14 +4,16 @@ GGUF files carry the Hugging Face chat template (`tokenizer.chat_template`), wri
 `transformers.apply_chat_template`; this renders it the same way: a sandboxed, immutable Jinja
 environment with `trim_blocks` and `lstrip_blocks`, the `raise_exception` and `strftime_now`
 helpers, a `tojson` that leaves non-ASCII and `<>&` alone, and the variables `messages`,
-`bos_token`, `eos_token`, `add_generation_prompt` and `tools`. A model without a template
-gets a fallback (`fallback_template`). Whatever goes wrong while rendering — a syntax error, a
+`bos_token`, `eos_token`, `add_generation_prompt` and `tools`. A model without a template is
+a base model and does not chat, unless the user supplies one (`read_template`: a Jinja file,
+or a built-in format by name, `BUILTIN_TEMPLATES`, as llama-server's `--chat-template`).
+Whatever goes wrong while rendering — a syntax error, a
 template calling `raise_exception`, an attribute the sandbox refuses — comes out as one
 `ChatTemplateError` carrying the template's message.
 
 Tools. A template that reads `tools` (Qwen 2.5, Llama 3.1, Hermes, ...) gets them and the
 messages as they are: assistant `tool_calls` (arguments as objects, as transformers expects)
-and `tool` messages. A template without tool support — SmolLM2's ChatML, our fallbacks —
+and `tool` messages. A template without tool support — SmolLM2's ChatML, our built-in ones —
 gets the Hermes / Qwen convention spelled out in plain messages (`tools_in_messages`): the
 tool signatures in the system prompt, each past call as
 `<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>` in the assistant's turn, and
@@ -24,6 +26,10 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+import sys
+import time
+from contextlib import contextmanager
 from datetime import datetime
 
 import jinja2
@@ -57,12 +63,28 @@ GEMMA_TEMPLATE = (
 )
 
 
-def fallback_template(tokens_present: set[str]) -> str:
-    """The template for a model whose GGUF has none: Gemma's turn format when its vocabulary
-    has `<start_of_turn>`, else ChatML."""
-    if "<start_of_turn>" in tokens_present:
-        return GEMMA_TEMPLATE
-    return CHATML_TEMPLATE
+BUILTIN_TEMPLATES = {"chatml": CHATML_TEMPLATE, "gemma": GEMMA_TEMPLATE}
+
+
+def read_template(spec: str) -> str:
+    """`--chat-template SPEC` → the template's text: a built-in format's name (chatml, gemma)
+    or the path of a Jinja file. A file that cannot be read or does not parse is one
+    ChatTemplateError."""
+    if spec in BUILTIN_TEMPLATES:
+        return BUILTIN_TEMPLATES[spec]
+    try:
+        with open(os.path.expanduser(spec), encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        names = ", ".join(BUILTIN_TEMPLATES)
+        raise ChatTemplateError(f"chat template {spec!r}: {e.strerror or e} (give a Jinja "
+                                f"file or one of {names})") from None
+    except UnicodeDecodeError:
+        raise ChatTemplateError(f"chat template {spec!r} is not UTF-8 text") from None
+    if not text.strip():
+        raise ChatTemplateError(f"chat template {spec!r} is empty")
+    _compile(text)  # a syntax error is reported now, naming the line
+    return text
 
 
 def render_chat(template: str | None, messages: list[dict], *, bos_token: str = "",
@@ -80,11 +102,12 @@ def render_chat(template: str | None, messages: list[dict], *, bos_token: str = 
     elif tools or any(m.get("tool_calls") or m.get("role") == "tool" for m in messages):
         messages, tools = tools_in_messages(messages, tools), None
     try:
-        return compiled.render(
-            messages=[_normalize(m) for m in messages], bos_token=bos_token,
-            eos_token=eos_token, add_generation_prompt=add_generation_prompt, tools=tools,
-            **extra,
-        )
+        with _deadline(RENDER_SECONDS):
+            return _joined(compiled.generate(
+                messages=[_normalize(m) for m in messages], bos_token=bos_token,
+                eos_token=eos_token, add_generation_prompt=add_generation_prompt, tools=tools,
+                **extra,
+            ))
     except ChatTemplateError:
         raise
     except TemplateRaised as e:
@@ -178,6 +201,103 @@ class TemplateRaised(Exception):
     """What `raise_exception(message)` raises inside a template."""
 
 
+# A chat template is code from a model file. The sandbox keeps it from files, imports and
+# Python internals; these limits keep it from the CPU and memory: a render stops after
+# RENDER_SECONDS, and no string, list or output it builds may exceed MAX_TEXT characters
+# (items), nor a number MAX_INT_BITS bits. Real templates render in well under 10 ms.
+RENDER_SECONDS = 2.0
+MAX_TEXT = 1 << 24
+MAX_INT_BITS = 4096
+TEMPLATE_FILE = "<template>"  # the file name Jinja gives code compiled from a string
+
+
+def _too_big(value) -> bool:
+    if isinstance(value, (str, list, tuple, dict)):
+        return len(value) > MAX_TEXT
+    return isinstance(value, int) and value.bit_length() > MAX_INT_BITS
+
+
+class GuardedSandbox(ImmutableSandboxedEnvironment):
+    """The immutable sandbox, with the size limits checked wherever a template can grow a
+    value: `*`, `**` and `+`, every attribute or item it reads, every call's result."""
+
+    intercepted_binops = frozenset({"*", "**", "+"})
+
+    def call_binop(self, context, operator, left, right):
+        if operator == "**" and isinstance(right, int) and abs(right) > 64 and (
+                isinstance(left, int) and abs(left) > 1):
+            raise ChatTemplateError(f"chat template: {left} ** {right} is too large a number")
+        if operator == "*":
+            for seq, n in ((left, right), (right, left)):
+                if (isinstance(seq, (str, list, tuple)) and isinstance(n, int)
+                        and len(seq) * n > MAX_TEXT):
+                    raise ChatTemplateError(f"chat template: a value of {len(seq) * n} "
+                                            f"characters or items is over the limit")
+        return self._checked(super().call_binop(context, operator, left, right))
+
+    def getattr(self, obj, attribute):
+        return self._checked(super().getattr(obj, attribute))
+
+    def getitem(self, obj, argument):
+        return self._checked(super().getitem(obj, argument))
+
+    def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (Jinja's signature)
+        return __self._checked(super().call(__context, __obj, *args, **kwargs))
+
+    @staticmethod
+    def _checked(value):
+        if _too_big(value):
+            raise ChatTemplateError("chat template: built a value over the size limit "
+                                    f"({MAX_TEXT} characters or items, {MAX_INT_BITS}-bit "
+                                    f"numbers)")
+        return value
+
+
+class _RenderTimeout(Exception):
+    pass
+
+
+@contextmanager
+def _deadline(seconds: float):
+    """Stop template code that runs past `seconds`: a trace function on this thread, active
+    only in frames of compiled templates, checks the clock at each line they run. (When a
+    debugger or coverage already traces the thread, it is left alone and there is no limit.)"""
+    previous = sys.gettrace()
+    if previous is not None:
+        yield
+        return
+    end = time.monotonic() + seconds
+
+    def in_template(frame, event, arg):
+        if time.monotonic() > end:
+            raise _RenderTimeout()
+        return in_template
+
+    def on_call(frame, event, arg):
+        return in_template if frame.f_code.co_filename == TEMPLATE_FILE else None
+
+    sys.settrace(on_call)
+    try:
+        yield
+    except _RenderTimeout:
+        raise ChatTemplateError(f"chat template: rendering took longer than {seconds:g} s; "
+                                f"stopped") from None
+    finally:
+        sys.settrace(None)
+
+
+def _joined(pieces) -> str:
+    """The template's output pieces joined, stopping once they pass MAX_TEXT characters."""
+    out, size = [], 0
+    for piece in pieces:
+        size += len(piece)
+        if size > MAX_TEXT:
+            raise ChatTemplateError(f"chat template: the prompt grew past {MAX_TEXT} "
+                                    f"characters; stopped")
+        out.append(piece)
+    return "".join(out)
+
+
 def _raise_exception(message: str):
     raise TemplateRaised(message)
 
@@ -193,9 +313,9 @@ def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=F
 
 
 @functools.cache
-def _environment() -> ImmutableSandboxedEnvironment:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[jinja2.ext.loopcontrols])
+def _environment() -> GuardedSandbox:
+    env = GuardedSandbox(trim_blocks=True, lstrip_blocks=True,
+                         extensions=[jinja2.ext.loopcontrols])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now

@@ -4,9 +4,36 @@ Each message is fit to show a user as it is: it names the file, model or value a
 what is wrong with it. The CLI prints it on one line; the server maps it to an HTTP status.
 """
 
+import re
+
+# Characters that can break or forge a log line or a terminal: C0 and C1 controls (newline,
+# carriage return, escape sequences), DEL, the Unicode line/paragraph separators and the bidi
+# overrides ("Trojan source"), and lone surrogates (which no stream can encode). Text from a
+# model file or a client may hold any of them.
+_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069"
+                       "\ud800-\udfff]")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def clean_text(text: str) -> str:
+    r"""`text` with every control character written as an escape (`\n`, `\x1b`, `\u202e`):
+    safe to put in one log line or an error message."""
+    if not _CONTROLS.search(text):
+        return text
+    return _CONTROLS.sub(_escape, text)
+
+
+def _escape(m: re.Match) -> str:
+    c = m.group()
+    return _NAMED.get(c) or (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
+
 
 class EngineError(Exception):
-    """Base class: a problem with the user's input, not a bug in numbalm."""
+    """Base class: a problem with the user's input, not a bug in numbalm. Its message is one
+    line: control characters (from a file name, a model's metadata, a client) are escaped."""
+
+    def __init__(self, *args):
+        super().__init__(*(clean_text(a) if isinstance(a, str) else a for a in args))
 
 
 class GGUFError(EngineError):

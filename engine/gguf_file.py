@@ -77,6 +77,18 @@ _NUMPY_DTYPES = {
 }
 MAX_DIMS = 4
 
+# Bounds on what a header may declare, far above any real model (SmolLM2: 272 tensors, 40
+# metadata entries, a 49k vocabulary; Gemma-3: 262k). Counts and lengths are checked against
+# the bytes left in the file as well, but a file of 250 MB can still hold 30 million empty
+# strings: these limits keep what one header makes the reader build to a few hundred MB.
+MAX_TENSORS = 1 << 16
+MAX_KV = 1 << 16
+MAX_ARRAY = 1 << 22  # elements of one metadata array (4M: 16x the largest vocabulary)
+MAX_STRING = 1 << 24  # bytes of one metadata string (chat templates: ~10 KB)
+MAX_KEY = 1 << 10  # bytes of a metadata key or tensor name (llama.cpp: names of 64)
+MAX_NESTING = 2  # an array of arrays at most (llama.cpp reads no nested arrays at all)
+MAX_HPARAM = 1 << 27  # any size or count a model's metadata declares (context: 128M tokens)
+
 
 @dataclass(frozen=True)
 class TensorInfo:
@@ -87,6 +99,7 @@ class TensorInfo:
     qtype: GGMLQuantizationType
     n_bytes: int
     data: np.ndarray  # (n_bytes,) uint8, a view into the file
+    data_start: int = 0  # where `data` starts in the file
 
     @property
     def n_elements(self) -> int:
@@ -118,6 +131,17 @@ class GGUFFile:
     @property
     def file_size(self) -> int:
         return os.path.getsize(self.path)
+
+    def check_shapes(self, expected: dict[str, tuple[int | None, ...]]) -> None:
+        """Every named tensor exists with that shape (NumPy order; None: any size); else one
+        GGUFError. A model module calls it with the shapes its ModelArgs imply, before any
+        weight is read."""
+        for name, shape in expected.items():
+            actual = self.tensors[name].shape
+            if len(actual) != len(shape) or any(
+                    want is not None and have != want for have, want in zip(actual, shape)):
+                raise GGUFError(f"{self.path}: tensor {name} has shape {actual}, but the "
+                                f"metadata implies {tuple(shape)}")
 
     def quant_mix(self) -> dict[str, int]:
         """Tensor count per quant type, most common first."""
@@ -164,8 +188,10 @@ class _Cursor:
     def u64(self, what: str) -> int:
         return self.scalar(GGUFValueType.UINT64, what)
 
-    def string(self, what: str) -> str:
+    def string(self, what: str, limit: int = MAX_STRING) -> str:
         n = self.u64(f"length of {what}")
+        if n > limit and n <= len(self.buf) - self.pos:
+            raise self.fail(f"{what} is {n} bytes long (at most {limit} are read)")
         return bytes(self.take(n, what)).decode("utf-8", errors="replace")
 
     def strings(self, count: int, what: str) -> list[str]:
@@ -180,10 +206,11 @@ class _Cursor:
                 raise self.fail(f"truncated: {what}[{i}] has no length at offset {pos}")
             (n,) = length_at(buf, pos)
             pos += 8
-            if n > end - pos:
+            if n > end - pos or n > MAX_STRING:
                 self.pos = pos
                 raise self.fail(f"truncated: needs {n} bytes for {what}[{i}] at offset "
-                                f"{pos}, but the file is {end} bytes")
+                                f"{pos}, but the file is {end} bytes" if n > end - pos else
+                                f"{what}[{i}] is {n} bytes long (at most {MAX_STRING} are read)")
             out.append(str(buf[pos:pos + n], "utf-8", "replace"))
             pos += n
         self.pos = pos
@@ -203,22 +230,28 @@ class _Cursor:
             return self.array(what)
         return self.scalar(vtype, what)
 
-    def array(self, what: str):
+    def array(self, what: str, depth: int = 1):
         """Numeric arrays become NumPy arrays (one vectorized read); string arrays lists."""
         etype = self.value_type(f"elements of {what}")
         count = self.u64(f"length of {what}")
         remaining = len(self.buf) - self.pos
+        # the least each element takes: a string its 8-byte length, an inner array its type
+        # and length, a number its size
+        least = {GGUFValueType.STRING: 8, GGUFValueType.ARRAY: 12}.get(etype)
+        itemsize = least or np.dtype(_NUMPY_DTYPES[etype]).itemsize
+        if count * itemsize > remaining:
+            raise self.fail(f"{what}: array of {count} elements cannot fit in the file")
+        if count > MAX_ARRAY:
+            raise self.fail(f"{what}: array of {count} elements is over the limit of "
+                            f"{MAX_ARRAY}")
         if etype == GGUFValueType.STRING:
-            if count * 8 > remaining:  # each string needs at least its 8-byte length
-                raise self.fail(f"{what}: array of {count} strings cannot fit in the file")
             return self.strings(count, what)
         if etype == GGUFValueType.ARRAY:
-            if count > remaining:
-                raise self.fail(f"{what}: nested array of {count} cannot fit in the file")
-            return [self.array(f"{what}[{i}]") for i in range(count)]
-        dtype = np.dtype(_NUMPY_DTYPES[etype])
-        raw = self.take(count * dtype.itemsize, what)
-        return np.frombuffer(raw, dtype=dtype).copy()
+            if depth >= MAX_NESTING:
+                raise self.fail(f"{what}: arrays nested more than {MAX_NESTING} deep")
+            return [self.array(f"{what}[{i}]", depth + 1) for i in range(count)]
+        raw = self.take(count * itemsize, what)
+        return np.frombuffer(raw, dtype=np.dtype(_NUMPY_DTYPES[etype])).copy()
 
 
 def open_gguf(path: str | os.PathLike) -> GGUFFile:
@@ -250,42 +283,77 @@ def open_gguf(path: str | os.PathLike) -> GGUFFile:
             f"{path}: corrupt header: {n_tensors} tensors and {n_kv} metadata entries "
             f"cannot fit in {size} bytes"
         )
+    if n_kv > MAX_KV or n_tensors > MAX_TENSORS:
+        raise GGUFError(f"{path}: corrupt header: {n_tensors} tensors and {n_kv} metadata "
+                        f"entries (at most {MAX_TENSORS} and {MAX_KV} are read)")
 
     metadata: dict[str, Any] = {}
     for i in range(n_kv):
-        key = cur.string(f"metadata key #{i}")
-        vtype = cur.value_type(f"metadata {key!r}")
-        metadata[key] = cur.value(vtype, f"metadata {key!r}")
+        key = cur.string(f"metadata key #{i}", MAX_KEY)
+        if key in metadata:
+            raise cur.fail(f"metadata {_show(key)} appears twice")
+        vtype = cur.value_type(f"metadata {_show(key)}")
+        metadata[key] = cur.value(vtype, f"metadata {_show(key)}")
 
     infos = [_read_tensor_info(cur, i) for i in range(n_tensors)]
     alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
-    if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
+    if (not isinstance(alignment, int) or isinstance(alignment, bool) or alignment <= 0
+            or alignment & (alignment - 1)):
         raise GGUFError(f"{path}: general.alignment {alignment!r} is not a power of two")
     data_offset = -(-cur.pos // alignment) * alignment
 
-    tensors = {}
+    tensors = Tensors(path)
     for name, shape, qtype, offset in infos:
+        if name in tensors:
+            raise GGUFError(f"{path}: tensor {_show(name)} appears twice")
+        if offset % alignment:
+            raise GGUFError(f"{path}: tensor {_show(name)} data offset {offset} is not a multiple "
+                            f"of the alignment {alignment}")
         tensors[name] = _tensor(path, mm, name, shape, qtype, data_offset + offset, size)
+    _check_overlaps(path, tensors, data_offset)
     gf = GGUFFile(path, version, metadata, tensors, data_offset)
     _check_required(gf)
     return gf
 
 
+class Tensors(dict):
+    """name → TensorInfo; a missing name is a GGUFError naming the file (a model module asks
+    for the tensors its architecture needs: a file without one is damaged, not a bug)."""
+
+    def __init__(self, path: str):
+        super().__init__()
+        self.path = path
+
+    def __missing__(self, name: str):
+        raise GGUFError(f"{self.path}: missing tensor {name}")
+
+
+def _check_overlaps(path: str, tensors: Tensors, data_offset: int) -> None:
+    """No two tensors share a byte (llama.cpp lays them out one after another)."""
+    spans = sorted((t.data_start, t.data_start + t.n_bytes, t.name) for t in tensors.values())
+    for (_, end, name), (start, _, other) in zip(spans, spans[1:]):
+        if start < end:
+            raise GGUFError(f"{path}: tensors {_show(name)} and {_show(other)} overlap (bytes "
+                            f"{start - data_offset}..{end - data_offset} of the data)")
+
+
 def _read_tensor_info(cur: _Cursor, i: int):
-    name = cur.string(f"name of tensor #{i}")
-    n_dims = cur.u32(f"dimension count of tensor {name!r}")
+    name = cur.string(f"name of tensor #{i}", MAX_KEY)
+    n_dims = cur.u32(f"dimension count of tensor {_show(name)}")
     if not 1 <= n_dims <= MAX_DIMS:
-        raise cur.fail(f"tensor {name!r} has {n_dims} dimensions (1 to {MAX_DIMS} allowed)")
-    dims = [cur.u64(f"dimensions of tensor {name!r}") for _ in range(n_dims)]
-    raw_type = cur.u32(f"quant type of tensor {name!r}")
-    offset = cur.u64(f"data offset of tensor {name!r}")
+        raise cur.fail(f"tensor {_show(name)} has {n_dims} dimensions (1 to {MAX_DIMS} allowed)")
+    dims = [cur.u64(f"dimensions of tensor {_show(name)}") for _ in range(n_dims)]
+    raw_type = cur.u32(f"quant type of tensor {_show(name)}")
+    offset = cur.u64(f"data offset of tensor {_show(name)}")
     try:
         qtype = GGMLQuantizationType(raw_type)
     except ValueError:
-        raise cur.fail(f"tensor {name!r} has unknown quant type {raw_type}") from None
+        raise cur.fail(f"tensor {_show(name)} has unknown quant type {raw_type}") from None
     if qtype not in SUPPORTED_QTYPES:
-        raise cur.fail(f"tensor {name!r} uses quant type {qtype.name}, which numbalm does not "
+        raise cur.fail(f"tensor {_show(name)} uses quant type {qtype.name}, which numbalm does not "
                        f"support ({', '.join(sorted(t.name for t in SUPPORTED_QTYPES))})")
+    if 0 in dims:
+        raise cur.fail(f"tensor {_show(name)} has an empty dimension {dims}")
     shape = tuple(int(d) for d in reversed(dims))  # GGUF lists the innermost dim first
     return name, shape, qtype, offset
 
@@ -294,14 +362,14 @@ def _tensor(path, mm, name, shape, qtype, start, file_size) -> TensorInfo:
     block_size, type_size = GGML_QUANT_SIZES[qtype]
     n_in = shape[-1]
     if n_in == 0 or n_in % block_size:
-        raise GGUFError(f"{path}: tensor {name!r} row length {n_in} is not a multiple of the "
+        raise GGUFError(f"{path}: tensor {_show(name)} row length {n_in} is not a multiple of the "
                         f"{qtype.name} block size {block_size}")
     n_elements = int(np.prod(shape, dtype=object))  # Python ints: huge dims must not wrap
     n_bytes = n_elements // block_size * type_size
     if start + n_bytes > file_size:
-        raise GGUFError(f"{path}: truncated: tensor {name!r} needs bytes {start}..{start + n_bytes}"
-                        f" but the file is {file_size} bytes")
-    return TensorInfo(name, shape, qtype, n_bytes, mm[start:start + n_bytes])
+        raise GGUFError(f"{path}: truncated: tensor {_show(name)} needs bytes "
+                        f"{start}..{start + n_bytes} but the file is {file_size} bytes")
+    return TensorInfo(name, shape, qtype, n_bytes, mm[start:start + n_bytes], start)
 
 
 def _check_required(gf: GGUFFile) -> None:
@@ -315,5 +383,46 @@ def _check_required(gf: GGUFFile) -> None:
     missing = [k for k in keys if k not in gf.metadata]
     if missing:
         raise GGUFError(f"{gf.path}: missing metadata for {arch}: {', '.join(missing)}")
+    _check_hparams(gf)
+    tokens = gf.metadata["tokenizer.ggml.tokens"]
+    if not isinstance(tokens, list) or not tokens or not isinstance(tokens[0], str):
+        raise GGUFError(f"{gf.path}: tokenizer.ggml.tokens is not a list of strings")
     if "token_embd.weight" not in gf.tensors:
         raise GGUFError(f"{gf.path}: missing tensor token_embd.weight")
+    # llama.cpp's check too: one embedding row per token, of the model's width.
+    vocab_shape = (len(tokens), gf.arch("embedding_length"))
+    for name in ("token_embd.weight", "output.weight"):
+        if name in gf.tensors and gf.tensors[name].shape != vocab_shape:
+            raise GGUFError(f"{gf.path}: tensor {name} has shape {gf.tensors[name].shape}, "
+                            f"but the vocabulary and embedding_length make {vocab_shape}")
+
+
+# The architecture keys the model modules read (`<arch>.` + key), and what each must be.
+HPARAM_COUNTS = ("context_length", "embedding_length", "block_count", "feed_forward_length",
+                 "attention.head_count", "attention.head_count_kv", "attention.key_length",
+                 "attention.value_length", "attention.sliding_window", "max_seq_length")
+HPARAM_EPSILONS = ("attention.layer_norm_rms_epsilon", "attention.layer_norm_epsilon")
+HPARAM_BASES = ("rope.freq_base",)
+
+
+def _check_hparams(gf: GGUFFile) -> None:
+    """The sizes and counts a model module reads are whole numbers in 1..MAX_HPARAM, its
+    epsilons numbers in (0, 1), rope bases at least 1: a module may use them as they are."""
+    checks = [(HPARAM_COUNTS, f"a whole number in 1..{MAX_HPARAM}",
+               lambda v: isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_HPARAM),
+              (HPARAM_EPSILONS, "a number between 0 and 1",
+               lambda v: isinstance(v, float) and 0.0 < v < 1.0),
+              (HPARAM_BASES, "a number of at least 1",
+               lambda v: isinstance(v, float) and 1.0 <= v < 1e12)]
+    for keys, want, ok in checks:
+        for key in keys:
+            value = gf.arch(key)
+            if value is not None and not ok(value):
+                raise GGUFError(f"{gf.path}: metadata {gf.architecture}.{key} is "
+                                f"{_show(value)}, not {want}")
+
+
+def _show(value: Any) -> str:
+    """A metadata value for an error message, cut short."""
+    text = repr(value.tolist() if isinstance(value, np.ndarray) else value)
+    return text if len(text) <= 60 else text[:57] + "..."

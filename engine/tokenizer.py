@@ -120,7 +120,7 @@ class Tokenizer:
         self.n_vocab = len(self.tokens)
         types = metadata.get("tokenizer.ggml.token_type")
         types = np.full(self.n_vocab, NORMAL) if types is None else np.asarray(types)
-        if types.shape != (self.n_vocab,):
+        if types.shape != (self.n_vocab,) or types.dtype.kind not in "iub":
             raise TokenizerError(f"tokenizer.ggml.token_type has {types.size} entries for "
                                  f"{self.n_vocab} tokens")
         self.token_types: list[int] = types.tolist()
@@ -156,9 +156,11 @@ class Tokenizer:
 
     def _id_key(self, metadata: dict, key: str) -> int | None:
         value = metadata.get(f"tokenizer.ggml.{key}")
-        if value is None or not 0 <= int(value) < self.n_vocab:
+        if value is None:
             return None
-        return int(value)
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
+            raise TokenizerError(f"tokenizer.ggml.{key} is {value!r:.40}, not a token id")
+        return int(value) if 0 <= int(value) < self.n_vocab else None
 
     def _end_of_turn_ids(self, metadata: dict) -> frozenset[int]:
         ids = {self.eos_id, self._id_key(metadata, "eot_token_id"),
@@ -185,6 +187,7 @@ class Tokenizer:
     def encode(self, text: str, add_bos: bool | None = None, special: bool = False) -> list[int]:
         """Text → token ids. `add_bos=None` follows the metadata; `special=True` turns the text
         of control tokens (`<|im_start|>`, `<start_of_turn>`, ...) into their ids."""
+        text = valid_unicode(text)
         ids = []
         if self.add_bos if add_bos is None else add_bos:
             if self.bos_id is None:
@@ -297,6 +300,8 @@ class BPETokenizer(Tokenizer):
         merges = metadata.get("tokenizer.ggml.merges")
         if merges is None:
             raise TokenizerError("a BPE vocabulary needs tokenizer.ggml.merges")
+        if not isinstance(merges, list) or not all(isinstance(m, str) for m in merges):
+            raise TokenizerError("tokenizer.ggml.merges is not a list of strings")
         self.ranks = {tuple(m.split(" ", 1)): rank for rank, m in enumerate(merges)}
         self._word_cache: dict[str, list[int]] = {}
 
@@ -354,6 +359,10 @@ class SPMTokenizer(Tokenizer):
         if scores is None:
             raise TokenizerError("a SentencePiece vocabulary needs tokenizer.ggml.scores")
         self.scores: list[float] = _tolist(scores)
+        if len(self.scores) != self.n_vocab or not all(
+                isinstance(x, (int, float)) for x in self.scores[:1]):
+            raise TokenizerError(f"tokenizer.ggml.scores has {len(self.scores)} numbers for "
+                                 f"{self.n_vocab} tokens")
         self.add_space_prefix = bool(metadata.get("tokenizer.ggml.add_space_prefix", True))
         self.byte_ids = [self._byte_id(b) for b in range(256)]
 
@@ -410,6 +419,17 @@ def check_token_ids(ids, n_vocab: int, where: str = "the input") -> None:
     if bad is not None:
         raise TokenIdError(f"token id {bad} in {where} is outside the vocabulary "
                            f"(0..{n_vocab - 1})")
+
+
+_SURROGATE = regex.compile("[\ud800-\udfff]")
+
+
+def valid_unicode(text: str) -> str:
+    """`text` as UTF-8 can hold it: a surrogate pair left as two code points (JSON's
+    "\\ud83d\\ude00") becomes its character, a lone surrogate U+FFFD."""
+    if not _SURROGATE.search(text):
+        return text
+    return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
 
 
 def _tolist(values) -> list:

@@ -30,6 +30,7 @@ import numpy as np
 from kernels.dequant import dequantize
 
 from ..batch import Batch
+from ..errors import GGUFError
 from ..gguf_file import GGUFFile
 
 # llama.cpp's `bert.pooling_type` values (enum llama_pooling_type).
@@ -56,7 +57,10 @@ class ModelArgs:
         dim = int(gf.arch("embedding_length"))
         n_heads = int(gf.arch("attention.head_count"))
         n_positions = int(gf.arch("context_length"))
-        pooling_type = int(gf.arch("pooling_type", 1))
+        pooling_type = gf.arch("pooling_type", 1)
+        if dim % n_heads:
+            raise GGUFError(f"{gf.path}: embedding_length {dim} is not a multiple of the "
+                            f"{n_heads} heads")
         return cls(
             dim=dim,
             n_layers=int(gf.arch("block_count")),
@@ -67,7 +71,8 @@ class ModelArgs:
             n_positions=n_positions,
             n_ctx=min(n_positions, int(gf.arch("max_seq_length", n_positions))),
             norm_eps=float(gf.arch("attention.layer_norm_epsilon")),
-            pooling=POOLING_TYPES.get(pooling_type, "mean"),
+            pooling=POOLING_TYPES.get(pooling_type, "mean") if isinstance(pooling_type, int)
+            else "mean",
         )
 
 
@@ -103,6 +108,7 @@ class Layer:
 
 class Model:
     def __init__(self, args: ModelArgs, gf: GGUFFile, backend):
+        gf.check_shapes(self.tensor_shapes(args))  # a damaged file fails here, not mid-forward
         self.args = args
         self.backend = backend
         self.token_embd = backend.prepare_embedding(gf.tensors["token_embd.weight"])
@@ -110,6 +116,23 @@ class Model:
         self.token_type = _vector(gf, "token_types.weight")[: args.dim]  # (dim,) type 0
         self.token_embd_norm = _norm(gf, "token_embd_norm")
         self.layers = [Layer(gf, i, backend) for i in range(args.n_layers)]
+
+    @staticmethod
+    def tensor_shapes(a: ModelArgs) -> dict[str, tuple[int | None, ...]]:
+        """The shape (NumPy order; None: any) of every tensor this encoder reads."""
+        d, f = a.dim, a.ffn_dim
+        shapes = {"token_embd.weight": (a.n_vocab, d), "position_embd.weight": (a.n_positions, d),
+                  "token_types.weight": (None, d), "token_embd_norm.weight": (d,),
+                  "token_embd_norm.bias": (d,)}
+        linears = {"attn_q": (d, d), "attn_k": (d, d), "attn_v": (d, d), "attn_output": (d, d),
+                   "ffn_up": (f, d), "ffn_down": (d, f)}
+        for i in range(a.n_layers):
+            for name, (n_out, n_in) in linears.items():
+                shapes[f"blk.{i}.{name}.weight"] = (n_out, n_in)
+                shapes[f"blk.{i}.{name}.bias"] = (n_out,)
+            for norm in ("attn_output_norm", "layer_output_norm"):
+                shapes[f"blk.{i}.{norm}.weight"] = shapes[f"blk.{i}.{norm}.bias"] = (d,)
+        return shapes
 
     def kv_layout(self) -> None:
         """An encoder attends within the batch and keeps no KV cache."""

@@ -20,6 +20,7 @@ import numpy as np
 from kernels.dequant import dequantize
 
 from ..batch import Batch
+from ..errors import GGUFError
 from ..gguf_file import GGUFFile
 from .rope import Rope, rope_from_gguf
 
@@ -50,12 +51,18 @@ class ModelArgs:
     def from_gguf(cls, gf: GGUFFile) -> ModelArgs:
         dim = int(gf.arch("embedding_length"))
         n_heads = int(gf.arch("attention.head_count"))
+        n_kv_heads = int(gf.arch("attention.head_count_kv", n_heads))
+        head_dim = int(gf.arch("attention.key_length", dim // n_heads))
+        if n_heads % n_kv_heads or head_dim % 2 or not head_dim:
+            raise GGUFError(f"{gf.path}: {n_heads} heads cannot share {n_kv_heads} key/value "
+                            f"heads of {head_dim} dimensions (a whole number of query heads "
+                            f"per kv head, an even head size)")
         return cls(
             dim=dim,
             n_layers=int(gf.arch("block_count")),
             n_heads=n_heads,
-            n_kv_heads=int(gf.arch("attention.head_count_kv", n_heads)),
-            head_dim=int(gf.arch("attention.key_length", dim // n_heads)),
+            n_kv_heads=n_kv_heads,
+            head_dim=head_dim,
             ffn_dim=int(gf.arch("feed_forward_length")),
             n_vocab=len(gf.metadata["tokenizer.ggml.tokens"]),
             n_ctx=int(gf.arch("context_length")),
@@ -94,9 +101,11 @@ class Layer:
 class Model:
     MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
     VECTORS = ("attn_norm", "ffn_norm")
+    HEAD_VECTORS = ("attn_q_norm", "attn_k_norm")  # per-head norms (gemma3): (head_dim,)
     Layer = Layer  # an architecture with other fused matrices brings its own (phi3)
 
     def __init__(self, args: ModelArgs, gf: GGUFFile, backend):
+        gf.check_shapes(self.tensor_shapes(args))  # a damaged file fails here, not mid-forward
         self.args = args
         self.backend = backend
         self.token_embd = backend.prepare_embedding(gf.tensors["token_embd.weight"])
@@ -108,6 +117,27 @@ class Model:
         head = gf.tensors.get("output.weight", gf.tensors["token_embd.weight"])
         self.output = backend.prepare(head)
         self.rope = rope_from_gguf(gf, args.rope_base, args.head_dim, args.rope_neox, args.n_ctx)
+
+    @classmethod
+    def matrix_shapes(cls, a: ModelArgs) -> dict[str, tuple[int, int]]:
+        """(n_out, n_in) of each layer matrix, from the args (`attn_qkv`: q, k, v stacked)."""
+        q, kv = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
+        return {"attn_q": (q, a.dim), "attn_k": (kv, a.dim), "attn_v": (kv, a.dim),
+                "attn_qkv": (q + 2 * kv, a.dim), "attn_output": (a.dim, q),
+                "ffn_gate": (a.ffn_dim, a.dim), "ffn_up": (a.ffn_dim, a.dim),
+                "ffn_down": (a.dim, a.ffn_dim)}
+
+    @classmethod
+    def tensor_shapes(cls, a: ModelArgs) -> dict[str, tuple[int, ...]]:
+        """The shape (NumPy order) of every tensor this network reads, from its args."""
+        matrices = cls.matrix_shapes(a)
+        shapes = {"token_embd.weight": (a.n_vocab, a.dim), "output_norm.weight": (a.dim,)}
+        for i in range(a.n_layers):
+            shapes.update({f"blk.{i}.{m}.weight": matrices[m] for m in cls.MATRICES
+                           if m in matrices})
+            shapes.update({f"blk.{i}.{v}.weight": (a.head_dim,) if v in cls.HEAD_VECTORS
+                           else (a.dim,) for v in cls.VECTORS})
+        return shapes
 
     def kv_layout(self) -> tuple[int, int, int]:
         """What one position costs in the KV cache: (n_layers, n_kv_heads, head_dim)."""

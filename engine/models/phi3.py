@@ -33,6 +33,10 @@ class Model(llama.Model):
     MATRICES = ("attn_qkv", "attn_output", "ffn_up", "ffn_down")
     Layer = Layer
 
+    @classmethod
+    def matrix_shapes(cls, a):
+        return {**super().matrix_shapes(a), "ffn_up": (2 * a.ffn_dim, a.dim)}  # gate | up
+
     def qkv(self, layer, h):
         a = self.args
         n = h.shape[0]

@@ -36,6 +36,15 @@ def vector(gf: GGUFFile, name: str) -> np.ndarray:
 
 
 class Model(llama.Model):
+    @classmethod
+    def tensor_shapes(cls, a):
+        shapes = super().tensor_shapes(a)
+        q, kv = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
+        for i in range(a.n_layers):
+            shapes.update({f"blk.{i}.attn_q.bias": (q,), f"blk.{i}.attn_k.bias": (kv,),
+                           f"blk.{i}.attn_v.bias": (kv,)})
+        return shapes
+
     def __init__(self, args: ModelArgs, gf: GGUFFile, backend):
         super().__init__(args, gf, backend)
         for i, layer in enumerate(self.layers):

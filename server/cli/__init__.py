@@ -14,17 +14,18 @@ import sys
 import traceback
 
 from engine import __version__
-from engine.errors import EngineError
-from server.cli import convert, generate, model, serve, trace
+from engine.errors import EngineError, clean_text
+from server.cli import convert, generate, model, run, serve, trace
+from server.cli.help import ArgumentParser
 
-COMMANDS = (model, convert, generate, trace, serve)  # each adds its subcommands to the parser
+COMMANDS = (model, convert, generate, trace, run, serve)  # each adds its subcommands to the parser
 
 EXIT_USER_ERROR = 1
 EXIT_INTERRUPTED = 130
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="numbalm", description="A readable LLM inference engine with an OpenAI server."
     )
     parser.add_argument("--verbose", action="store_true",
@@ -56,5 +57,5 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # missing files, permissions, a full disk: the user's to fix
         if args.verbose:
             traceback.print_exc()
-        print(f"numbalm: error: {e}", file=sys.stderr)
+        print(f"numbalm: error: {clean_text(str(e))}", file=sys.stderr)
         return EXIT_USER_ERROR

@@ -80,9 +80,21 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
            "authentication")
     a("--cors-origin", dest="cors_origins", action="append", metavar="ORIGIN",
       help="allow browser requests from ORIGIN ('*' for any); repeatable")
+    a("--metrics-auth", action="store_true", default=None,
+      help="/metrics needs an API key too (default: open, like /healthz)")
+    a("--rate-limit-rpm", type=int, metavar="N",
+      help="requests per minute per API key (per client address without keys); 0: no limit")
+    a("--rate-limit-tpm", type=int, metavar="N",
+      help="prompt + completion tokens per minute per API key (or address); 0: no limit")
+    a("--rate-limit-ip-rpm", type=int, metavar="N", help="requests per minute per client address")
+    a("--rate-limit-ip-tpm", type=int, metavar="N", help="tokens per minute per client address")
     a("--log-level", help="debug, info, warning, error (default info)")
     a("--log-format", choices=["text", "json"], help="log line format (default text)")
     a("--shutdown-grace", type=float, help="seconds in-flight work may finish on SIGTERM (30)")
+    a("--chat-template", metavar="FILE",
+      help="Jinja chat template for the served models instead of their own, or a built-in "
+           "one (chatml, gemma); a model with no template of its own (a base model) does not "
+           "chat without it")
     a("--no-warmup", dest="warmup", action="store_false", default=None,
       help="skip the warm-up (kernel compile) before reporting ready")
     a("--warmup-only", action="store_true",
@@ -99,7 +111,8 @@ def config_from_args(args, environ=None) -> ServerConfig:
              "max_n", "embeddings_max_batch", "embeddings_cache_bytes",
              "responses_store", "responses_max_age_days", "responses_max_mb",
              "api_keys", "cors_origins", "log_level", "log_format", "shutdown_grace",
-             "warmup")
+             "warmup", "chat_template", "metrics_auth", "rate_limit_rpm", "rate_limit_tpm",
+             "rate_limit_ip_rpm", "rate_limit_ip_tpm")
     cli = {name: getattr(args, name, None) for name in names}
     cli["aliases"] = _pairs(getattr(args, "aliases", None))
     config = build_config(cli, environ, getattr(args, "config", None))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import math
 import re
 import secrets
 import time
@@ -17,6 +18,9 @@ access_log = logging.getLogger("numbalm.access")
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 OPEN_ROUTES = ("/healthz", "/readyz", "/metrics", "/openapi.json", "/docs")
 OPEN_PREFIX = "/ui"  # the web page's static files (it sends the API key it is given)
+EXPOSED_HEADERS = ", ".join(["X-Request-Id", "Retry-After"] + [
+    f"x-ratelimit-{what}-{kind}" for what in ("limit", "remaining", "reset")
+    for kind in ("requests", "tokens")])
 
 
 def _start_request():
@@ -28,10 +32,19 @@ def _start_request():
     current_app.extensions["numbalm"].metrics.in_flight.inc()
 
 
+def _open_route() -> bool:
+    """Routes that need no API key (and count against no rate limit); /metrics too unless
+    --metrics-auth."""
+    if request.path == "/metrics":
+        return not current_app.extensions["numbalm"].config.metrics_auth
+    return (request.path in OPEN_ROUTES or request.path == OPEN_PREFIX
+            or request.path.startswith(OPEN_PREFIX + "/"))
+
+
 def _check_api_key():
     keys = current_app.extensions["numbalm"].config.api_keys
-    if not keys or request.method == "OPTIONS" or request.path in OPEN_ROUTES \
-            or request.path == OPEN_PREFIX or request.path.startswith(OPEN_PREFIX + "/"):
+    g.api_key = None
+    if not keys or request.method == "OPTIONS" or _open_route():
         return
     scheme, _, given = request.headers.get("Authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not given.strip():
@@ -44,6 +57,28 @@ def _check_api_key():
     matches = [hmac.compare_digest(given_bytes, k.encode()) for k in keys]
     if not any(matches):
         raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
+    g.api_key = keys[matches.index(True)]
+
+
+def _check_rate_limits():
+    """Take this request from its client's buckets (server/http/ratelimit.py), or 429."""
+    rt = current_app.extensions["numbalm"]
+    limits = rt.rate_limits
+    g.rate_clients = None
+    if not limits.enabled or request.method == "OPTIONS" or _open_route():
+        return
+    address = request.remote_addr or "-"
+    key = g.get("api_key")
+    g.rate_clients = clients = {"key": "key:" + key if key else "address:" + address,
+                                "address": address}
+    refused = limits.admit(clients)
+    if refused:
+        rt.metrics.rate_limited.labels(refused.scope, refused.kind).inc()
+        retry = max(1, math.ceil(refused.retry_after))
+        per = "API key" if refused.scope == "key" and key else "client address"
+        raise APIError(429, f"Rate limit reached for {refused.kind} per minute ({refused.limit} "
+                       f"per {per}); retry in {retry} s.", code="rate_limit_exceeded",
+                       headers={"Retry-After": str(retry)})
 
 
 def _allowed_origin() -> str | None:
@@ -72,22 +107,26 @@ def _preflight():
 
 def _finish_response(response):
     response.headers["X-Request-Id"] = g.request_id
+    if g.get("rate_clients"):
+        response.headers.update(
+            current_app.extensions["numbalm"].rate_limits.headers(g.rate_clients))
     origin = _allowed_origin()
     if origin:
         response.headers["Access-Control-Allow-Origin"] = origin
-        response.headers["Access-Control-Expose-Headers"] = "X-Request-Id, Retry-After"
+        response.headers["Access-Control-Expose-Headers"] = EXPOSED_HEADERS
         response.vary.add("Origin")
     record = dict(request_id=g.request_id, method=request.method, path=request.path,
                   route=request.url_rule.rule if request.url_rule else "unmatched",
                   status=response.status_code, remote=request.remote_addr, start=g.start,
-                  access=g.access)
-    metrics = current_app.extensions["numbalm"].metrics
-    response.call_on_close(lambda: _log_request(metrics, record))
+                  access=g.access, rate_clients=g.get("rate_clients"))
+    rt = current_app.extensions["numbalm"]
+    response.call_on_close(lambda: _log_request(rt, record))
     return response
 
 
-def _log_request(metrics, r: dict) -> None:
+def _log_request(rt, r: dict) -> None:
     """Runs when the response is closed, i.e. after the last byte of a stream too."""
+    metrics = rt.metrics
     elapsed = time.perf_counter() - r["start"]
     metrics.in_flight.dec()
     metrics.requests.labels(r["method"], r["route"], str(r["status"])).inc()
@@ -96,6 +135,9 @@ def _log_request(metrics, r: dict) -> None:
               "duration_ms": round(elapsed * 1000, 1), "remote": r["remote"]}
     access = r["access"]
     stats = access.get("stats")
+    if r["rate_clients"]:
+        used = access.get("prompt_tokens", 0) + (stats.completion_tokens if stats else 0)
+        rt.rate_limits.charge(r["rate_clients"], used)
     if stats is not None:
         fields.update(model=access["model"], stream=access["stream"],
                       prompt_tokens=access["prompt_tokens"],
@@ -112,4 +154,5 @@ def init_app(app: Flask) -> None:
     app.before_request(_start_request)
     app.before_request(_preflight)
     app.before_request(_check_api_key)
+    app.before_request(_check_rate_limits)
     app.after_request(_finish_response)

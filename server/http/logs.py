@@ -7,6 +7,8 @@ import json
 import logging
 import time
 
+from engine.errors import clean_text
+
 request_id = contextvars.ContextVar("request_id", default="-")
 
 
@@ -33,16 +35,20 @@ class JsonFormatter(logging.Formatter):
 
 
 class TextFormatter(logging.Formatter):
+    """One line per record: control characters in the message and fields (a client's path, a
+    model's metadata) are escaped, so nothing can end a line early or forge the next one.
+    (JSON lines escape them by themselves.) Only a traceback spans lines."""
+
     def __init__(self):
         super().__init__("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s")
 
-    def format(self, record: logging.LogRecord) -> str:
-        record.request_id = getattr(record, "request_id", "-")
-        line = super().format(record)
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.request_id = clean_text(str(getattr(record, "request_id", "-")))
+        line = super().formatMessage(record)
         fields = getattr(record, "fields", None)
         if fields:
             line += " " + " ".join(f"{k}={v}" for k, v in fields.items())
-        return line
+        return clean_text(line)
 
 
 def setup_logging(level: str = "info", fmt: str = "text") -> None:

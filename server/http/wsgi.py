@@ -3,6 +3,7 @@ and a loopback server in a background thread for tests and load tests."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -10,7 +11,10 @@ import threading
 import time
 
 import waitress
+from waitress.channel import HTTPChannel
+from waitress.task import ErrorTask
 
+from server.http.errors import APIError
 from server.serving.config import ServerConfig
 
 log = logging.getLogger("numbalm.server")
@@ -25,15 +29,42 @@ def stop_seconds(config: ServerConfig) -> float:
     return config.shutdown_grace + CANCEL_SECONDS + FLUSH_SECONDS
 
 
+class JSONErrorTask(ErrorTask):
+    """waitress's own refusals, made before the app sees the request (a body far over the
+    limit, a malformed request line or chunked body, headers too large), in OpenAI's error
+    shape instead of waitress's plain text."""
+
+    def execute(self):
+        e = self.request.error
+        message = f"{e.reason}: {e.body}" if e.body else e.reason
+        err = APIError(e.code, message, code=WAITRESS_CODES.get(e.code, "bad_request"))
+        body = json.dumps(err.body()).encode("utf-8")
+        self.status = f"{e.code} {e.reason}"
+        self.response_headers.append(("Content-Type", "application/json"))
+        self.set_close_on_finish()
+        self.content_length = len(body)
+        self.write(body)
+
+
+WAITRESS_CODES = {413: "request_too_large", 431: "request_header_fields_too_large",
+                  500: "internal_error"}
+
+
+class JSONErrorChannel(HTTPChannel):
+    error_task_class = JSONErrorTask
+
+
 def make_waitress(app, config: ServerConfig, host=None, port=None, **adjustments):
-    return waitress.create_server(
+    server = waitress.create_server(
         app, host=host or config.host, port=config.port if port is None else port,
         threads=config.worker_threads, channel_request_lookahead=1,  # lets us see disconnects
-        # room above our own limit, so Flask answers 413 in OpenAI's shape; bodies far larger
-        # are refused by waitress itself, before they are read
+        # room above our own limit, so Flask answers 413 with its own message; bodies far
+        # larger are refused by waitress itself, before they are read (JSONErrorTask)
         max_request_body_size=max(4 * config.max_body_size, config.max_body_size + 2**20),
         ident="numbalm",
         channel_timeout=max(120, int(config.request_timeout)), **adjustments)
+    server.channel_class = JSONErrorChannel
+    return server
 
 
 class GracefulServer:

@@ -42,10 +42,16 @@ class ServerConfig:
     responses_max_mb: float = 256.0      # beyond this the oldest stored responses go
     api_keys: list[str] = field(default_factory=list)      # empty: no authentication
     cors_origins: list[str] = field(default_factory=list)  # "*" or exact origins
+    metrics_auth: bool = False           # /metrics needs an API key too (when keys are set)
+    rate_limit_rpm: int = 0              # requests per minute per API key (no keys: per address)
+    rate_limit_tpm: int = 0              # tokens per minute per API key (no keys: per address)
+    rate_limit_ip_rpm: int = 0           # requests per minute per client address
+    rate_limit_ip_tpm: int = 0           # tokens per minute per client address
     log_level: str = "info"
     log_format: str = "text"             # text | json
     shutdown_grace: float = 30.0         # seconds in-flight work may finish after SIGTERM
     warmup: bool = True                  # run one token per model before /readyz says ready
+    chat_template: str = ""              # a Jinja file or built-in name for every served model
 
     def __post_init__(self):
         self.validate()
@@ -57,7 +63,8 @@ class ServerConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         for name in ("queue_size", "threads", "compute_threads", "port",
-                     "embeddings_cache_bytes"):
+                     "embeddings_cache_bytes", "rate_limit_rpm", "rate_limit_tpm",
+                     "rate_limit_ip_rpm", "rate_limit_ip_tpm"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative, got {getattr(self, name)}")
         for name in ("queue_timeout", "request_timeout", "shutdown_grace",

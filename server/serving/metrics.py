@@ -87,6 +87,9 @@ class Metrics:
                                  ["reason"], registry=r)
         self.ready = Gauge("numbalm_ready", "1 when models are loaded and warmed up",
                            registry=r)
+        self.rate_limited = Counter("numbalm_rate_limited",
+                                    "Requests refused by a rate limit (429)", ["scope", "kind"],
+                                    registry=r)
         self.embedding_cache_hits = Counter("numbalm_embedding_cache_hits",
                                             "Embedding inputs answered from the cache",
                                             ["model"], registry=r)

@@ -7,6 +7,7 @@ import time
 
 from engine.registry import cache_dir
 from server.http.errors import APIError
+from server.http.ratelimit import RateLimiter
 from server.serving.admission import Admission, QueueFull, QueueTimeout
 from server.serving.config import ServerConfig
 from server.serving.embedding_cache import EmbeddingCache
@@ -23,6 +24,8 @@ class Runtime:
         self.metrics = Metrics(self.admission, pool)
         self.metrics.ready.set_function(lambda: 1 if self.ready else 0)
         self.embedding_cache = EmbeddingCache(config.embeddings_cache_bytes)
+        self.rate_limits = RateLimiter(config.rate_limit_rpm, config.rate_limit_tpm,
+                                       config.rate_limit_ip_rpm, config.rate_limit_ip_tpm)
         self._responses: ResponseStore | None = None
         self.shutdown = threading.Event()   # set: cancel every running generation
         self.draining = False               # set on SIGTERM: refuse new work, finish the rest

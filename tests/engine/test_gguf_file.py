@@ -159,7 +159,7 @@ def test_huge_array_count(real, tmp_path):
 def test_huge_numeric_array_count(real, tmp_path):
     field = real["reader"].fields["tokenizer.ggml.token_type"]
     count_at = field.offset + 8 + len(field.name) + 4 + 4
-    open_fails(patched(real, tmp_path, {count_at: u64(2**61)}), "truncated")
+    open_fails(patched(real, tmp_path, {count_at: u64(2**61)}), "cannot fit")
 
 
 @pytest.mark.parametrize("n_dims", [0, 5, 2**31])
@@ -195,7 +195,8 @@ def test_huge_dims_do_not_overflow(real, tmp_path):
 
 def test_tensor_offset_past_the_end(real, tmp_path):
     _, _, qtype_at = _first_tensor(real)
-    open_fails(patched(real, tmp_path, {qtype_at + 4: u64(2**64 - 1)}), "truncated: tensor")
+    open_fails(patched(real, tmp_path, {qtype_at + 4: u64(2**64 - 32)}), "truncated: tensor")
+    open_fails(patched(real, tmp_path, {qtype_at + 4: u64(2**64 - 1)}), "not a multiple of the")
 
 
 # --- small files that are not GGUF at all ------------------------------------------------------
@@ -223,7 +224,7 @@ def test_missing_file_and_directory(tmp_path):
 
 # --- small files written with GGUFWriter -------------------------------------------------------
 
-def write_gguf(path, arch="llama", skip=(), embd=None, raw_dtype=None, extra=None):
+def write_gguf(path, arch="llama", skip=(), embd=None, raw_dtype=None, extra=None, dim=32):
     """A tiny file for `arch`; `skip` leaves out keys by their name below; `embd` (raw bytes if
     `raw_dtype` is given) replaces the float32 token embedding; `extra` adds str/list keys."""
     w = GGUFWriter(str(path), arch)
@@ -231,7 +232,7 @@ def write_gguf(path, arch="llama", skip=(), embd=None, raw_dtype=None, extra=Non
         (w.add_string if isinstance(value, str) else w.add_array)(key, value)
     adders = {
         "context_length": lambda: w.add_context_length(64),
-        "embedding_length": lambda: w.add_embedding_length(32),
+        "embedding_length": lambda: w.add_embedding_length(dim),
         "block_count": lambda: w.add_block_count(1),
         "feed_forward_length": lambda: w.add_feed_forward_length(64),
         "head_count": lambda: w.add_head_count(4),
@@ -297,7 +298,7 @@ def test_non_integer_alignment(tmp_path, value):
 def test_quantized_tensor_in_a_tiny_file(tmp_path):
     # Q8_0: blocks of 32 values in 34 bytes, so 68 bytes hold a row of 64.
     path = write_gguf(tmp_path / "q8.gguf", embd=np.zeros((4, 68), dtype=np.uint8),
-                      raw_dtype=GGMLQuantizationType.Q8_0)
+                      raw_dtype=GGMLQuantizationType.Q8_0, dim=64)
     t = open_gguf(path).tensors["token_embd.weight"]
     assert t.shape == (4, 64) and t.qtype == GGMLQuantizationType.Q8_0 and t.n_bytes == 4 * 68
 
@@ -342,3 +343,37 @@ def test_tensor_infos_match_gguf_reader(real):
     assert gf.quant_mix() == {"Q4_1": 210, "F32": 61, "Q8_0": 1}
     assert gf.parameter_count() == 134_515_008
     assert os.path.getsize(real["path"]) == gf.file_size == 98_362_432
+
+
+# --- hostile headers: limits and consistency ---------------------------------------------------
+
+
+def test_vocabulary_must_match_the_embedding_table(tmp_path):
+    path = write_gguf(tmp_path / "v.gguf", embd=np.zeros((5, 32), dtype=np.float32))
+    msg = open_fails(path, "token_embd.weight has shape (5, 32)")
+    assert "(4, 32)" in msg
+
+
+@pytest.mark.parametrize("value, shown", [("64", "'64'"), ([64], "[64]")],
+                         ids=["string", "array"])
+def test_a_size_must_be_a_whole_number(tmp_path, value, shown):
+    path = write_gguf(tmp_path / "c.gguf", skip=("context_length",),
+                      extra={"llama.context_length": value})
+    open_fails(path, f"llama.context_length is {shown}, not a whole number")
+
+
+def test_array_count_over_the_limit(tmp_path, monkeypatch):
+    import engine.gguf_file as gguf_file
+
+    monkeypatch.setattr(gguf_file, "MAX_ARRAY", 3)
+    open_fails(write_gguf(tmp_path / "a.gguf"), "array of 4 elements is over the limit of 3")
+
+
+def test_long_tensor_name_is_refused_and_shown_short(tmp_path):
+    path = write_gguf(tmp_path / "n.gguf")
+    data = bytearray(path.read_bytes())
+    at = data.index(b"token_embd.weight") - 8  # the name's u64 length
+    struct.pack_into("<Q", data, at, 5000)
+    path.write_bytes(bytes(data) + bytes(8192))
+    msg = open_fails(path, "bytes long (at most 1024 are read)")
+    assert len(msg) < 300
