@@ -283,8 +283,9 @@ class Constraint:
         self._spelling = spelling(tokenizer)
         self._strings = landing.JsonStrings()
         self._peeked: tuple[int, landing.Ending | None] | None = None
-        self.ending: landing.Ending | None = landing.find_ending(matcher, self._strings,
-                                                                 self._spelling)
+        self._misses = 0  # searches that found no ending (landing.MAX_MISSES: stop looking)
+        self.ending: landing.Ending | None = None
+        self.ending = self._search(self._strings)
 
     def fill_mask(self) -> None:
         """Compute the mask for the next token (after the tokens consumed so far)."""
@@ -369,7 +370,16 @@ class Constraint:
             return old.after(len(data))
         if old is not None and landing.still_ends(self.matcher, old, self._spelling):
             return old
-        return landing.find_ending(self.matcher, strings, self._spelling)
+        return self._search(strings)
+
+    def _search(self, strings: landing.JsonStrings) -> landing.Ending | None:
+        """A new ending; a grammar that keeps yielding none (a pattern whose walk runs past
+        MAX_ENDING, say) is not searched again, so it costs a few searches, not every token."""
+        if self._misses >= landing.MAX_MISSES:
+            return None
+        ending = landing.find_ending(self.matcher, strings, self._spelling)
+        self._misses = 0 if ending is not None else self._misses + 1
+        return ending
 
     def _check(self) -> None:
         if self.matcher.is_error():

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 MAX_ENDING = 1024  # bytes: an ending not found within this is "none known" (no landing)
+MAX_MISSES = 8  # searches that found no ending before a generation stops looking
 
 # The byte tried first, by where the text is: inside a JSON string, closing it; elsewhere the
 # closing brackets, a comma (on to a required property or item), then the shortest values.
@@ -137,8 +138,9 @@ def find_ending(matcher, strings: JsonStrings, spell: Spelling) -> Ending | None
         while not matcher.is_accepting():
             if len(data) >= MAX_ENDING:
                 return None
+            last = data[-1] if data else None
             step = bytes(matcher.compute_ff_bytes()) or _first_allowed_byte(matcher, strings,
-                                                                            spell)
+                                                                            spell, last)
             ids = [spell.byte.get(b) for b in step]
             if not step or None in ids:
                 return None
@@ -153,8 +155,11 @@ def find_ending(matcher, strings: JsonStrings, spell: Spelling) -> Ending | None
     return spell.spell(bytes(data))
 
 
-def _first_allowed_byte(matcher, strings: JsonStrings, spell: Spelling) -> bytes:
-    """The first byte of the preferred ones the grammar allows, else of all (from its mask)."""
+def _first_allowed_byte(matcher, strings: JsonStrings, spell: Spelling,
+                        last: int | None) -> bytes:
+    """The first byte of the preferred ones the grammar allows; else, from its mask, the
+    first allowed byte of ANY_BYTE after `last` (the byte before; so `a+b` ends `ab`, not in
+    a run of `a`s)."""
     for byte in INSIDE_STRING if strings.inside else OUTSIDE_STRING:
         token = spell.byte.get(byte)
         if token is not None and matcher.try_consume_tokens([token]):
@@ -165,7 +170,8 @@ def _first_allowed_byte(matcher, strings: JsonStrings, spell: Spelling) -> bytes
     mask = allocate_token_bitmask(1, spell.n_vocab)  # (1, n_words) int32
     fill_next_token_bitmask(matcher, mask)
     words = mask[0].view(np.uint32)
-    for byte in ANY_BYTE:
+    start = ANY_BYTE.index(last) + 1 if last is not None else 0
+    for byte in ANY_BYTE[start:] + ANY_BYTE[:start]:
         token = spell.byte.get(byte)
         if token is not None and (words[token >> 5] >> (token & 31)) & 1:
             return bytes([byte])

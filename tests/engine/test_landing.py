@@ -163,6 +163,23 @@ def test_following_the_ending_finishes_the_grammar_one_token_closer_each_time(gr
         jsonschema.validate(json.loads(text), NESTED)
 
 
+def test_a_pattern_ends_without_running_in_circles():
+    # the walk takes the next allowed byte after the one before, so a+ does not go on forever
+    grammar = Grammar.json_schema({"type": "string", "pattern": "^a+b$"})
+    assert after(grammar, '"a').ending.data == b'b"'
+
+
+def test_a_grammar_without_ending_is_searched_a_few_times_only(monkeypatch):
+    from engine import landing
+
+    searches = []
+    find = landing.find_ending
+    monkeypatch.setattr(landing, "find_ending", lambda *a: searches.append(1) or find(*a))
+    constraint = after(Grammar.lark('start: /[a-z]+/ "é"'), "abcdefghijkl")  # é: no token
+    assert constraint.ending is None
+    assert len(searches) == landing.MAX_MISSES  # then it stops looking
+
+
 def test_no_ending_when_the_vocabulary_cannot_spell_it():
     constraint = Grammar.lark('start: "a" "é"').start(TOK)  # no token holds é's bytes
     assert constraint.ending is None
