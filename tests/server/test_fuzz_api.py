@@ -9,9 +9,11 @@ held (admission idle). `make test` runs a small number of cases per route;
 
 from __future__ import annotations
 
+import atexit
 import collections
 import json
 import os
+import shutil
 import tempfile
 
 import jsonschema
@@ -30,6 +32,7 @@ COUNTS: collections.Counter = collections.Counter()
 
 def make_app():
     store = tempfile.mkdtemp(prefix="numbalm-fuzz-")
+    atexit.register(shutil.rmtree, store, True)
     pool = ModelPool.from_models([FakeModel()], aliases={"gpt-4o-mini": "fake-model"})
     # a small token cap keeps each generated reply short; the timeout bounds any one request
     return create_app({"max_tokens_cap": 64, "request_timeout": 30,
