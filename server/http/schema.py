@@ -48,17 +48,23 @@ def type_error(path: str, expected: str, value) -> APIError:
                     f"{json_type(value)}.", "invalid_type")
 
 
-def check_finite(value, path: str) -> None:
-    """Refuse NaN and +-Infinity anywhere inside a free-form value."""
+MAX_DEPTH = 64  # nesting a free-form value may have (a schema, metadata)
+
+
+def check_finite(value, path: str, depth: int = 0) -> None:
+    """Refuse NaN and +-Infinity anywhere inside a free-form value, and nesting past
+    MAX_DEPTH (what reads it later, the grammar compiler too, recurses)."""
     if isinstance(value, float) and not math.isfinite(value):
         raise _invalid(path, f"Invalid value for '{path}': {value}; JSON numbers must be "
                        "finite (NaN and Infinity are not JSON).")
+    if isinstance(value, (dict, list)) and depth >= MAX_DEPTH:
+        raise _invalid(path, f"'{path}' is nested more than {MAX_DEPTH} levels deep.")
     if isinstance(value, dict):
         for key, item in value.items():
-            check_finite(item, f"{path}.{key}" if path else str(key))
+            check_finite(item, f"{path}.{key}" if path else str(key), depth + 1)
     elif isinstance(value, list):
         for i, item in enumerate(value):
-            check_finite(item, f"{path}[{i}]")
+            check_finite(item, f"{path}[{i}]", depth + 1)
 
 
 @dataclass(kw_only=True)

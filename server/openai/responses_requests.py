@@ -22,7 +22,6 @@ from server.http.schema import (
 )
 from server.openai.requests import response_format, sampling
 from server.openai.schemas import (
-    INT32_MAX,
     MAX_TOOLS,
     MAX_TOP_LOGPROBS,
     MODEL,
@@ -87,7 +86,6 @@ RESPONSES = Object({
     "truncation": String(enum=("disabled", "auto")),
     "background": Boolean(),
     "user": String(),
-    "n": Integer(1, INT32_MAX, default=1, description="Not in OpenAI's API: always 1."),
 }, title="ResponseRequest")
 
 
@@ -168,10 +166,9 @@ def parse_responses(body: dict, history: list[dict], cap: int) -> tuple[Generati
                                                                         list[dict]]:
     """A body validated by `RESPONSES` and the stored conversation before it (items) → the
     request to run and this request's input items."""
-    for name, refused in (("background", body["background"]), ("n", body["n"] != 1)):
-        if refused:
-            raise bad_request(f"'{name}' is not supported by this server.", param=name,
-                              code="unsupported_parameter")
+    if body["background"]:
+        raise bad_request("'background' is not supported by this server.", param="background",
+                          code="unsupported_parameter")
     if (body["max_output_tokens"] or 0) > cap:
         raise bad_request(f"Invalid value for 'max_output_tokens': {body['max_output_tokens']}; "
                           f"this server allows at most {cap}.", param="max_output_tokens",

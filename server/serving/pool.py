@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import engine
 from engine.api import LanguageModel
+from engine.registry import canonical_id
 from server.http.errors import APIError, bad_request
 from server.serving.config import ConfigError
 
@@ -164,6 +165,8 @@ class ModelPool:
             served = able[0] if able else next(iter(self.models.values()))
         else:
             served = self.models.get(self.aliases.get(name, name))
+            if served is None:  # a registry alias ("smollm2") names the model it aliases
+                served = self.models.get(canonical_id(name))
         if served is None:
             raise APIError(404, f"The model '{name}' does not exist; see /v1/models.",
                            param="model", code="model_not_found")

@@ -4,14 +4,17 @@ the schemas and bodies that do not, plus raw bytes that are not JSON at all.
 Pass: no 5xx but the 503s the design has (not ready, busy, shutting down); every error in the
 error shape the document gives its route; afterwards the server is still ready and no slot is
 held (admission idle). `make test` runs a small number of cases per route;
-`make fuzz` sets NUMBALM_FUZZ_EXAMPLES for >= 10,000 in all and prints the counts.
+`make fuzz` sets NUMBALM_FUZZ_EXAMPLES for >= 10,000 in all and prints the counts (and
+writes them to NUMBALM_FUZZ_COUNTS as it goes).
 """
 
 from __future__ import annotations
 
+import atexit
 import collections
 import json
 import os
+import shutil
 import tempfile
 
 import jsonschema
@@ -30,6 +33,7 @@ COUNTS: collections.Counter = collections.Counter()
 
 def make_app():
     store = tempfile.mkdtemp(prefix="numbalm-fuzz-")
+    atexit.register(shutil.rmtree, store, True)
     pool = ModelPool.from_models([FakeModel()], aliases={"gpt-4o-mini": "fake-model"})
     # a small token cap keeps each generated reply short; the timeout bounds any one request
     return create_app({"max_tokens_cap": 64, "request_timeout": 30,
@@ -41,9 +45,10 @@ APP = make_app()
 API = schemathesis.openapi.from_wsgi("/openapi.json", APP)
 API.config.generation.update(modes=[GenerationMode.POSITIVE, GenerationMode.NEGATIVE],
                              max_examples=EXAMPLES)
-# the coverage phase adds every boundary value of every field (thousands of cases): in the
-# long run only
-API.config.phases.coverage.enabled = EXAMPLES > 100
+# the coverage phase adds every boundary value of every field (thousands of cases, slow):
+# only when asked for (NUMBALM_FUZZ_COVERAGE=1)
+API.config.phases.coverage.enabled = os.environ.get("NUMBALM_FUZZ_COVERAGE") == "1"
+COUNTS_FILE = os.environ.get("NUMBALM_FUZZ_COUNTS")  # where a long run writes its counts
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +71,9 @@ def check(document, path: str, method: str, status: int, body: bytes, content_ty
     key = f"{method.upper()} {path}"
     COUNTS[key] += 1
     COUNTS[f"status {status}"] += 1
+    if COUNTS_FILE and sum(COUNTS.values()) % 400 == 0:  # a long run's progress survives it
+        with open(COUNTS_FILE, "w") as f:
+            json.dump(dict(sorted(COUNTS.items())), f, indent=1)
     assert status < 500 or status == 503, f"{key}: {status} {body[:300]!r}"
     if status >= 400:
         assert content_type.startswith("application/json"), f"{key}: {content_type}"
@@ -110,4 +118,8 @@ def test_after_fuzzing_the_server_is_ready_and_idle(fuzz_app):
     assert rt.admission.active == 0 and rt.admission.waiting == 0
     total = sum(v for k, v in COUNTS.items() if not k.startswith("status"))
     print(f"\nfuzzed {total} requests:", dict(sorted(COUNTS.items())))
+    if COUNTS_FILE:
+        with open(COUNTS_FILE, "w") as f:
+            json.dump({"total": total, "done": True, **dict(sorted(COUNTS.items()))}, f,
+                      indent=1)
     assert total > 0

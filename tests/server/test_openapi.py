@@ -70,3 +70,15 @@ def test_nulls_mean_not_given(client, model):
         "tools": None, "response_format": None, "n": None, "stream": None})
     assert r.status_code == 200, r.get_data(as_text=True)
     assert model.calls[-1]["temperature"] == 1.0  # the fake engine's own default: not passed
+
+
+def test_deeply_nested_free_values_are_400_naming_the_field(client):
+    deep = "[" * 200 + "]" * 200
+    raw = CHAT + '"response_format": {"type": "json_schema", "json_schema": {"schema": ' \
+        '{"a": ' + deep + '}}}}'
+    err = error_of(client.post("/v1/chat/completions", data=raw,
+                               content_type="application/json"), 400)
+    assert err["param"].startswith("response_format.json_schema.schema.a[0]")
+    raw = CHAT + '"metadata": ' + "[" * 5000 + "]" * 5000 + "}"  # past the JSON parser's limit
+    assert error_of(client.post("/v1/chat/completions", data=raw,
+                                content_type="application/json"), 400)["code"] == "invalid_json"

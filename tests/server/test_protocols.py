@@ -179,3 +179,10 @@ def test_store_is_bounded_by_size_and_age(tmp_path):
     old = ResponseStore(tmp_path / "s.sqlite3", max_age_days=1e-9)
     time.sleep(0.01)
     assert old.get("resp_19") is None  # past its age: gone
+
+
+def test_a_registry_alias_names_the_model_it_aliases(make_app):
+    client = make_app([FakeModel(id="smollm2-135m-instruct")]).test_client()
+    assert client.get("/v1/models/smollm2").get_json()["id"] == "smollm2-135m-instruct"
+    r = client.post("/v1/messages", json={"model": "smollm2", "max_tokens": 2, "messages": HI})
+    assert r.status_code == 200 and r.get_json()["model"] == "smollm2-135m-instruct"

@@ -48,12 +48,12 @@ def url(smollm2, store):
 
 @pytest.fixture(scope="module")
 def oai(url):
-    return openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=120)
+    return openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=600)
 
 
 @pytest.fixture(scope="module")
 def claude(url):
-    return anthropic.Anthropic(base_url=url, api_key="x", max_retries=0, timeout=120)
+    return anthropic.Anthropic(base_url=url, api_key="x", max_retries=0, timeout=600)
 
 
 # --- the Responses API ---------------------------------------------------------------------
@@ -135,7 +135,7 @@ def test_previous_response_id_survives_a_restart(smollm2, store, oai):
                                  temperature=0, max_output_tokens=20)
     with serve(smollm2, store) as server:  # a new app, process state gone; the file stays
         again = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0,
-                              timeout=120)
+                              timeout=600)
         assert again.responses.retrieve(first.id).output_text == first.output_text
         items = again.responses.input_items.list(first.id)
         assert [i.type for i in items.data] == ["message"]
