@@ -1,7 +1,7 @@
 """N streaming clients against `numbalm serve` and llama-server, side by side, loopback only.
 
     python bench/concurrency.py --llama-server /path/to/llama-server          # both, SmolLM2
-    python bench/concurrency.py --model gemma3-270m --clients 1 8 --llama-server ...
+    python bench/concurrency.py --model gemma3-270m --chat-template gemma --clients 1 8 ...
     python bench/concurrency.py --numbalm-only                                 # no peer
 
 Each server is started on a free 127.0.0.1 port with the same GGUF file and 2 threads
@@ -12,6 +12,9 @@ server and N: aggregate completion tokens/s over the wave (tokens from the strea
 so early end-of-turn is counted honestly), tokens/s per request, and time to first token
 p50/p99. The servers run one at a time, so they never share the 2 cores; every wave is
 bounded by `--time-limit`.
+
+A base model (gemma3-270m has no chat template) needs `--chat-template NAME|FILE`; both servers
+get the same one (numbalm's built-ins chatml and gemma are llama-server's names too).
 
 llama-server is built from the llama-cpp-python sdist (docs/internals.md, "Benchmarks"); pass
 its path. This script starts it with a loopback host and no web UI; nothing else is read.
@@ -172,6 +175,8 @@ def start_numbalm(model_path: str, args) -> tuple[subprocess.Popen, int, str]:
     cmd = [sys.executable, "-m", "server.cli", "serve", "-m", f"bench={model_path}",
            "--port", str(port), "--max-concurrent", str(args.slots),
            "--queue-size", "64", "--log-level", "warning"]
+    if args.chat_template:
+        cmd += ["--chat-template", args.chat_template]
     env = dict(os.environ, NUMBA_NUM_THREADS=str(args.threads))
     proc = subprocess.Popen(cmd, cwd=args.numbalm_src or ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -185,6 +190,9 @@ def start_llama_server(model_path: str, args) -> tuple[subprocess.Popen, int, st
     cmd = [str(binary), "-m", model_path, "--host", "127.0.0.1", "--port", str(port),
            "-np", str(args.slots), "-c", str(args.slots * 2048), "-t", str(args.threads),
            "-tb", str(args.threads), "--no-webui"]
+    if args.chat_template:
+        builtin = args.chat_template in ("chatml", "gemma")
+        cmd += ["--chat-template" if builtin else "--chat-template-file", args.chat_template]
     env = dict(os.environ, LD_LIBRARY_PATH=str(binary.parent))
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_ready(port, proc, "/health", 120)
@@ -238,6 +246,8 @@ def main(argv=None) -> None:
     ap.add_argument("--time-limit", type=float, default=120.0, help="seconds per wave at most")
     ap.add_argument("--llama-server", help="path to a llama-server binary (the peer)")
     ap.add_argument("--numbalm-only", action="store_true")
+    ap.add_argument("--chat-template", metavar="NAME|FILE",
+                    help="for a base model without a chat template: chatml, gemma or a file")
     ap.add_argument("--numbalm-src", help="run numbalm from this source tree (default: here)")
     args = ap.parse_args(argv)
     from engine.registry import resolve_model_path

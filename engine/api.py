@@ -67,6 +67,8 @@ class LanguageModel(Protocol):
     dim: int
     capabilities: frozenset[str]  # of "completion", "chat", "embeddings"
     tokenizer: TextTokenizer
+    metadata: dict  # the GGUF file's key-value metadata (engine.gguf_file.GGUFFile.metadata)
+    chat_template: str | None  # the Jinja template chats are rendered with; None: no chat
 
     def logits(self, ids: list[int]) -> np.ndarray:
         """(len(ids), n_vocab) float32, from a fresh context."""

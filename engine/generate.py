@@ -114,7 +114,8 @@ class Decoding:
         self.sampler, self.matcher = Sampler(params), StopMatcher(stop)
         self.decoder = tokenizer.decoder()
         self.constraint = grammar.start(tokenizer) if grammar is not None else None
-        self.history = list(prompt_ids)  # what the penalties look at
+        # what the penalties look at: the prompt and the reply, or the reply alone
+        self.history = list(prompt_ids) if params.penalize_prompt else []
         self.n_generated = 0
         self.landed = False  # has the budget narrowed a choice (the grammar's landing)
         if self.constraint:

@@ -22,7 +22,7 @@ from .errors import CapabilityError, ContextOverflowError, EngineError, GGUFErro
 from .generate import Decoding, GeneratedToken, check_prompt
 from .gguf_file import GGUFFile, open_gguf
 from .kv import BLOCK, KVPool
-from .models import build_model, capabilities
+from .models import build_model, capabilities, no_chat_message
 from .sampling import SamplingParams
 from .scheduler import STEP_TOKENS, Scheduler, TokenStream
 from .tokenizer import Tokenizer, check_token_ids
@@ -38,7 +38,7 @@ class LLM:
 
     def __init__(self, gf: GGUFFile, backend: str | None = None, model_id: str | None = None,
                  n_ctx: int | None = None, kv_cache_mb: float = KV_CACHE_MB,
-                 step_tokens: int = STEP_TOKENS):
+                 step_tokens: int = STEP_TOKENS, chat_template: str | None = None):
         started = time.perf_counter()
         self.id = model_id or os.path.splitext(os.path.basename(gf.path))[0]
         self.path = gf.path
@@ -51,14 +51,14 @@ class LLM:
         self.backend = get_backend(backend)
         self.backend_name: str = self.backend.name
         _, self.args, self.model = build_model(gf, self.backend)
-        # what it can do (engine.models.capabilities); the server lists these per model and
-        # routes requests by them
-        self.capabilities = capabilities(self.architecture)
         self._encoder_pool: ThreadPoolExecutor | None = None  # made on first big batch
         self.n_ctx = min(n_ctx or self.args.n_ctx, self.args.n_ctx)
         self.n_vocab = self.args.n_vocab
         self.dim = self.args.dim
-        self.chat_template = gf.get("tokenizer.chat_template")
+        # A template given by the user wins over the file's; without either the model is a
+        # base model: it completes text but does not chat (engine.models.capabilities).
+        self.chat_template = chat_template or gf.get("tokenizer.chat_template")
+        self.capabilities = capabilities(gf.architecture, bool(self.chat_template), gf.path)
         self.scheduler: Scheduler | None = None  # decoders: made on first generate
         self._kv_cache_bytes = int(kv_cache_mb * 2**20)
         self._step_tokens = step_tokens
@@ -170,6 +170,9 @@ class LLM:
 
     def require(self, capability: str) -> None:
         """Raise CapabilityError unless this model can do `capability` ("completion", …)."""
+        if capability == "chat" and "completion" in self.capabilities \
+                and capability not in self.capabilities:
+            raise CapabilityError(no_chat_message(self.id))
         if capability not in self.capabilities:
             can = ", ".join(sorted(self.capabilities))
             what = {"completion": "generate text", "chat": "chat"}.get(capability, capability)
@@ -257,13 +260,12 @@ class LLM:
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
                             tools=None) -> str:
-        """Render messages with the model's chat template (or the documented fallback)."""
+        """Render messages with the model's chat template (the file's, or the one given)."""
         self.require("chat")
         tokens = self.metadata["tokenizer.ggml.tokens"]
-        template = self.chat_template or chat.fallback_template(set(tokens))
         tok = self.tokenizer
         return chat.render_chat(
-            template, messages,
+            self.chat_template, messages,
             bos_token=tokens[tok.bos_id] if tok.bos_id is not None else "",
             eos_token=tokens[tok.eos_id] if tok.eos_id is not None else "",
             add_generation_prompt=add_generation_prompt, tools=tools,
@@ -320,13 +322,16 @@ def split_tokens(first: int, last: int, ids_lists: list[list[int]],
 
 
 def load_model(name_or_path: str, backend: str | None = None, n_ctx: int | None = None,
-               kv_cache_mb: float = KV_CACHE_MB, step_tokens: int = STEP_TOKENS) -> LLM:
+               kv_cache_mb: float = KV_CACHE_MB, step_tokens: int = STEP_TOKENS,
+               chat_template: str | None = None) -> LLM:
     """A registry id, alias or path to a .gguf file → a loaded model. `kv_cache_mb` bounds
     the KV cache of all its running generations together; `step_tokens` is how many prompt
-    tokens one batched step may prefill (engine/scheduler.py)."""
+    tokens one batched step may prefill (engine/scheduler.py). `chat_template` (a Jinja
+    template's text, e.g. from `engine.chat.read_template`) replaces the file's own; a model
+    with neither does not chat."""
     from .registry import canonical_id, resolve_model_path
 
     path = resolve_model_path(name_or_path)
     model_id = None if os.path.exists(name_or_path) else canonical_id(name_or_path)
     return LLM(open_gguf(path), backend=backend, model_id=model_id, n_ctx=n_ctx,
-               kv_cache_mb=kv_cache_mb, step_tokens=step_tokens)
+               kv_cache_mb=kv_cache_mb, step_tokens=step_tokens, chat_template=chat_template)

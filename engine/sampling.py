@@ -35,6 +35,8 @@ class SamplingParams:
     top_p: float = 0.95  # 1 → off
     min_p: float = 0.05  # 0 → off
     repetition_penalty: float = 1.0  # 1 → off (llama.cpp / CTRL style: divide positive logits)
+    repeat_last_n: int = -1  # the penalties look at the last N tokens; -1: all, 0: none
+    penalize_prompt: bool = True  # the penalties count the prompt's tokens too (llama.cpp)
     presence_penalty: float = 0.0  # OpenAI: minus this once a token has appeared
     frequency_penalty: float = 0.0  # OpenAI: minus this × the token's count so far
     logit_bias: dict[int, float] = field(default_factory=dict)
@@ -55,7 +57,19 @@ class SamplingParams:
             raise EngineError(f"min_p must be in [0, 1], got {self.min_p}")
         if self.repetition_penalty <= 0:
             raise EngineError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.repeat_last_n < -1:
+            raise EngineError(f"repeat_last_n must be >= -1 (-1: all tokens), got "
+                              f"{self.repeat_last_n}")
         check_token_ids(self.logit_bias, n_vocab, "logit_bias")
+
+
+# What `numbalm chat`, `numbalm run`, `numbalm generate` and Ollama's API use when a setting is
+# not given: the engine's defaults (llama.cpp's) plus a mild repetition penalty, Ollama's 1.1
+# over the last 64 tokens, but of the reply only: counting the prompt's tokens too (llama.cpp
+# and Ollama do) penalizes the words of the question itself, and SmolLM2 asked "What is 2+2?"
+# then talks about probability theory instead of saying 4. bench/chat_loops.py measures it;
+# docs/cli.md quotes the counts.
+CHAT_DEFAULTS = {"repetition_penalty": 1.1, "repeat_last_n": 64, "penalize_prompt": False}
 
 
 @dataclass
@@ -88,7 +102,10 @@ def prompt_logprobs(logits: np.ndarray, ids: list[int],
 
 
 def apply_penalties(logits: np.ndarray, history: list[int], p: SamplingParams) -> np.ndarray:
-    """Penalize tokens already in `history` (prompt and output so far)."""
+    """Penalize tokens already in `history` (prompt and output so far; its last
+    `repeat_last_n` tokens when set)."""
+    if p.repeat_last_n >= 0:
+        history = history[-p.repeat_last_n:] if p.repeat_last_n else []
     if not history or (p.repetition_penalty == 1.0 and p.presence_penalty == 0.0
                        and p.frequency_penalty == 0.0):
         return logits

@@ -14,7 +14,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import prange
+from llvmlite import ir
+from numba import prange, types
+from numba.extending import intrinsic
 
 from kernels.jit import njit, pnjit
 
@@ -108,15 +110,121 @@ def kv_store(k_cache, v_cache, slots, k, v):
                 v_cache[h, slot, e] = v[t, h, e]
 
 
-@pnjit
+@intrinsic
+def _f32_from_bits(typingctx, bits):
+    """The float32 whose IEEE bits are the int32 `bits` (a bitcast; LLVM vectorizes it)."""
+    sig = types.float32(types.int32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return sig, codegen
+
+
+@njit(inline="always", error_model="numpy")
+def _exp(x):
+    """float32 e^x for x <= 0 (softmax weights), branch-free so loops vectorize.
+
+    math.exp is a scalar libm call per score. Cephes' expf: x = n ln2 + r with |r| <= ln2/2,
+    e^r by a degree-7 polynomial, times 2^n built from its exponent bits; below -87 it
+    flushes to ~1e-38 instead of 0 (no weight that small matters). Max relative error
+    ~3e-7 (tests/kernels/test_norms_attention.py).
+    """
+    x = max(x, np.float32(-87.0))
+    n = -np.int32(np.float32(0.5) - x * np.float32(1.4426950408889634))  # round(x / ln2)
+    nf = np.float32(n)
+    r = x - nf * np.float32(0.693359375) - nf * np.float32(-2.12194440e-4)  # ln2 in two parts
+    p = np.float32(1.9875691500e-4)
+    p = p * r + np.float32(1.3981999507e-3)
+    p = p * r + np.float32(8.3334519073e-3)
+    p = p * r + np.float32(4.1665795894e-2)
+    p = p * r + np.float32(1.6666665459e-1)
+    p = p * r + np.float32(5.0000001201e-1)
+    p = p * r * r + r + np.float32(1)
+    return p * _f32_from_bits((n + np.int32(127)) << np.int32(23))
+
+
+# The three passes of one (row, kv head) job, as functions of their own: LLVM vectorizes
+# their loops over head_dim only outside the parallel loop's body.
+
+
+@njit(error_model="numpy")
+def _scores(q, kc, table, lo, n_keys, scale, scores):
+    """scores (group, n_keys) = scale * q (group, hd) . the keys at positions lo.. of one
+    sequence, read from kc (slots, hd) block by block (a block's slots are contiguous)."""
+    group, hd = q.shape
+    qs = np.empty((group, hd), np.float32)
+    for g in range(group):
+        for e in range(hd):
+            qs[g, e] = q[g, e] * np.float32(scale)
+    j = 0
+    while j < n_keys:
+        pos = lo + j
+        block = pos // KV_BLOCK
+        first = pos - block * KV_BLOCK
+        run = min(KV_BLOCK - first, n_keys - j)  # keys of this block in range
+        slot0 = table[block] * KV_BLOCK + first
+        for i in range(run):
+            key = kc[slot0 + i]
+            for g in range(group):
+                s = np.float32(0)
+                for e in range(hd):
+                    s += qs[g, e] * key[e]
+                scores[g, j + i] = s
+        j += run
+
+
+@njit(error_model="numpy")
+def _softmax(scores, total):
+    """Each row of scores (group, n_keys) -> exp(score - max) in place; total (group,) their
+    sums."""
+    group, n_keys = scores.shape
+    for g in range(group):
+        row = scores[g]
+        best = row[0]
+        for j in range(1, n_keys):
+            best = max(best, row[j])
+        t = np.float32(0)
+        for j in range(n_keys):
+            w = _exp(row[j] - best)
+            row[j] = w
+            t += w
+        total[g] = t
+
+
+@njit(error_model="numpy")
+def _weighted_values(weights, vc, table, lo, acc):
+    """acc (group, hd) = weights (group, n_keys) @ the values at positions lo.. (vc (slots,
+    hd)), block by block as in `_scores`."""
+    group, n_keys = weights.shape
+    acc[:] = 0
+    j = 0
+    while j < n_keys:
+        pos = lo + j
+        block = pos // KV_BLOCK
+        first = pos - block * KV_BLOCK
+        run = min(KV_BLOCK - first, n_keys - j)
+        slot0 = table[block] * KV_BLOCK + first
+        for i in range(run):
+            value = vc[slot0 + i]
+            for g in range(group):
+                w = weights[g, j + i]
+                row = acc[g]
+                for e in range(value.shape[0]):
+                    row[e] += w * value[e]
+        j += run
+
+
+@pnjit(error_model="numpy")
 def paged_attention(q, k_cache, v_cache, block_tables, row_seq, positions, window, scale, out):
     """Numba twin of `paged_attention_ref`, writing out (n, n_head * hd).
 
     One parallel job per (query row, kv head): the `group` query heads that read the same kv
     head share each key and value load. Per job: scores over the visible keys, softmax, the
-    weighted sum of the value rows (two passes over the keys). Every number a row gets is
-    computed by the same loops whatever else is in the batch, so a sequence's output does not
-    depend on which sequences share its forward pass, nor on how its prompt was chunked.
+    weighted sum of the value rows (two passes over the keys, a block of the cache at a time).
+    Every number a row gets is computed by the same loops whatever else is in the batch, so a
+    sequence's output does not depend on which sequences share its forward pass, nor on how
+    its prompt was chunked.
     """
     n, n_head, hd = q.shape
     n_kv = k_cache.shape[0]
@@ -127,34 +235,13 @@ def paged_attention(q, k_cache, v_cache, block_tables, row_seq, positions, windo
         lo = max(0, p - window + 1) if window > 0 else 0
         n_keys = p + 1 - lo
         table = block_tables[row_seq[t]]
-        qs = np.empty((group, hd), np.float32)  # this job's query heads, scaled
-        for g in range(group):
-            for e in range(hd):
-                qs[g, e] = q[t, kv * group + g, e] * np.float32(scale)
         scores = np.empty((group, n_keys), np.float32)
-        for j in range(n_keys):
-            pos = lo + j
-            slot = table[pos // KV_BLOCK] * KV_BLOCK + pos % KV_BLOCK
-            for g in range(group):
-                s = np.float32(0)
-                for e in range(hd):
-                    s += qs[g, e] * k_cache[kv, slot, e]
-                scores[g, j] = s
-        total = np.zeros(group, np.float32)
-        for g in range(group):
-            best = scores[g].max()
-            for j in range(n_keys):
-                w = np.float32(math.exp(scores[g, j] - best))
-                scores[g, j] = w
-                total[g] += w
-        acc = np.zeros((group, hd), np.float32)
-        for j in range(n_keys):
-            pos = lo + j
-            slot = table[pos // KV_BLOCK] * KV_BLOCK + pos % KV_BLOCK
-            for g in range(group):
-                w = scores[g, j]
-                for e in range(hd):
-                    acc[g, e] += w * v_cache[kv, slot, e]
+        total = np.empty(group, np.float32)
+        acc = np.empty((group, hd), np.float32)
+        _scores(q[t, kv * group:(kv + 1) * group], k_cache[kv], table, lo, n_keys, scale,
+                scores)
+        _softmax(scores, total)
+        _weighted_values(scores, v_cache[kv], table, lo, acc)
         for g in range(group):
             inv = np.float32(1) / total[g]
             h = kv * group + g

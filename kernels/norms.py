@@ -40,49 +40,33 @@ def rms_norm(x, weight, eps, out):
 # --- RoPE ----------------------------------------------------------------------------------------
 
 
-def rope_ref(x: np.ndarray, positions: np.ndarray, freq_base: float, neox: bool) -> np.ndarray:
-    """Rotary embedding. x (n, heads, hd) float32, positions (n,) int -> (n, heads, hd).
-
-    Pair i (i < hd/2) turns by angle pos * base^(-2i/hd). `neox=False` pairs elements
-    (2i, 2i+1) (llama as converted to GGUF); `neox=True` pairs (i, i + hd/2) (gemma3).
-    """
-    hd = x.shape[-1]
-    inv_freq = freq_base ** (-np.arange(0, hd, 2, dtype=np.float64) / hd)  # (hd/2,)
-    return rope_freqs_ref(x, positions, inv_freq, 1.0, neox)
+def rope_inv_freq(freq_base: float, head_dim: int) -> np.ndarray:
+    """Plain RoPE's frequencies: pair i turns at base^(-2i/head_dim) -> (head_dim/2,) float64.
+    Scaled RoPEs (engine/models/rope.py) divide these, pair by pair."""
+    return freq_base ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
 
 
-@njit
-def rope(x, positions, freq_base, neox, out):
-    """Numba twin of `rope_ref`: x, out (n, heads, hd) float32; positions (n,) int."""
-    n, heads, hd = x.shape
-    half = hd // 2
-    cos = np.empty(half, np.float32)
-    sin = np.empty(half, np.float32)
-    for t in range(n):
-        for i in range(half):
-            angle = np.float64(positions[t]) * freq_base ** (-(2.0 * i) / hd)
-            cos[i] = math.cos(angle)
-            sin[i] = math.sin(angle)
-        for h in range(heads):
-            for i in range(half):
-                ia, ib = (i, i + half) if neox else (2 * i, 2 * i + 1)
-                a, b = x[t, h, ia], x[t, h, ib]
-                out[t, h, ia] = a * cos[i] - b * sin[i]
-                out[t, h, ib] = a * sin[i] + b * cos[i]
+def rope_table_ref(positions: np.ndarray, inv_freq: np.ndarray, mscale: float = 1.0) -> np.ndarray:
+    """The rotary angles of each row: positions (n,) int, inv_freq (hd/2,) float64 ->
+    (n, 2, hd/2) float32, mscale * cos in [:, 0] and mscale * sin in [:, 1]. Pair i turns by
+    angle pos * inv_freq[i]; `mscale` scales the rotation (longrope's attention factor, else 1).
 
-
-def rope_freqs_ref(x: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray, mscale: float,
-                   neox: bool) -> np.ndarray:
-    """RoPE with given frequencies (scaled RoPE: linear, llama3, longrope). x (n, heads, hd)
-    float32, positions (n,) int, inv_freq (hd/2,) float64 -> (n, heads, hd).
-
-    Pair i turns by angle pos * inv_freq[i]; the rotation is scaled by `mscale` (longrope's
-    attention factor; 1 otherwise). `rope_ref` is this with inv_freq = base^(-2i/hd).
+    Every layer (and q and k) of a forward pass rotates by the same angles, so the model
+    computes this once per pass and per RoPE (`rope_ref` applies it).
     """
     angles = positions.astype(np.float64)[:, None] * np.asarray(inv_freq, np.float64)
-    cos = (np.cos(angles) * mscale).astype(np.float32)[:, None, :]  # (n, 1, hd/2)
-    sin = (np.sin(angles) * mscale).astype(np.float32)[:, None, :]
+    return (np.stack([np.cos(angles), np.sin(angles)], axis=1) * mscale).astype(np.float32)
+
+
+def rope_ref(x: np.ndarray, table: np.ndarray, neox: bool) -> np.ndarray:
+    """Rotary embedding. x (n, heads, hd) float32, table (n, 2, hd/2) from `rope_table_ref`
+    -> (n, heads, hd).
+
+    `neox=False` pairs elements (2i, 2i+1) (llama as converted to GGUF); `neox=True` pairs
+    (i, i + hd/2) (gemma3).
+    """
     hd = x.shape[-1]
+    cos, sin = table[:, None, 0], table[:, None, 1]  # (n, 1, hd/2)
     a, b = (x[..., : hd // 2], x[..., hd // 2 :]) if neox else (x[..., 0::2], x[..., 1::2])
     out = np.empty_like(x)
     ra, rb = a * cos - b * sin, a * sin + b * cos
@@ -94,18 +78,25 @@ def rope_freqs_ref(x: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray, m
 
 
 @njit
-def rope_freqs(x, positions, inv_freq, mscale, neox, out):
-    """Numba twin of `rope_freqs_ref`: x, out (n, heads, hd) float32; positions (n,) int;
-    inv_freq (hd/2,) float64."""
-    n, heads, hd = x.shape
-    half = hd // 2
-    cos = np.empty(half, np.float32)
-    sin = np.empty(half, np.float32)
+def rope_table(positions, inv_freq, mscale, out):
+    """Numba twin of `rope_table_ref`: positions (n,) int, inv_freq (hd/2,) float64,
+    out (n, 2, hd/2) float32."""
+    n, _, half = out.shape
     for t in range(n):
         for i in range(half):
             angle = np.float64(positions[t]) * inv_freq[i]
-            cos[i] = math.cos(angle) * mscale
-            sin[i] = math.sin(angle) * mscale
+            out[t, 0, i] = math.cos(angle) * mscale
+            out[t, 1, i] = math.sin(angle) * mscale
+
+
+@njit
+def rope(x, table, neox, out):
+    """Numba twin of `rope_ref`: x, out (n, heads, hd) float32 (x may be a strided view, such
+    as q's columns of the fused q|k|v output); table (n, 2, hd/2)."""
+    n, heads, hd = x.shape
+    half = hd // 2
+    for t in range(n):
+        cos, sin = table[t, 0], table[t, 1]
         for h in range(heads):
             for i in range(half):
                 ia, ib = (i, i + half) if neox else (2 * i, 2 * i + 1)

@@ -89,46 +89,57 @@ def dequantize_activations_ref(xq: np.ndarray, xd: np.ndarray) -> np.ndarray:
 MAGIC = np.float32(12582912.0)
 
 
-@jit.njit_strict
+# The float32 bits of MAGIC + k are ROUNDED_BITS + k for |k| < 2^22: rounding by MAGIC and
+# reading the integer from the bits needs no float-to-int conversion (which stays scalar).
+ROUNDED_BITS = np.int32(0x4B400000)
+
+
+@jit.njit_strict(error_model="numpy")
 def _quantize_rows(x, xq, xd, xs, t_lo, t_hi):
-    """Tokens t_lo..t_hi-1 of `quantize_activations`, in passes simple enough to vectorize."""
+    """Tokens t_lo..t_hi-1 of `quantize_activations`, in passes simple enough to vectorize
+    (fixed-length inner loops over one block; the bits of x through a view of the 2-D array,
+    whose rows LLVM knows to be contiguous)."""
     n, n_in = x.shape
     nb = n_in // 32
     fine = xq.shape[0] == 2 * n
     mult = np.float32(FINE) if fine else np.float32(1)
     unit = np.float32(1.0 / FINE) if fine else np.float32(1)
     units = np.empty(n_in, np.int32)  # x in units of xd (or xd / FINE)
+    rounded = units.view(np.float32)  # the same memory: MAGIC + units, as float32
     amax = np.empty(nb, np.int32)  # max |x| per block as float32 bits (they sort as the floats)
     amax_f = amax.view(np.float32)
-    inv = np.empty(nb, np.float32)
     bits = x.view(np.int32)
     for t in range(t_lo, t_hi):
+        xd_t, xs_t = xd[t], xs[t]
         for j in range(nb):
             m = np.int32(0)
-            for e in range(32 * j, 32 * j + 32):
-                m = max(m, bits[t, e] & np.int32(0x7FFFFFFF))
+            for e in range(32):
+                m = max(m, bits[t, 32 * j + e] & np.int32(0x7FFFFFFF))
             amax[j] = m
         for j in range(nb):
             d = amax_f[j] / np.float32(127)
-            inv[j] = (np.float32(1) / d if d > 0 else np.float32(0)) * mult
-            xd[t, j] = d
-        for j in range(nb):
-            s = inv[j]
-            for e in range(32 * j, 32 * j + 32):
-                units[e] = np.int32((x[t, e] * s + MAGIC) - MAGIC)
+            s = (np.float32(1) / d if d > 0 else np.float32(0)) * mult
+            xd_t[j] = d
+            for e in range(32):
+                rounded[32 * j + e] = x[t, 32 * j + e] * s + MAGIC
+        for e in range(n_in):
+            units[e] -= ROUNDED_BITS
         for i in range(n_in // 16):
             total = np.int32(0)
             for e in range(16 * i, 16 * i + 16):
                 total += units[e]
-            xs[t, i] = xd[t, i // 2] * (np.float32(total) * unit)
+            xs_t[i] = xd_t[i // 2] * (np.float32(total) * unit)
+        q1 = xq[t]
         if fine:  # units = FINE * q1 + q2, q1 rounded half up
+            q2 = xq[n + t]
             for e in range(n_in):
-                q = (units[e] + np.int32(FINE // 2)) >> np.int32(FINE_BITS)
-                xq[t, e] = q
-                xq[n + t, e] = units[e] - q * np.int32(FINE)
+                u = units[e]
+                q = (u + np.int32(FINE // 2)) >> np.int32(FINE_BITS)
+                q1[e] = q
+                q2[e] = u - q * np.int32(FINE)
         else:
             for e in range(n_in):
-                xq[t, e] = units[e]
+                q1[e] = units[e]
 
 
 @jit.njit_strict

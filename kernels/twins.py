@@ -64,18 +64,32 @@ def _rms_norm_cases():
     return {"5x576": (_randn(r, 5, 576) * 3, _randn(r, 576), 1e-5)}
 
 
+ROPE_POSITIONS = np.array([0, 1, 2, 50, 51, 1000, 8191])
+
+
+def _rope_table_cases():
+    cases = {f"base={base}": (ROPE_POSITIONS, norms.rope_inv_freq(base, 64), 1.0)
+             for base in (10000.0, 1e6)}
+    llama3_like = norms.rope_inv_freq(10000.0, 64) / np.linspace(1, 8, 32)  # scaled frequencies
+    cases["scaled, mscale=1.19"] = (ROPE_POSITIONS, llama3_like, 1.19)  # longrope-like factor
+    return cases
+
+
+def _into_table(kernel, args, want):
+    """`rope_table(positions, inv_freq, mscale, out)`."""
+    out = np.full_like(want, np.nan)
+    kernel(*args, out)
+    return out
+
+
 def _rope_cases():
     r = np.random.default_rng(2)
-    x, pos = _randn(r, 7, 3, 64), np.array([0, 1, 2, 50, 51, 1000, 8191])  # (n, heads, hd), (n,)
-    return {f"neox={neox}": (x, pos, 10000.0, neox) for neox in (False, True)}
-
-
-def _rope_freqs_cases():
-    r = np.random.default_rng(12)
-    x, pos = _randn(r, 7, 3, 64), np.array([0, 1, 2, 50, 51, 1000, 8191])
-    inv_freq = 10000.0 ** (-np.arange(0, 64, 2) / 64) / np.linspace(1, 8, 32)  # llama3-like
-    return {f"neox={neox},mscale={m}": (x, pos, inv_freq, m, neox)
-            for neox in (False, True) for m in (1.0, 1.19)}
+    x = _randn(r, 7, 3, 64)  # (n, heads, hd)
+    fused = _randn(r, 7, 5 * 64)  # q|k|v columns of one output: q is a strided view
+    table = norms.rope_table_ref(ROPE_POSITIONS, norms.rope_inv_freq(10000.0, 64))  # (n, 2, hd/2)
+    cases = {f"neox={neox}": (x, table, neox) for neox in (False, True)}
+    cases["strided q"] = (fused[:, : 3 * 64].reshape(7, 3, 64), table, False)
+    return cases
 
 
 def _gate_cases():
@@ -255,8 +269,9 @@ _MATMUL = {"cases": _matmul_cases, "rtol": 1e-5, "atol": 1e-6, "scale": _matmul_
 
 TWINS: dict[Callable, Twin] = {
     norms.rms_norm: Twin(norms.rms_norm_ref, _rms_norm_cases, rtol=1e-5, atol=1e-5),
+    norms.rope_table: Twin(norms.rope_table_ref, _rope_table_cases, rtol=1e-6, atol=1e-6,
+                           run=_into_table),
     norms.rope: Twin(norms.rope_ref, _rope_cases, rtol=1e-5, atol=1e-5),
-    norms.rope_freqs: Twin(norms.rope_freqs_ref, _rope_freqs_cases, rtol=1e-5, atol=1e-5),
     norms.silu_gate: Twin(norms.silu_gate_ref, **_GATE),
     norms.gelu_gate: Twin(norms.gelu_gate_ref, **_GATE),
     norms.layer_norm: Twin(norms.layer_norm_ref, _layer_norm_cases, rtol=1e-4, atol=1e-5),

@@ -12,6 +12,7 @@ The parts, one folder each:
 - `server/openai/`: OpenAI's wire format: request parsing, response shapes and the `/v1` routes;
 - `server/anthropic/`: Anthropic's Messages API (`/v1/messages`), its own error shape;
 - `server/llamacpp/`: llama-server's `/tokenize` and `/detokenize`;
+- `server/ollama/`: Ollama's native API (`/api/chat`, `/api/generate`, ...) on the same serving;
 - `server/cli/`: the `numbalm` command line, a client of the engine and of this app.
 
 The engine is reached only through `app.extensions["numbalm"]` (the `Runtime`), whose pool
@@ -24,9 +25,11 @@ from collections.abc import Mapping
 
 from flask import Flask
 
+from engine.chat import read_template
 from server.anthropic import routes as anthropic
 from server.http import errors, hooks, openapi, ops
 from server.llamacpp import routes as llamacpp
+from server.ollama import routes as ollama
 from server.openai import embeddings, responses, routes
 from server.serving.config import ServerConfig, build_config
 from server.serving.pool import ModelPool
@@ -35,7 +38,7 @@ from server.trace import routes as trace_routes
 from server.ui import bp as ui_bp
 
 BLUEPRINTS = (ops.bp, openapi.bp, routes.bp, responses.bp, embeddings.bp, llamacpp.bp,
-              anthropic.bp, trace_routes.bp, ui_bp)
+              anthropic.bp, ollama.bp, trace_routes.bp, ui_bp)
 
 
 def create_app(config: ServerConfig | Mapping | None = None, *, pool: ModelPool | None = None,
@@ -50,9 +53,11 @@ def create_app(config: ServerConfig | Mapping | None = None, *, pool: ModelPool 
     app.json.sort_keys = False
     app.json.ensure_ascii = False
     if pool is None:
+        options = {"kv_cache_mb": config.kv_cache_mb, "step_tokens": config.step_tokens}
+        if config.chat_template:  # a file that cannot be used is an error before loading
+            options["chat_template"] = read_template(config.chat_template)
         pool = ModelPool(config.models, config.aliases, config.backend, config.warmup,
-                         engine_options={"kv_cache_mb": config.kv_cache_mb,
-                                         "step_tokens": config.step_tokens})
+                         engine_options=options)
         if load:
             pool.start()
     elif config.aliases:

@@ -205,10 +205,20 @@ def prompt_ids(n_vocab: int) -> list[int]:
     return [int(i) for i in np.random.default_rng(1).integers(3, n_vocab, PROMPT_LEN)]
 
 
+TOOLS = ("torch", "transformers", "tokenizers")
+
+
+def tool_versions() -> dict[str, str]:
+    from importlib.metadata import version
+
+    return {name: version(name) for name in TOOLS}
+
+
 def regenerate(out: Path = DATA) -> None:
     from engine.convert import convert
 
     out.mkdir(parents=True, exist_ok=True)
+    (out / "versions.json").write_text(json.dumps(tool_versions(), indent=1) + "\n")
     for case in CASES:
         for outtype in ("f16", QUANTIZED):
             with tempfile.TemporaryDirectory() as tmp:

@@ -94,20 +94,20 @@ class FastBackend:
         norms.rms_norm(rows, np.asarray(weight, np.float32), float(eps), out)
         return out.reshape(x.shape)
 
-    def rope(self, x: np.ndarray, positions: np.ndarray, freq_base: float, neox: bool):
-        """x (n, heads, head_dim), positions (n,) -> rotated copy (see kernels.norms.rope_ref)."""
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        out = np.empty_like(x)
-        norms.rope(x, np.asarray(positions, np.int64), float(freq_base), bool(neox), out)
+    def rope_table(self, positions: np.ndarray, inv_freq: np.ndarray,
+                   mscale: float = 1.0) -> np.ndarray:
+        """positions (n,), inv_freq (hd/2,) -> (n, 2, hd/2) cos and sin of the rotary angles,
+        once per forward pass (see kernels.norms.rope_table_ref)."""
+        out = np.empty((len(positions), 2, len(inv_freq)), np.float32)
+        norms.rope_table(np.asarray(positions, np.int64), np.asarray(inv_freq, np.float64),
+                         float(mscale), out)
         return out
 
-    def rope_freqs(self, x: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray,
-                   mscale: float, neox: bool):
-        """Scaled RoPE (see kernels.norms.rope_freqs_ref): rotated copy of x."""
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        out = np.empty_like(x)
-        norms.rope_freqs(x, np.asarray(positions, np.int64), np.asarray(inv_freq, np.float64),
-                         float(mscale), bool(neox), out)
+    def rope(self, x: np.ndarray, table: np.ndarray, neox: bool) -> np.ndarray:
+        """x (n, heads, head_dim), read in place (q and k are column views of the fused
+        q|k|v output) -> rotated copy (see kernels.norms.rope_ref)."""
+        out = np.empty(x.shape, np.float32)
+        norms.rope(x, table, bool(neox), out)
         return out
 
     def store_kv(self, batch, layer: int, k: np.ndarray, v: np.ndarray) -> None:

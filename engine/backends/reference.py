@@ -51,15 +51,14 @@ class ReferenceBackend:
         """x (n, d) or (n, heads, d), weight (d,): `kernels.norms.rms_norm_ref`."""
         return norms.rms_norm_ref(x, weight, eps)
 
-    def rope(self, x: np.ndarray, positions: np.ndarray, freq_base: float,
-             neox: bool) -> np.ndarray:
-        """x (n, heads, head_dim), positions (n,): `kernels.norms.rope_ref`."""
-        return norms.rope_ref(x, np.asarray(positions), freq_base, neox)
+    def rope_table(self, positions: np.ndarray, inv_freq: np.ndarray,
+                   mscale: float = 1.0) -> np.ndarray:
+        """positions (n,), inv_freq (hd/2,) -> (n, 2, hd/2): `kernels.norms.rope_table_ref`."""
+        return norms.rope_table_ref(np.asarray(positions), inv_freq, mscale)
 
-    def rope_freqs(self, x: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray,
-                   mscale: float, neox: bool) -> np.ndarray:
-        """Scaled RoPE, frequencies inv_freq (hd/2,) given: `kernels.norms.rope_freqs_ref`."""
-        return norms.rope_freqs_ref(x, np.asarray(positions), inv_freq, mscale, neox)
+    def rope(self, x: np.ndarray, table: np.ndarray, neox: bool) -> np.ndarray:
+        """x (n, heads, head_dim), table from `rope_table`: `kernels.norms.rope_ref`."""
+        return norms.rope_ref(x, table, neox)
 
     def store_kv(self, batch, layer: int, k: np.ndarray, v: np.ndarray) -> None:
         """Write `batch`'s keys and values k, v (n, n_kv_head, hd) into its rows' cache slots:

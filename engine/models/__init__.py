@@ -1,8 +1,10 @@
 """One module per `general.architecture`; each exports `ModelArgs` and `Model`.
 
-A module may also export `CAPABILITIES`, what its models can do (`CAPABILITIES` below
-names them); without it a model is a decoder that does everything. `SUPPORTED_KEYS` and
-`ROPE_SCALING` say which maths-changing metadata it implements (`support.py`).
+A module may also export `CAPABILITIES`, what its models can do; without it a model is a
+decoder that does everything (`DECODER_CAPABILITIES`). A decoder chats only with a chat template:
+a base model (no `tokenizer.chat_template`, none supplied) completes text and embeds.
+`SUPPORTED_KEYS` and `ROPE_SCALING` say which maths-changing metadata it implements
+(`support.py`).
 """
 
 from __future__ import annotations
@@ -12,8 +14,8 @@ from ..gguf_file import GGUFFile
 from . import bert, gemma2, gemma3, llama, phi3, qwen2, qwen3
 from .support import MATH_KEYS, TensorUse, check_metadata, check_tensors_read, is_off
 
-# What a model can do; a module may narrow it with its own CAPABILITIES (bert: embeddings).
-CAPABILITIES = frozenset({"completion", "chat", "embeddings"})
+# What a decoder can do; a module may narrow it with its own CAPABILITIES (bert: embeddings).
+DECODER_CAPABILITIES = frozenset({"completion", "chat", "embeddings"})
 # tensors that turn on a feature by being there
 FEATURE_TENSORS = {"rope_freqs.weight": "rope scaling llama3 (rope_freqs)",
                    "rope_factors_long.weight": "rope scaling longrope (rope_factors_*)"}
@@ -48,11 +50,6 @@ def build_model(gf: GGUFFile, backend):
     return module, args, model
 
 
-def capabilities(name: str) -> frozenset[str]:
-    """What a model of architecture `name` can do: "completion", "chat", "embeddings"."""
-    return frozenset(getattr(ARCHITECTURES[name], "CAPABILITIES", CAPABILITIES))
-
-
 class _NoWeights:
     """A backend that prepares nothing: building a model on it runs every load-time check
     (metadata, tensor names and shapes read) without repacking a weight."""
@@ -70,8 +67,26 @@ def describe(gf: GGUFFile) -> dict:
     features += [what for name, what in FEATURE_TENSORS.items() if name in gf.tensors]
     try:
         build_model(gf, _NoWeights())
-    except GGUFError as e:
+    except (GGUFError, ValueError) as e:  # ValueError: a tensor of the wrong size
         return {"supported": False, "refused": str(e), "capabilities": [],
                 "features": features}
     return {"supported": True, "refused": None,
-            "capabilities": sorted(capabilities(gf.architecture)), "features": features}
+            "capabilities": sorted(capabilities(
+                gf.architecture, "tokenizer.chat_template" in gf.metadata, gf.path)),
+            "features": features}
+
+
+def capabilities(architecture: str, has_chat_template: bool, path: str = "model") -> frozenset:
+    """What a model of `architecture` can do: its module's CAPABILITIES (default: everything),
+    less "chat" when it has no chat template. The one place that decides, for a loaded model
+    (`LLM.capabilities`) and a registered one (`numbalm model list`)."""
+    module = architecture_module(architecture, path)
+    caps = frozenset(getattr(module, "CAPABILITIES", DECODER_CAPABILITIES))
+    return caps if has_chat_template else caps - {"chat"}
+
+
+def no_chat_message(model_id: str) -> str:
+    """What a base model (no chat template) says when asked to chat."""
+    return (f"model {model_id!r} has no chat template, so it cannot chat: it is a base model "
+            f"that continues text. Use `numbalm generate` (or /v1/completions), or give it a "
+            f"template with --chat-template FILE (or chatml, gemma)")

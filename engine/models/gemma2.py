@@ -58,12 +58,15 @@ class ModelArgs(gemma3.ModelArgs):
 class Model(gemma3.Model):
     VECTORS = ("attn_norm", "ffn_norm", "post_attention_norm", "post_ffw_norm")
 
-    def attention_block(self, i, layer, x, batch):
+    def ropes(self):
+        return (self.rope,)  # one RoPE for every layer, unlike gemma3
+
+    def attention_block(self, i, layer, x, batch, tables):
         a, b = self.args, self.backend
         h = b.rms_norm(x, layer.attn_norm, a.norm_eps)
         q, k, v = self.qkv(layer, h)  # (n, heads, hd)
-        q = self.rope.rotate(b, q, batch.positions)
-        k = self.rope.rotate(b, k, batch.positions)
+        q = self.rope.rotate(b, q, tables)
+        k = self.rope.rotate(b, k, tables)
         b.store_kv(batch, i, k, v)
         window = a.sliding_window if a.is_sliding(i) else 0
         o = b.attention(q, batch, i, window, a.attn_scale, softcap=a.attn_softcap)

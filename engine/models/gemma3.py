@@ -57,7 +57,10 @@ class Model(llama.Model):
         x = super().embed(ids)  # (n, dim)
         return x * np.float32(math.sqrt(self.args.dim))
 
-    def attention_block(self, i, layer, x, batch):
+    def ropes(self) -> tuple[Rope, ...]:
+        return (LOCAL_ROPE, self.rope)  # sliding layers, global ones
+
+    def attention_block(self, i, layer, x, batch, tables):
         a, b = self.args, self.backend
         h = b.rms_norm(x, layer.attn_norm, a.norm_eps)
         q, k, v = self.qkv(layer, h)  # (n, heads, hd)
@@ -65,8 +68,8 @@ class Model(llama.Model):
         k = b.rms_norm(k, layer.attn_k_norm, a.norm_eps)
         sliding = a.is_sliding(i)
         rope = LOCAL_ROPE if sliding else self.rope  # self.rope: the file's, maybe scaled
-        q = rope.rotate(b, q, batch.positions)
-        k = rope.rotate(b, k, batch.positions)
+        q = rope.rotate(b, q, tables)
+        k = rope.rotate(b, k, tables)
         b.store_kv(batch, i, k, v)
         window = a.sliding_window if sliding else 0
         scale = 1.0 / math.sqrt(a.head_dim)

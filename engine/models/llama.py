@@ -22,7 +22,7 @@ from kernels.dequant import dequantize
 from ..batch import Batch
 from ..errors import GGUFError
 from ..gguf_file import GGUFFile
-from .rope import rope_from_gguf
+from .rope import Rope, rope_from_gguf
 
 # Maths-changing metadata this module implements (engine/models/support.py): linear RoPE
 # scaling, llama3's (its `rope_freqs` tensor, engine/models/rope.py) and Mistral's sliding
@@ -154,8 +154,9 @@ class Model:
         and value go into its sequence's blocks of the KV cache on the way."""
         rec = batch.recorder  # None unless this pass is traced (engine/trace.py)
         x = self.embed(batch.ids)  # (n, dim)
+        rope = self.rope_tables(batch.positions)  # every layer turns by the same angles
         for i, layer in enumerate(self.layers):
-            attn = self.attention_block(i, layer, x, batch)
+            attn = self.attention_block(i, layer, x, batch, rope)
             x = x + (attn if rec is None else rec.attn_out(i, attn))
             mlp = self.ffn_block(layer, x)
             x = x + (mlp if rec is None else rec.mlp_out(i, mlp))
@@ -166,6 +167,15 @@ class Model:
     def final_norm(self, x: np.ndarray) -> np.ndarray:
         """The residual stream (n, dim) → normed for the output head."""
         return self.backend.rms_norm(x, self.output_norm, self.args.norm_eps)
+
+    def ropes(self) -> tuple[Rope, ...]:
+        """The RoPEs the layers use (gemma3's sliding layers have one of their own)."""
+        return (self.rope,)
+
+    def rope_tables(self, positions: np.ndarray) -> dict[Rope, np.ndarray]:
+        """The rotary angles of the batch's rows, once per forward pass: {rope: table}."""
+        b, hd = self.backend, self.args.head_dim
+        return {r: r.table(b, positions, hd) for r in self.ropes()}
 
     def logits(self, h: np.ndarray) -> np.ndarray:
         """(n, dim) hidden states → (n, n_vocab) float32 logits."""
@@ -181,12 +191,13 @@ class Model:
         v = v.reshape(n, a.n_kv_heads, a.head_dim)
         return q, k, v
 
-    def attention_block(self, i: int, layer: Layer, x: np.ndarray, batch: Batch) -> np.ndarray:
+    def attention_block(self, i: int, layer: Layer, x: np.ndarray, batch: Batch,
+                        rope: dict) -> np.ndarray:
         a, b = self.args, self.backend
         h = b.rms_norm(x, layer.attn_norm, a.norm_eps)
         q, k, v = self.qkv(layer, h)
-        q = self.rope.rotate(b, q, batch.positions)
-        k = self.rope.rotate(b, k, batch.positions)
+        q = self.rope.rotate(b, q, rope)
+        k = self.rope.rotate(b, k, rope)
         b.store_kv(batch, i, k, v)  # into each sequence's KV blocks
         scale = 1.0 / math.sqrt(a.head_dim)
         o = b.attention(q, batch, i, a.sliding_window, scale)  # (n, n_heads * hd)

@@ -12,9 +12,10 @@ longer context than their base change those frequencies, each in its own way; in
   context within the original one and `rope_factors_long.weight` beyond it, and the rotation
   scaled by `rope.scaling.attn_factor` (sqrt(1 + ln(s) / ln(original context))).
 
-`Rope.inv_freq` is None for plain RoPE (the backends' `rope` kernel computes it) and the
-(hd/2,) float64 frequencies otherwise (the `rope_freqs` kernel). Yarn is not implemented, so
-`support.py` refuses it.
+`Rope.inv_freq` is None for plain RoPE (base^(-2i/hd), `kernels.norms.rope_inv_freq`) and the
+(hd/2,) float64 frequencies otherwise. Either way a forward pass turns them into one table of
+angles for all its rows (`Rope.table`), which every layer's q and k then rotate by
+(`Rope.rotate`). Yarn is not implemented, so `support.py` refuses it.
 """
 
 from __future__ import annotations
@@ -24,26 +25,26 @@ from dataclasses import dataclass
 import numpy as np
 
 from kernels.dequant import dequantize
+from kernels.norms import rope_inv_freq
 
 from ..gguf_file import GGUFFile
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # eq=False: hashed by identity, the key of a pass's tables
 class Rope:
     base: float
     neox: bool  # rotate halves (i, i + hd/2) instead of adjacent pairs (2i, 2i + 1)
     inv_freq: np.ndarray | None = None  # (hd/2,) float64 when scaled; None: base^(-2i/hd)
     mscale: float = 1.0  # the rotation's scale (longrope's attention factor)
 
-    def rotate(self, backend, x: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        """x (n, heads, hd) rotated by its rows' positions (n,) on `backend`."""
-        if self.inv_freq is None:
-            return backend.rope(x, positions, self.base, self.neox)
-        return backend.rope_freqs(x, positions, self.inv_freq, self.mscale, self.neox)
+    def table(self, backend, positions: np.ndarray, head_dim: int) -> np.ndarray:
+        """The rows' rotary angles, positions (n,) -> (n, 2, hd/2), once per forward pass."""
+        inv_freq = rope_inv_freq(self.base, head_dim) if self.inv_freq is None else self.inv_freq
+        return backend.rope_table(positions, inv_freq, self.mscale)
 
-
-def plain_inv_freq(base: float, head_dim: int) -> np.ndarray:
-    return base ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)  # (hd/2,)
+    def rotate(self, backend, x: np.ndarray, tables: dict) -> np.ndarray:
+        """x (n, heads, hd) rotated by this RoPE's table of the pass (`tables[self]`)."""
+        return backend.rope(x, tables[self], self.neox)
 
 
 def _vector(gf: GGUFFile, name: str) -> np.ndarray | None:
@@ -75,4 +76,4 @@ def rope_from_gguf(gf: GGUFFile, base: float, head_dim: int, neox: bool,
         mscale = float(gf.arch("rope.scaling.attn_factor", 1.0))
     if not scaled:
         return Rope(base, neox)
-    return Rope(base, neox, plain_inv_freq(base, head_dim) / divisor, mscale)
+    return Rope(base, neox, rope_inv_freq(base, head_dim) / divisor, mscale)

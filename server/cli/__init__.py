@@ -15,16 +15,17 @@ import traceback
 
 from engine import __version__
 from engine.errors import EngineError, clean_text
-from server.cli import convert, generate, model, serve, trace
+from server.cli import convert, generate, model, run, serve, trace
+from server.cli.help import ArgumentParser
 
-COMMANDS = (model, convert, generate, trace, serve)  # each adds its subcommands to the parser
+COMMANDS = (model, convert, generate, trace, run, serve)  # each adds its subcommands to the parser
 
 EXIT_USER_ERROR = 1
 EXIT_INTERRUPTED = 130
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="numbalm", description="A readable LLM inference engine with an OpenAI server."
     )
     parser.add_argument("--verbose", action="store_true",

@@ -1,4 +1,9 @@
-"""`numbalm generate` and `numbalm chat`: the engine on a terminal, tokens streamed as made."""
+"""`numbalm generate` and `numbalm chat`: the engine on a terminal, tokens streamed as made.
+
+Both sample with `engine.sampling.CHAT_DEFAULTS` on top of the engine's defaults (a mild
+repetition penalty over the last 64 tokens, as Ollama), which keeps a 135M model out of loops;
+`--help` shows every default. The chat loop itself is `server.cli.chat`.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +13,11 @@ import sys
 
 from engine.backends import BACKENDS, DEFAULT_BACKEND
 from engine.registry import DEFAULT_MODEL
-from engine.sampling import SamplingParams
+from engine.sampling import CHAT_DEFAULTS, SamplingParams
+from server.cli.chat import interactive, slow_notice
 
-DEFAULTS = SamplingParams()  # the engine's sampling defaults, shown in --help
+DEFAULTS = SamplingParams(**CHAT_DEFAULTS)  # what the CLI samples with, shown in --help
+MAX_TOKENS = 512  # a reply's limit; one cut there ends with a visible mark in `chat`
 
 
 def _env(name: str, default, kind=str):
@@ -26,23 +33,35 @@ def _env(name: str, default, kind=str):
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    """Options of `generate` and `chat`; each also reads NUMBALM_<OPTION> from the environment."""
+    """Options of `generate`, `chat` and `run`; each also reads NUMBALM_<OPTION>."""
     p.add_argument("-m", "--model", default=_env("MODEL", DEFAULT_MODEL),
                    help="registry id, alias or .gguf path (env NUMBALM_MODEL)")
+    add_sampling(p)
+
+
+def add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=BACKENDS, default=_env("BACKEND", None),
                    help=f"{DEFAULT_BACKEND} (Numba, default) or reference (NumPy) "
                         "(env NUMBALM_BACKEND)")
-    for flag, kind, default in (("--max-tokens", int, 256),
-                                ("--temperature", float, DEFAULTS.temperature),
-                                ("--top-k", int, DEFAULTS.top_k),
-                                ("--top-p", float, DEFAULTS.top_p),
-                                ("--min-p", float, DEFAULTS.min_p),
-                                ("--repetition-penalty", float, DEFAULTS.repetition_penalty),
-                                ("--seed", int, None)):
-        env = flag[2:].replace("-", "_").upper()
-        p.add_argument(flag, type=kind, default=_env(env, default, kind),
-                       help=f"default {default} (env NUMBALM_{env})")
+    for flags, kind, default, what in (
+            (["--max-tokens"], int, MAX_TOKENS, "tokens per reply at most"),
+            (["--temperature"], float, DEFAULTS.temperature, "0: greedy"),
+            (["--top-k"], int, DEFAULTS.top_k, "0: off"),
+            (["--top-p"], float, DEFAULTS.top_p, "1: off"),
+            (["--min-p"], float, DEFAULTS.min_p, "0: off"),
+            (["--repeat-penalty", "--repetition-penalty"], float,
+             DEFAULTS.repetition_penalty, "1: off; 1.1 as Ollama"),
+            (["--repeat-last-n"], int, DEFAULTS.repeat_last_n,
+             "tokens of the reply the penalty looks back on; -1: all"),
+            (["--seed"], int, None, "a fixed seed makes sampling reproducible")):
+        env = flags[0][2:].replace("-", "_").upper()
+        p.add_argument(*flags, type=kind, default=_env(env, default, kind),
+                       help=f"{what} (env NUMBALM_{env})")
     p.add_argument("--stop", action="append", default=[], help="stop sequence (repeatable)")
+    p.add_argument("--chat-template", metavar="FILE", default=_env("CHAT_TEMPLATE", None),
+                   help="Jinja chat template instead of the model's own, or a built-in one "
+                        "(chatml, gemma); a base model (no template) chats only with one "
+                        "(env NUMBALM_CHAT_TEMPLATE)")
 
 
 def add_parser(sub) -> None:
@@ -53,28 +72,44 @@ def add_parser(sub) -> None:
                    help="wrap the prompt as one user message in the chat template")
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("chat", help="an interactive chat; Ctrl-C stops a reply, Ctrl-D quits")
+    p = sub.add_parser("chat", help="an interactive chat (line editing, history, /help)",
+                       description="Chat with a model on the terminal. Type /? for the "
+                                   "slash commands; \"\"\" begins and ends a message of "
+                                   "several lines; Ctrl-C stops a reply, Ctrl-D quits.")
     _add_common(p)
-    p.add_argument("--system", default=None, help="system prompt")
+    add_chat_options(p)
     p.set_defaults(func=cmd_chat)
 
 
-def _sampling(args) -> dict:
+def add_chat_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--verbose", dest="stats", action="store_true",
+                   help="print token counts and tokens/s after each reply")
+
+
+def sampling(args) -> dict:
     return dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-                top_p=args.top_p, min_p=args.min_p,
-                repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop)
+                top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repeat_penalty,
+                repeat_last_n=args.repeat_last_n, penalize_prompt=DEFAULTS.penalize_prompt,
+                seed=args.seed, stop=args.stop)
 
 
-def _load(args):
+def load(args, model: str | None = None):
+    """The model the command names, with the chat template it was given; slow loads (a first
+    run repacks and compiles) say so."""
     import engine
+    from engine.chat import read_template
 
-    return engine.load_model(args.model, backend=args.backend)
+    template = read_template(args.chat_template) if args.chat_template else None
+    name = model or args.model
+    with slow_notice(f"loading {name}", sys.stderr):
+        return engine.load_model(name, backend=args.backend, chat_template=template)
 
 
-def _stream(model, ids, args, out=sys.stdout) -> str:
+def stream(model, ids, args, out=sys.stdout) -> str:
     """Print tokens as they come; return the whole reply."""
     pieces = []
-    for tok in model.generate(ids, **_sampling(args)):
+    for tok in model.generate(ids, **sampling(args)):
         out.write(tok.text)
         out.flush()
         pieces.append(tok.text)
@@ -82,40 +117,28 @@ def _stream(model, ids, args, out=sys.stdout) -> str:
 
 
 def cmd_generate(args) -> int:
-    model = _load(args)
+    model = load(args)
     if args.chat:
         ids = model.chat_prompt_ids([{"role": "user", "content": args.prompt}])
     else:
         ids = model.tokenizer.encode(args.prompt, add_bos=None, special=False)
-    _stream(model, ids, args)
+    stream(model, ids, args)
     sys.stdout.write("\n")
     return 0
 
 
+def refuse_base_model(name: str, args) -> None:
+    """A registered base model is refused before it loads (seconds for a 270M model)."""
+    from engine.errors import CapabilityError
+    from engine.models import no_chat_message
+    from engine.registry import Registry, capabilities_of
+
+    entry = None if args.chat_template else Registry().find(name)
+    if entry is not None and "chat" not in capabilities_of(entry) \
+            and "completion" in capabilities_of(entry):
+        raise CapabilityError(no_chat_message(entry.id))
+
+
 def cmd_chat(args) -> int:
-    model = _load(args)
-    messages = [{"role": "system", "content": args.system}] if args.system else []
-    print(f"numbalm chat with {model.id} — Ctrl-C stops a reply, Ctrl-D quits.",
-          file=sys.stderr)
-    while True:
-        try:
-            line = input("> ")
-        except EOFError:
-            print(file=sys.stderr)
-            return 0
-        except KeyboardInterrupt:  # Ctrl-C at the prompt clears the line
-            print(file=sys.stderr)
-            continue
-        if not line.strip():
-            continue
-        messages.append({"role": "user", "content": line})
-        reply = []
-        try:
-            for tok in model.generate(model.chat_prompt_ids(messages), **_sampling(args)):
-                sys.stdout.write(tok.text)
-                sys.stdout.flush()
-                reply.append(tok.text)
-        except KeyboardInterrupt:  # stops this reply; the session goes on
-            sys.stdout.write(" [stopped]")
-        sys.stdout.write("\n")
-        messages.append({"role": "assistant", "content": "".join(reply)})
+    refuse_base_model(args.model, args)
+    return interactive(load(args), sampling(args), args.system, args.stats)

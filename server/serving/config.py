@@ -51,6 +51,7 @@ class ServerConfig:
     log_format: str = "text"             # text | json
     shutdown_grace: float = 30.0         # seconds in-flight work may finish after SIGTERM
     warmup: bool = True                  # run one token per model before /readyz says ready
+    chat_template: str = ""              # a Jinja file or built-in name for every served model
 
     def __post_init__(self):
         self.validate()

@@ -172,6 +172,7 @@ def engine_options(plan: Plan, seed_base: int) -> dict:
     seed = None if s.seed is None else (s.seed + seed_base) % 2**32  # distinct, reproducible
     opts = dict(stop=tuple(s.stop), temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
                 min_p=s.min_p, seed=seed, repetition_penalty=s.repetition_penalty,
+                repeat_last_n=s.repeat_last_n, penalize_prompt=s.penalize_prompt,
                 presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty,
                 logit_bias=s.logit_bias, logprobs=plan.req.logprobs, grammar=plan.req.grammar)
     # "not given" is left out rather than passed as None: the engine's defaults apply

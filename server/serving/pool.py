@@ -36,6 +36,7 @@ class ServedModel:
     id: str              # the name clients use; also what responses report as `model`
     llm: LanguageModel   # an engine.LLM (or a test double with the same surface)
     created: int         # unix time it was loaded
+    source: str | None = None  # what it was loaded from (a registry id or a path), if known
 
     @property
     def capabilities(self) -> list[str]:
@@ -106,7 +107,7 @@ class ModelPool:
                 t0 = time.perf_counter()
                 model = self.loader(ref, backend=self.backend, **self.engine_options)
                 served = name or model.id
-                self._add(served, model)
+                self._add(served, model, ref)
                 log.info("loaded model %s (%s) in %.1f s", served, ref, time.perf_counter() - t0)
             self._finish()
         except Exception as e:  # noqa: BLE001 - any load failure is reported, not raised
@@ -115,10 +116,10 @@ class ModelPool:
             if on_error:
                 on_error(self.error)
 
-    def _add(self, name: str, model) -> None:
+    def _add(self, name: str, model, source: str | None = None) -> None:
         if name in self.models:
             raise ConfigError(f"two models are served as {name!r}; name one with NAME=REF")
-        self.models[name] = ServedModel(name, model, int(time.time()))
+        self.models[name] = ServedModel(name, model, int(time.time()), source)
 
     def _finish(self) -> None:
         for alias, target in self.aliases.items():
@@ -166,6 +167,13 @@ class ModelPool:
         if served is None:
             raise APIError(404, f"The model '{name}' does not exist; see /v1/models.",
                            param="model", code="model_not_found")
+        if need == "chat" and "chat" not in served.capabilities \
+                and "completion" in served.capabilities:
+            raise bad_request(f"The model '{served.id}' has no chat template: it is a base "
+                              f"model that continues text, so it cannot chat. Use "
+                              f"{ROUTE['completion']} with a prompt, or serve it with "
+                              f"--chat-template FILE.", param="model",
+                              code="model_not_supported")
         if need is not None and need not in served.capabilities:
             can = ", ".join(ROUTE[c] for c in served.capabilities if c in ROUTE)
             raise bad_request(f"The model '{served.id}' is not {WHAT.get(need, need)}, so "

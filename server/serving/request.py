@@ -22,6 +22,8 @@ class Sampling:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
+    repeat_last_n: int | None = None  # the penalties' window (-1: all); None: the engine's
+    penalize_prompt: bool | None = None  # whether the penalties count prompt tokens
     logit_bias: dict[int, float] | None = None
 
 

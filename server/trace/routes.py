@@ -28,7 +28,8 @@ from server.openai.schemas import INT32_MAX, MESSAGE, MODEL, TOKEN_IDS
 
 bp = Blueprint("v1_trace", __name__, url_prefix="/v1")
 MAX_STEER = 8
-INDICES = Array(items=Integer(0, INT32_MAX, nullable=False))
+INDICES = Array(items=Integer(-INT32_MAX, INT32_MAX, nullable=False),  # negative: from the end
+                description="Indices; negative ones count from the end, as in Python.")
 TRACE = Object({
     "model": MODEL,
     "prompt": OneOf(options=(String(), TOKEN_IDS),

@@ -1,18 +1,21 @@
-"""engine.chat: the models' Jinja chat templates, the fallbacks, errors, the sandbox, tools."""
+"""engine.chat: the models' Jinja chat templates, built-in ones and files, errors, the sandbox,
+tools; a base model (no template) does not chat unless given one."""
 
 import json
 
 import pytest
 
+import engine
 from engine.chat import (
     CHATML_TEMPLATE,
     GEMMA_TEMPLATE,
-    fallback_template,
+    read_template,
     render_chat,
     supports_tools,
 )
-from engine.errors import ChatTemplateError
+from engine.errors import CapabilityError, ChatTemplateError
 from engine.gguf_file import open_gguf
+from tests.tiny_models import write_tiny
 
 
 @pytest.fixture(scope="module")
@@ -39,15 +42,15 @@ def test_smollm2_template_adds_its_default_system_prompt(smollm2_template):
                       "trained by Hugging Face<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n")
 
 
-def test_chatml_fallback_matches_smollm2_when_system_given(smollm2_template):
+def test_builtin_chatml_matches_smollm2_when_system_given(smollm2_template):
     messages = [{"role": "system", "content": "S"}, user("U"),
                 {"role": "assistant", "content": "A"}, user("V")]
     assert render_chat(None, messages) == render_chat(smollm2_template, messages)
-    assert fallback_template({"<|im_start|>"}) == CHATML_TEMPLATE
+    assert read_template("chatml") == CHATML_TEMPLATE
 
 
-def test_gemma_fallback():
-    template = fallback_template({"<start_of_turn>", "<end_of_turn>", "<bos>"})
+def test_builtin_gemma():
+    template = read_template("gemma")
     assert template == GEMMA_TEMPLATE
     messages = [{"role": "system", "content": "Be brief."}, user("Hi "),
                 {"role": "assistant", "content": "Hello!"}, user("Bye")]
@@ -169,3 +172,28 @@ def test_no_tools_no_fallback(smollm2_template):
     plain = [user("Hi")]
     assert render_chat(smollm2_template, plain, tools=None) == render_chat(smollm2_template,
                                                                            plain)
+
+
+def test_read_template_from_a_file_and_its_errors(tmp_path):
+    path = tmp_path / "t.jinja"
+    path.write_text("{% for m in messages %}[{{ m['content'] }}]{% endfor %}")
+    assert render_chat(read_template(str(path)), [user("a"), user("b")]) == "[a][b]"
+    with pytest.raises(ChatTemplateError, match="chatml, gemma"):
+        read_template(str(tmp_path / "missing.jinja"))
+    path.write_text("{% for m in messages %}")
+    with pytest.raises(ChatTemplateError, match="does not parse"):
+        read_template(str(path))
+
+
+def test_a_base_model_does_not_chat_unless_given_a_template(tmp_path):
+    path = str(write_tiny(tmp_path / "base.gguf"))  # no tokenizer.chat_template: a base model
+    base = engine.load_model(path, backend="reference")
+    assert base.capabilities == {"completion", "embeddings"}
+    with pytest.raises(CapabilityError, match="no chat template.*numbalm generate.*"
+                                              "--chat-template"):
+        base.chat_prompt_ids([user("hi")])
+    assert len(list(base.generate([1, 5], max_tokens=2, temperature=0.0))) == 2  # completes
+    chat = engine.load_model(path, backend="reference", chat_template=read_template("chatml"))
+    assert "chat" in chat.capabilities
+    assert chat.apply_chat_template([user("hi")]) == \
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"

@@ -17,6 +17,7 @@ from engine.batch import Batch
 from engine.errors import EngineError
 from engine.gguf_file import TensorInfo
 from engine.kv import KVPool
+from kernels.norms import rope_inv_freq
 from kernels.qmatmul import quantize_activations_ref
 from kernels.testing import random_tensor
 
@@ -80,8 +81,11 @@ def test_rms_norm(shape):
 @pytest.mark.parametrize("neox", [False, True])
 def test_rope(neox):
     x, pos = randn(5, 4, 256), np.arange(17, 22)
+    freqs = rope_inv_freq(1e6, 256)
+    table = FAST.rope_table(pos, freqs)
+    np.testing.assert_allclose(table, REF.rope_table(pos, freqs), rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(
-        FAST.rope(x, pos, 1e6, neox), REF.rope(x, pos, 1e6, neox), rtol=1e-5, atol=1e-5
+        FAST.rope(x, table, neox), REF.rope(x, table, neox), rtol=1e-5, atol=1e-5
     )
 
 

@@ -7,6 +7,7 @@ import pytest
 
 from engine.backends.reference import ReferenceBackend
 from kernels.attention import attention_ref
+from kernels.norms import rope_inv_freq
 
 B = ReferenceBackend()
 
@@ -21,7 +22,7 @@ def test_rms_norm_by_hand():
 def test_rope_rotates_pairs_by_position(neox):
     # head_dim 4: pair 0 rotates by pos * 1, pair 1 by pos * base^(-1/2) = pos / 100.
     x = np.array([[[1.0, 2.0, 3.0, 4.0]]], dtype=np.float32)  # (1 token, 1 head, 4)
-    out = B.rope(x, np.array([2]), freq_base=10000.0, neox=neox)[0, 0]
+    out = B.rope(x, B.rope_table(np.array([2]), rope_inv_freq(10000.0, 4)), neox=neox)[0, 0]
     pairs = [(0, 1), (2, 3)] if not neox else [(0, 2), (1, 3)]
     for (i, j), angle in zip(pairs, [2.0, 0.02]):
         a, b = x[0, 0, i], x[0, 0, j]
@@ -32,7 +33,7 @@ def test_rope_rotates_pairs_by_position(neox):
 
 def test_rope_at_position_zero_is_identity_and_keeps_norms():
     x = np.random.default_rng(0).normal(size=(3, 2, 8)).astype(np.float32)
-    out = B.rope(x, np.array([0, 5, 9]), 10000.0, neox=True)
+    out = B.rope(x, B.rope_table(np.array([0, 5, 9]), rope_inv_freq(10000.0, 8)), neox=True)
     np.testing.assert_allclose(out[0], x[0], rtol=1e-6)
     np.testing.assert_allclose(np.linalg.norm(out, axis=-1), np.linalg.norm(x, axis=-1),
                                rtol=1e-5)

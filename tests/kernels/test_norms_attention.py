@@ -12,14 +12,29 @@ def randn(*shape):
     return RNG.standard_normal(shape).astype(np.float32)
 
 
+FREQS = norms.rope_inv_freq(10000.0, 64)  # plain RoPE, head_dim 64
+
+
 def test_rope_in_place():
     x, pos = randn(7, 3, 64), np.array([0, 1, 2, 50, 51, 1000, 8191])
+    table = norms.rope_table_ref(pos, norms.rope_inv_freq(10000.0, 64))
     for neox in (False, True):
         out = np.empty_like(x)
-        norms.rope(x, pos, 10000.0, neox, out)
+        norms.rope(x, table, neox, out)
         y = x.copy()
-        norms.rope(y, pos, 10000.0, neox, y)  # out = x
+        norms.rope(y, table, neox, y)  # out = x
         np.testing.assert_array_equal(y, out)
+
+
+def test_rope_table_rows_do_not_depend_on_the_batch():
+    """A row's angles are the same computed with other rows or alone (batching contract)."""
+    pos = np.array([3, 700, 41, 8000])
+    both = np.empty((4, 2, 32), np.float32)
+    norms.rope_table(pos, FREQS, 1.0, both)
+    for i in range(4):
+        alone = np.empty((1, 2, 32), np.float32)
+        norms.rope_table(pos[i:i + 1], FREQS, 1.0, alone)
+        np.testing.assert_array_equal(both[i], alone[0])
 
 
 def test_paged_attention_reads_the_blocks_of_its_own_sequence():

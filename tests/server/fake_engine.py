@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 
-from engine.chat import render_chat
+from engine.chat import CHATML_TEMPLATE, render_chat
 from engine.errors import CapabilityError, ChatTemplateError, ContextOverflowError
 from engine.generate import GeneratedToken, StopMatcher
 from engine.tokenizer import valid_unicode
@@ -105,6 +105,11 @@ class FakeModel:
         self.n_ctx = n_ctx
         self.delay = delay
         self.has_chat_template = chat_template
+        self.chat_template = CHATML_TEMPLATE if chat_template else None
+        self.metadata = {"general.architecture": "fake", "general.name": id,
+                         "fake.context_length": n_ctx}
+        if not chat_template:  # a base model: it completes text but does not chat
+            self.capabilities = self.capabilities - {"chat"}
         self.tokenizer = FakeTokenizer()
         self.n_vocab = self.tokenizer.n_vocab
         self.calls: list[dict] = []        # the options of every generate call, for assertions
@@ -169,9 +174,10 @@ class FakeModel:
                 self.active -= 1
 
     def generate(self, prompt_ids, *, max_tokens=256, stop=(), temperature=1.0, top_k=0,
-                 top_p=1.0, min_p=0.0, seed=None, repetition_penalty=1.0, presence_penalty=0.0,
-                 frequency_penalty=0.0, logit_bias=None, logprobs=None, should_stop=None,
-                 grammar=None):
+                 top_p=1.0, min_p=0.0, seed=None, repetition_penalty=1.0, repeat_last_n=-1,
+                 penalize_prompt=True,
+                 presence_penalty=0.0, frequency_penalty=0.0, logit_bias=None, logprobs=None,
+                 should_stop=None, grammar=None):
         if len(prompt_ids) >= self.n_ctx:
             raise ContextOverflowError(
                 f"prompt of {len(prompt_ids)} tokens does not fit the context of {self.n_ctx}")

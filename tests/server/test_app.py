@@ -131,10 +131,16 @@ def test_default_max_tokens_fills_the_context(client, model):
     assert model.calls[-1]["max_tokens"] == 512 - 100
 
 
-def test_no_chat_template_is_422(make_app):
+def test_a_base_model_does_not_chat_and_says_what_to_use(make_app):
     app = make_app([FakeModel(chat_template=False)])
-    err = error_of(app.test_client().post("/v1/chat/completions", json=chat_body()), 422)
-    assert err["code"] == "chat_template_error"
+    client = app.test_client()
+    err = error_of(client.post("/v1/chat/completions", json=chat_body()), 400)
+    assert err["code"] == "model_not_supported" and "no chat template" in err["message"]
+    assert "/v1/completions" in err["message"] and "--chat-template" in err["message"]
+    assert client.get("/v1/models").get_json()["data"][0]["capabilities"] == [
+        "completion", "embeddings"]
+    assert client.post("/v1/completions", json={"prompt": "x", "max_tokens": 1}).status_code \
+        == 200
 
 
 def test_unknown_route_method_and_model(client):

@@ -54,7 +54,8 @@ def test_colour_marks_the_guesses_that_came_true(smollm2_fast):
     out = io.StringIO()
     print_lens(tr, color=True, width=80, out=out)
     text = out.getvalue()
-    assert "\x1b[38;5;46" in text  # green: a layer's guess is the next token
+    # green (bright on dark cells, dark on light ones): the layer's guess is the next token
+    assert "\x1b[1;38;5;46;" in text and "\x1b[1;38;5;22;" in text
     assert "(the last 5 positions" not in text and "· capital" not in text
     narrow = io.StringIO()
     print_lens(tr, color=False, width=40, out=narrow)

@@ -151,3 +151,18 @@ def test_inspect_shows_architecture_capabilities_and_features(capsys):
     assert code == 0 and "architecture:     phi3" in out and "supported:        True" in out
     assert "capabilities:     chat, completion, embeddings" in out
     assert "rope scaling longrope" in out and "attention.sliding_window = 16" in out
+
+
+def test_list_says_which_models_chat(capsys, tmp_path):
+    write_tiny_gguf(tmp_path / "chat.gguf", chat_template="{{ messages }}")
+    write_tiny_gguf(tmp_path / "base.gguf")
+    for name in ("chat", "base"):
+        assert run(capsys, "add", str(tmp_path / f"{name}.gguf"), "--id", name)[0] == 0
+    code, out, _ = run(capsys, "list")
+    rows = {line.split()[0]: line.split() for line in out.splitlines()[1:3]}
+    assert rows["chat"][6] == "chat,completion,embeddings"
+    assert rows["base"][6] == "completion,embeddings"
+    assert "base: no chat template (a base model): use `numbalm generate`" in out
+    _, out, _ = run(capsys, "list", "--json")
+    assert {e["id"]: e["capabilities"] for e in json.loads(out)}["base"] == [
+        "completion", "embeddings"]

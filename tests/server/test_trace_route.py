@@ -56,8 +56,10 @@ def test_an_oversized_trace_is_a_400_naming_the_option(client):
     err = r.get_json()["error"]
     assert err["param"] == "attention_layers" and err["code"] == "trace_too_large"
     assert f"{MAX_ATTENTION_WEIGHTS:,}" in err["message"]
-    r = post(client, {"prompt": " ".join(["word"] * 120), "attention_layers": [2]})
-    assert r.status_code == 200
+    r = post(client, {"prompt": " ".join(["word"] * 120), "attention_positions": [-1]})
+    assert r.status_code == 200, r.get_json()
+    js = r.get_json()
+    assert js["attention"]["positions"] == [len(js["tokens"]) - 1]  # -1: the last position
     r = post(client, {"prompt": "hi", "max_tokens": 5000})
     assert r.status_code == 400 and r.get_json()["error"]["param"] == "max_tokens"
 
@@ -87,3 +89,16 @@ def test_bad_bodies_are_400s_naming_the_field(client, body, param):
 def test_the_api_key_is_required(client):
     r = post(client, {"prompt": "hi"}, key="wrong")
     assert r.status_code == 401
+
+
+def test_a_trace_waits_for_a_slot_like_a_generation(smollm2_fast):
+    pool = ModelPool.from_models([smollm2_fast])
+    app = create_app({"max_concurrent": 1, "queue_size": 0}, pool=pool)
+    rt = app.extensions["numbalm"]
+    rt.admit()  # the one slot is taken
+    try:
+        r = app.test_client().post("/v1/trace", json={"prompt": "hi"})
+    finally:
+        rt.release()
+    assert r.status_code == 429 and r.headers["Retry-After"]
+    assert app.test_client().post("/v1/trace", json={"prompt": "hi"}).status_code == 200

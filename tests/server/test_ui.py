@@ -94,6 +94,8 @@ def test_chat_streams_and_the_inspector_draws(browser, server):
     page.select_option("#att-layer", "3")
     page.wait_for_function("!document.getElementById('att-note').textContent"
                            ".startsWith('fetching')")
+    page.locator("#norms").scroll_into_view_if_needed()
+    page.screenshot(path=str(ARTIFACTS / "ui_attention.png"))
     assert errors == []
     page.close()
 
