@@ -9,8 +9,9 @@ for its memory) with `--slots` generation slots and a queue of `--queue`, and ru
 2 x (slots + queue) clients that send requests back to back, each drawn from a mix: chat,
 streamed chat, a stream the client drops after its first tokens, completions, embeddings,
 malformed JSON, a body just over --max-body-size and one far over it. The excess waits or
-gets 429. A probe asks /readyz every second; the server's resident memory (VmRSS) is read
-every 5 s.
+gets 429 and waits its Retry-After (at most 5 s), as the OpenAI SDKs do. A probe asks
+/readyz every second; the server's resident memory (VmRSS) is read every 5 s. The server's
+embedding cache (1 MiB) and KV cache (64 MiB) are small, so both are full after the warm-up.
 
 Reports requests by kind and status, latency p50/p99 per kind, RSS after the warm-up (the
 first tenth, at most 2 minutes) and at the end, and /readyz answers that were not 200. Passes
@@ -38,6 +39,10 @@ MAX_BODY = 64 * 1024
 # The embedding cache is an LRU bounded by bytes: a small one fills during the warm-up, so RSS
 # after it measures leaks, not the cache filling up to its bound (64 MiB by default).
 EMBEDDING_CACHE = 1 << 20
+# Likewise the KV cache: its pages are touched as blocks are first used, so a pool of the
+# default 1 GiB would grow RSS for a long time; 64 MiB (~1,400 SmolLM2 positions, enough for
+# the slots) is all in use within the warm-up.
+KV_CACHE_MB = 64
 # kind: weight in the mix
 MIX = {"chat": 20, "stream": 20, "disconnect": 10, "completion": 10, "embedding": 15,
        "malformed": 10, "oversized": 10, "far_oversized": 5}
@@ -64,11 +69,12 @@ def body_for(kind: str, model: str, embed_model: str, rng: random.Random) -> byt
     return json.dumps(body).encode()
 
 
+RETRY_CAP = 5.0  # seconds a client waits at most after a 429/503
 PATHS = {"completion": "/v1/completions", "embedding": "/v1/embeddings"}
 
 
-def one_request(host, port, kind, body, timeout) -> tuple[int | str, float]:
-    """(status or error name, seconds to the end of the answer)."""
+def one_request(host, port, kind, body, timeout) -> tuple[int | str, float, float]:
+    """(status or error name, seconds to the end of the answer, Retry-After or 0)."""
     t0 = time.perf_counter()
     conn = http.client.HTTPConnection(host, port, timeout=timeout)
     try:
@@ -80,19 +86,20 @@ def one_request(host, port, kind, body, timeout) -> tuple[int | str, float]:
             r.readline()
             if conn.sock is not None:  # (None: the server already closed it)
                 conn.sock.close()
-            return r.status, time.perf_counter() - t0
+            return r.status, time.perf_counter() - t0, 0.0
         data = r.read()
         if r.status == 200 and kind in ("stream",) and b"data: [DONE]" not in data:
-            return "unfinished_stream", time.perf_counter() - t0
-        return r.status, time.perf_counter() - t0
+            return "unfinished_stream", time.perf_counter() - t0, 0.0
+        retry = r.getheader("Retry-After") or "0"
+        return r.status, time.perf_counter() - t0, float(retry) if retry.isdigit() else 0.0
     except (ConnectionResetError, BrokenPipeError) as e:
         if kind == "far_oversized":  # refused while sending: the 413 may be lost
-            return 413, time.perf_counter() - t0
-        return type(e).__name__, time.perf_counter() - t0
+            return 413, time.perf_counter() - t0, 0.0
+        return type(e).__name__, time.perf_counter() - t0, 0.0
     except (OSError, http.client.HTTPException) as e:
-        return type(e).__name__, time.perf_counter() - t0
+        return type(e).__name__, time.perf_counter() - t0, 0.0
     except Exception as e:  # a bug in this client: counted, never a dead client thread
-        return f"client_error:{type(e).__name__}", time.perf_counter() - t0
+        return f"client_error:{type(e).__name__}", time.perf_counter() - t0, 0.0
     finally:
         conn.close()
 
@@ -139,13 +146,13 @@ class Soak:
         while not self.stop.is_set():
             kind = rng.choices(kinds, weights)[0]
             body = body_for(kind, self.args.model_name, self.args.embed_name, rng)
-            status, seconds = one_request(self.host, self.port, kind, body, 120)
+            status, seconds, retry_after = one_request(self.host, self.port, kind, body, 120)
             with self.lock:
                 self.statuses[kind][status] += 1
                 if status == 200:
                     self.latencies[kind].append(seconds)
-            if status == 429:
-                self.stop.wait(rng.uniform(0.05, 0.3))  # a polite client backs off a little
+            if status in (429, 503):  # as the OpenAI SDKs do: wait Retry-After (capped), jittered
+                self.stop.wait(min(retry_after or 0.5, RETRY_CAP) * rng.uniform(0.5, 1.0))
 
     def probe(self, start: float) -> None:
         while not self.stop.wait(1.0):
@@ -206,7 +213,7 @@ def start_server(args) -> tuple[subprocess.Popen, int]:
     cmd = [sys.executable, "-m", "server.cli", "serve", "--port", str(port),
            "--max-concurrent", str(args.slots), "--queue-size", str(args.queue),
            "--queue-timeout", "60", "--max-body-size", str(MAX_BODY), "--log-level", "warning",
-           "--embeddings-cache-bytes", str(EMBEDDING_CACHE)]
+           "--embeddings-cache-bytes", str(EMBEDDING_CACHE), "--kv-cache-mb", str(KV_CACHE_MB)]
     for m in models:
         cmd += ["-m", m]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL)

