@@ -37,7 +37,7 @@ def _operation(view, endpoint: str, method: str, params: list[dict]) -> dict:
     error = {"$ref": f"#/components/schemas/{shape}_error"}
     success = {api.response: {}}
     if api.streams:
-        success["text/event-stream"] = {}
+        success[api.stream_media] = {}
     op: dict = {
         "operationId": f"{method}_{endpoint.replace('.', '_')}",
         "summary": api.summary,

@@ -368,7 +368,8 @@ class RouteDoc:
     body: ObjectSchema | None = None
     tag: str = "numbalm"
     errors: str = "openai"             # the error shape (server.http.errors.SHAPES)
-    streams: bool = False              # may answer with text/event-stream
+    streams: bool = False              # may answer with a stream (`stream_media`)
+    stream_media: str = "text/event-stream"  # Ollama's routes stream NDJSON
     response: str = "application/json"  # the media type of a success
     query: dict[str, Schema] = field(default_factory=dict)  # documented query parameters
     description: str = ""

@@ -21,8 +21,9 @@ from engine import __version__
 from engine.download import Progress
 from engine.errors import EngineError
 from engine.registry import Registry
-from server.http.errors import APIError, bad_request
+from server.http.errors import SHAPES, APIError, ErrorShape, bad_request
 from server.http.ndjson import MIMETYPE, ndjson_lines
+from server.http.schema import route
 from server.http.sse import EventStream
 from server.ollama import requests as parse
 from server.ollama import shapes
@@ -37,9 +38,19 @@ def runtime() -> Runtime:
     return current_app.extensions["numbalm"]
 
 
+def error_body(e: APIError) -> dict:
+    """Ollama's error shape: {"error": message}, with the HTTP status."""
+    return {"error": e.message}
+
+
+STREAMS = {"streams": True, "stream_media": MIMETYPE}  # NDJSON unless "stream": false
+SHAPES["ollama"] = ErrorShape(error_body, {
+    "type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}})
+
+
 @bp.errorhandler(APIError)
 def _api_error(e: APIError):
-    response = jsonify({"error": e.message})
+    response = jsonify(error_body(e))
     response.status_code = e.status
     response.headers.update(e.headers)
     return response
@@ -67,6 +78,8 @@ def _served(name: str, need: str):
 # --- generation -------------------------------------------------------------------------------
 
 @bp.post("/chat")
+@route("Chat (Ollama's API)", tag="Ollama", errors="ollama",
+       **STREAMS)
 def chat():
     rt = runtime()
     req = parse.parse_chat(parse.parse_json(request.get_data(cache=False)),
@@ -75,6 +88,8 @@ def chat():
 
 
 @bp.post("/generate")
+@route("Generate (Ollama's API)", tag="Ollama", errors="ollama",
+       **STREAMS)
 def generate():
     rt = runtime()
     body = parse.parse_json(request.get_data(cache=False))
@@ -183,11 +198,13 @@ def _events(the_plan, result, stats: Stats, model: str, is_chat: bool):
 # --- embeddings -------------------------------------------------------------------------------
 
 @bp.post("/embed")
+@route("Embed (Ollama's API)", tag="Ollama", errors="ollama")
 def embed():
     return _embed(legacy=False)
 
 
 @bp.post("/embeddings")
+@route("Embeddings, the older form (Ollama's API)", tag="Ollama", errors="ollama")
 def embeddings():
     """The older route: one `prompt`, one `embedding`."""
     return _embed(legacy=True)
@@ -218,6 +235,7 @@ def _embed(legacy: bool):
 # --- models -----------------------------------------------------------------------------------
 
 @bp.get("/tags")
+@route("List local models (Ollama's API)", tag="Ollama", errors="ollama")
 def tags():
     """The models this server serves (Ollama lists every local model; numbalm answers only
     for the ones it has loaded, so it lists those)."""
@@ -226,12 +244,14 @@ def tags():
 
 
 @bp.post("/show")
+@route("Show a model (Ollama's API)", tag="Ollama", errors="ollama")
 def show():
     body = parse.parse_json(request.get_data(cache=False))
     return jsonify(shapes.show(_served(parse.model_name(body), None)))
 
 
 @bp.get("/ps")
+@route("Running models (Ollama's API)", tag="Ollama", errors="ollama")
 def ps():
     """What is loaded, with numbalm's own figures beside Ollama's: the scheduler's counters
     per model and the admission queue."""
@@ -263,6 +283,7 @@ def _rss_bytes() -> int | None:
 
 
 @bp.get("/version")
+@route("Version (Ollama's API)", tag="Ollama", errors="ollama")
 def version():
     return jsonify({"version": __version__})
 
@@ -297,6 +318,8 @@ DONE = object()
 
 
 @bp.post("/pull")
+@route("Pull a model (Ollama's API)", tag="Ollama", errors="ollama",
+       **STREAMS)
 def pull():
     """Fetch a model into numbalm's cache (the catalog, a URL, a Hugging Face name), as
     `numbalm model pull` does. It is not served until the server is started with it."""
