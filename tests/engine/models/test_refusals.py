@@ -99,7 +99,8 @@ def test_describe_says_what_a_file_runs_and_can_do_without_loading_weights(tmp_p
 
     gemma2 = describe(open_gguf(DATA / "gemma2.q8_0.gguf"))
     assert gemma2["supported"] and gemma2["refused"] is None
-    assert gemma2["capabilities"] == ["chat", "completion", "embeddings"]
+    # the tiny files carry no chat template: base models, which do not chat
+    assert gemma2["capabilities"] == ["completion", "embeddings"]
     assert "attn_logit_softcapping = 3.0" in gemma2["features"]
     assert "rope scaling llama3 (rope_freqs)" in describe(
         open_gguf(DATA / "llama3.q8_0.gguf"))["features"]
