@@ -56,9 +56,10 @@ test: dev models lint deploy-tools
 
 # Long fuzz runs (not in `make test`, which runs a few hundred cases of the same tests): the HTTP
 # API from its OpenAPI document with schemathesis, >= 10,000 cases; the counts are printed.
-# (28 tests: 20 operations and raw bytes on 8 routes, FUZZ_EXAMPLES each: 11,200 at 400.)
+# (28 tests: 20 operations and raw bytes on 8 routes, FUZZ_EXAMPLES each where there are
+# inputs to vary: ~11,000 requests at 500.)
 # NUMBALM_FUZZ_COVERAGE=1 adds schemathesis' coverage phase (every boundary value; slow).
-FUZZ_EXAMPLES ?= 400
+FUZZ_EXAMPLES ?= 500
 fuzz: dev
 	NUMBALM_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) NUMBALM_FUZZ_COUNTS=fuzz-counts.json \
 		$(PY) -m pytest tests/server/test_fuzz_api.py -q -s
