@@ -68,12 +68,13 @@ test: dev models lint deploy-tools browser
 
 # Long fuzz runs (not in `make test`, which runs a few hundred cases of the same tests): the HTTP
 # API from its OpenAPI document with schemathesis, >= 10,000 cases (28 tests: 20 operations and
-# raw bytes on 8 routes, FUZZ_EXAMPLES each: 11,200 at 400; NUMBALM_FUZZ_COVERAGE=1 adds
+# raw bytes on 8 routes, FUZZ_EXAMPLES each where there are inputs to vary: ~11,000
+# requests at 500; NUMBALM_FUZZ_COVERAGE=1 adds
 # schemathesis' coverage phase, every boundary value, slow); the counts go to fuzz-counts.json.
 # Then the GGUF reader, model load, registry, tokenizers, chat template and stop matcher
 # (Hypothesis): each test its `fuzz_examples` cases with fresh random seeds (docs/operations.md
 # has the counts; about an hour on 2 cores).
-FUZZ_EXAMPLES ?= 400
+FUZZ_EXAMPLES ?= 500
 FUZZ_TESTS ?= tests/engine/test_fuzz_gguf.py tests/engine/test_fuzz_text.py
 fuzz: dev models
 	NUMBALM_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) NUMBALM_FUZZ_COUNTS=fuzz-counts.json \
