@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,14 +87,23 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, outtype: str = "f32"
     cfg = read_config(src)
     tokens, token_types, special = read_vocab(src, cfg.n_vocab)
     tensors = read_tensors(src / "model.safetensors", cfg.n_layers, outtype)
-    tmp = out.with_name(out.name + ".part")
-    try:
-        writer = gguf.GGUFWriter(tmp, "bert")
+    with gguf_writer(out, "bert") as writer:
         _add_metadata(writer, cfg, name or src.resolve().name, OUTTYPES[outtype],
                       _pooling_type(src), _max_seq_length(src))
         _add_vocab(writer, tokens, token_types, special, cfg.n_token_types)
         for tname, data in tensors:
             writer.add_tensor(tname, data)
+    return out
+
+
+@contextmanager
+def gguf_writer(out: Path, arch: str):
+    """A `gguf.GGUFWriter` for `out`: it writes `out`.part, which becomes `out` only once the
+    body has added everything and the file is whole; on any failure the part is removed."""
+    tmp = out.with_name(out.name + ".part")
+    try:
+        writer = gguf.GGUFWriter(tmp, arch)
+        yield writer
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -102,7 +112,6 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, outtype: str = "f32"
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return out
 
 
 # ---------------------------------------------------------------------------------------------

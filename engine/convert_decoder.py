@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +39,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from .convert import CONVERTER_VERSION, CONVERTER_VERSION_KEY, ConvertError
+from .convert import CONVERTER_VERSION, CONVERTER_VERSION_KEY, ConvertError, gguf_writer
 
 # config.json "architectures" -> GGUF architecture
 ARCHITECTURES = {
@@ -104,9 +103,7 @@ def convert_decoder(src: Path, out: Path, outtype: str, name: str | None, config
     hp = Hyper(config, src / "config.json")
     hf_arch = next(a for a in config["architectures"] if a in ARCHITECTURES)
     arch = ARCHITECTURES[hf_arch]
-    tmp = out.with_name(out.name + ".part")
-    try:
-        w = gguf.GGUFWriter(tmp, arch)
+    with gguf_writer(out, arch) as w:
         w.add_name(name or src.resolve().name)
         w.add_uint32(CONVERTER_VERSION_KEY, CONVERTER_VERSION)
         w.add_file_type(OUTTYPES[outtype])
@@ -115,14 +112,6 @@ def convert_decoder(src: Path, out: Path, outtype: str, name: str | None, config
         add_tokenizer(w, src, hp)
         for tname, data in _tensors(src, hp, arch, n_layers):
             _add_tensor(w, tname, data, outtype)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return out
 
 
