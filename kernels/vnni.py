@@ -36,7 +36,7 @@ from kernels.qpack import (
     quant_bytes,
 )
 
-PREFETCH_BYTES = 4096  # how far ahead of the current block the weight stream is prefetched
+PREFETCH_BYTES = 4096
 
 _i8, _i32, _i64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
 _f32x16 = ir.VectorType(ir.FloatType(), GROUP)

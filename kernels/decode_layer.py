@@ -1,0 +1,135 @@
+"""One decoder layer per kernel call, for decode steps on AVX-512 VNNI CPUs.
+
+A decode step runs each layer's ~15 operations on a handful of rows (one per sequence). Run
+one by one from Python (`engine/models/llama.py`'s `attention_block` and `ffn_block`), every
+operation pays a dispatch into Numba, its allocations and, for the parallel ones, a thread
+launch: measured on 2 cores, a third of SmolLM2's decode step went there rather than to
+the weights. `decoder_layer` runs the same operations with the same kernels, in the same order,
+from one call:
+
+    h = rms_norm(x, attn_norm)
+    q, k, v = h @ [Wq | Wk | Wv].T                      one packed matrix, or three
+    q, k = rms_norm(q, q_norm), rms_norm(k, k_norm)     per head; gemma3 only
+    q, k = rope(q), rope(k)
+    store k, v in the KV cache
+    o = attention(q, cache) @ Wo.T
+    o = rms_norm(o, post_attention_norm)                gemma3 only
+    x = x + o
+    h = rms_norm(x, ffn_norm)
+    m = (silu or gelu)(h @ Wgate.T) * (h @ Wup.T) @ Wdown.T
+    m = rms_norm(m, post_ffw_norm)                      gemma3 only
+    x = x + m
+
+so its rows come out bit for bit as the op-by-op path's (tests/kernels/test_decode_layer.py).
+The Python model code stays the readable statement of the maths and the path for everything
+else (prefill, traced passes, other CPUs, architectures with more than this).
+
+Weights come as the `kernels.qpack` group streams of up to seven matrices, slots `Q` .. `DOWN`
+(`meta[slot]` = layout, block bytes, n_out; n_out = 0 for an empty slot: when q|k|v or
+gate|up are stacked into one stream, the stack sits in the first slot of its group).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from kernels.attention import kv_store, paged_attention
+from kernels.jit import njit
+from kernels.norms import gelu_gate, rms_norm, rope, silu_gate
+from kernels.qmatmul import SERIAL_BYTES, quantize_activations
+from kernels.vnni import qmatmul_vnni, qmatmul_vnni_serial
+
+Q, K, V, O, GATE, UP, DOWN = range(7)  # weight slots
+META_LAYOUT, META_BLOCK_BYTES, META_N_OUT = range(3)  # columns of `meta`
+MAX_ROWS = 16  # rows beyond this (prefill chunks) go op by op: dispatch costs nothing there
+
+
+@njit
+def _linear(x, w, meta_row, terms, out, col):
+    """out[:, col : col + n_out] = x (n, n_in) @ W.T for one packed matrix."""
+    n, n_in = x.shape
+    layout, block_bytes, n_out = meta_row[0], meta_row[1], meta_row[2]
+    xq = np.empty((terms * n, n_in), np.int8)
+    xd = np.empty((n, n_in // 32), np.float32)
+    xs = np.empty((n, n_in // 16), np.float32)
+    quantize_activations(x, xq, xd, xs)
+    y = np.empty((n, n_out), np.float32)
+    if terms * n * w.size < SERIAL_BYTES:  # as kernels.qmatmul.matmul decides
+        qmatmul_vnni_serial(w, layout, block_bytes, xq, xd, xs, n_out, y)
+    else:
+        qmatmul_vnni(w, layout, block_bytes, xq, xd, xs, n_out, y)
+    out[:, col:col + n_out] = y
+
+
+@njit
+def _linears(x, weights, meta, first, last, terms, out):
+    """The matrices of slots first..last side by side into out (n, sum of n_out)."""
+    col = 0
+    for s in range(first, last + 1):
+        if meta[s, META_N_OUT] > 0:
+            _linear(x, weights[s], meta[s], terms, out, col)
+            col += meta[s, META_N_OUT]
+
+
+@njit
+def _norm(x, weight, eps):
+    """rms_norm of the rows of a contiguous x (n, d) -> a new array."""
+    out = np.empty_like(x)
+    rms_norm(x, weight, eps, out)
+    return out
+
+
+@njit
+def decoder_layer(x, weights, meta, attn_norm, ffn_norm, q_norm, k_norm, post_attn_norm,
+                  post_ffw_norm, shape, eps, gelu, neox, table, k_cache, v_cache, slots,
+                  block_tables, row_seq, positions, window, scale, terms):
+    """One layer of a decode step: x (n, dim) float32 -> the residual stream after the
+    layer (a new array); the rows' keys and values go into k_cache, v_cache (this layer's,
+    (n_kv_heads, n_slots, hd)) at `slots` on the way.
+
+    shape = (n_heads, n_kv_heads, head_dim, ffn_dim); the norm weights q_norm, k_norm,
+    post_attn_norm, post_ffw_norm are empty arrays where the model has none; `table` is
+    the rows' RoPE table (n, 2, hd/2); the rest as in `kernels.attention.paged_attention`.
+    """
+    n, dim = x.shape
+    n_heads, n_kv, hd, ffn = shape[0], shape[1], shape[2], shape[3]
+    qd, kvd = n_heads * hd, n_kv * hd
+    # attention
+    h = _norm(x, attn_norm, eps)
+    qkv = np.empty((n, qd + 2 * kvd), np.float32)
+    _linears(h, weights, meta, Q, V, terms, qkv)
+    q = np.ascontiguousarray(qkv[:, :qd]).reshape(n, n_heads, hd)
+    k = np.ascontiguousarray(qkv[:, qd:qd + kvd]).reshape(n, n_kv, hd)
+    v = np.ascontiguousarray(qkv[:, qd + kvd:]).reshape(n, n_kv, hd)
+    if q_norm.size > 0:  # per-head norms (gemma3)
+        q = _norm(q.reshape(n * n_heads, hd), q_norm, eps).reshape(n, n_heads, hd)
+        k = _norm(k.reshape(n * n_kv, hd), k_norm, eps).reshape(n, n_kv, hd)
+    q_rot = np.empty_like(q)
+    k_rot = np.empty_like(k)
+    rope(q, table, neox, q_rot)
+    rope(k, table, neox, k_rot)
+    kv_store(k_cache, v_cache, slots, k_rot, v)
+    att = np.empty((n, qd), np.float32)
+    paged_attention(q_rot, k_cache, v_cache, block_tables, row_seq, positions, window, scale,
+                    att)
+    o = np.empty((n, dim), np.float32)
+    _linears(att, weights, meta, O, O, terms, o)
+    if post_attn_norm.size > 0:
+        o = _norm(o, post_attn_norm, eps)
+    x = x + o
+    # feed-forward
+    h = _norm(x, ffn_norm, eps)
+    gate_up = np.empty((n, 2 * ffn), np.float32)
+    _linears(h, weights, meta, GATE, UP, terms, gate_up)
+    act = np.empty((n, ffn), np.float32)
+    gate = np.ascontiguousarray(gate_up[:, :ffn])
+    up = np.ascontiguousarray(gate_up[:, ffn:])
+    if gelu:
+        gelu_gate(gate, up, act)
+    else:
+        silu_gate(gate, up, act)
+    m = np.empty((n, dim), np.float32)
+    _linears(act, weights, meta, DOWN, DOWN, terms, m)
+    if post_ffw_norm.size > 0:
+        m = _norm(m, post_ffw_norm, eps)
+    return x + m
