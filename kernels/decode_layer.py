@@ -1,11 +1,10 @@
-"""One decoder layer per kernel call, for decode steps on AVX-512 VNNI CPUs.
+"""One decoder layer per kernel call, for every untraced pass on AVX-512 VNNI CPUs.
 
 A decode step runs each layer's ~15 operations on a handful of rows (one per sequence). Run
 one by one from Python (`engine/models/llama.py`'s `attention_block` and `ffn_block`), every
 operation pays a dispatch into Numba, its allocations and, for the parallel ones, a thread
-launch: measured on 2 cores, a third of SmolLM2's decode step went there rather than to
-the weights. `decoder_layer` runs the same operations with the same kernels, in the same order,
-from one call:
+launch: on 2 cores that was ~10 % of SmolLM2's decode step. `decoder_layer` runs the same
+operations with the same kernels, in the same order, from one call:
 
     h = rms_norm(x, attn_norm)
     q, k, v = h @ [Wq | Wk | Wv].T                      one packed matrix, or three
@@ -20,9 +19,13 @@ from one call:
     m = rms_norm(m, post_ffw_norm)                      gemma3 only
     x = x + m
 
-so its rows come out bit for bit as the op-by-op path's (tests/kernels/test_decode_layer.py).
-The Python model code stays the readable statement of the maths and the path for everything
-else (prefill, traced passes, other CPUs, architectures with more than this).
+The Python model code stays the readable statement of the maths and the path for traced
+passes, other CPUs and architectures with more than this. The two agree to float32 rounding,
+not bit for bit: Numba compiles the kernels into this function's own code, where LLVM may
+contract and vectorize them otherwise than alone (tests/kernels/test_decode_layer.py). So a
+model runs *every* untraced pass here, prefill included, never some passes one way and some
+the other: a sequence's numbers then do not depend on which sequences share its steps or how
+its prompt was chunked (tests/engine/test_scheduler.py).
 
 Weights come as the `kernels.qpack` group streams of up to seven matrices, slots `Q` .. `DOWN`
 (`meta[slot]` = layout, block bytes, n_out; n_out = 0 for an empty slot: when q|k|v or
@@ -36,28 +39,18 @@ import numpy as np
 from kernels.attention import kv_store, paged_attention
 from kernels.jit import njit
 from kernels.norms import gelu_gate, rms_norm, rope, silu_gate
-from kernels.qmatmul import SERIAL_BYTES, quantize_activations
-from kernels.vnni import qmatmul_vnni, qmatmul_vnni_serial
+from kernels.vnni import linear
 
 Q, K, V, O, GATE, UP, DOWN = range(7)  # weight slots
 META_LAYOUT, META_BLOCK_BYTES, META_N_OUT = range(3)  # columns of `meta`
-MAX_ROWS = 16  # rows beyond this (prefill chunks) go op by op: dispatch costs nothing there
 
 
 @njit
 def _linear(x, w, meta_row, terms, out, col):
     """out[:, col : col + n_out] = x (n, n_in) @ W.T for one packed matrix."""
-    n, n_in = x.shape
-    layout, block_bytes, n_out = meta_row[0], meta_row[1], meta_row[2]
-    xq = np.empty((terms * n, n_in), np.int8)
-    xd = np.empty((n, n_in // 32), np.float32)
-    xs = np.empty((n, n_in // 16), np.float32)
-    quantize_activations(x, xq, xd, xs)
-    y = np.empty((n, n_out), np.float32)
-    if terms * n * w.size < SERIAL_BYTES:  # as kernels.qmatmul.matmul decides
-        qmatmul_vnni_serial(w, layout, block_bytes, xq, xd, xs, n_out, y)
-    else:
-        qmatmul_vnni(w, layout, block_bytes, xq, xd, xs, n_out, y)
+    n_out = meta_row[META_N_OUT]
+    y = np.empty((x.shape[0], n_out), np.float32)
+    linear(x, w, meta_row[META_LAYOUT], meta_row[META_BLOCK_BYTES], n_out, terms, y)
     out[:, col:col + n_out] = y
 
 
@@ -83,7 +76,7 @@ def _norm(x, weight, eps):
 def decoder_layer(x, weights, meta, attn_norm, ffn_norm, q_norm, k_norm, post_attn_norm,
                   post_ffw_norm, shape, eps, gelu, neox, table, k_cache, v_cache, slots,
                   block_tables, row_seq, positions, window, scale, terms):
-    """One layer of a decode step: x (n, dim) float32 -> the residual stream after the
+    """One layer of a pass: x (n, dim) float32 -> the residual stream after the
     layer (a new array); the rows' keys and values go into k_cache, v_cache (this layer's,
     (n_kv_heads, n_slots, hd)) at `slots` on the way.
 

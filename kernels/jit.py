@@ -22,9 +22,12 @@ FASTMATH = {"contract", "reassoc", "nsz", "arcp"}
 njit = functools.partial(numba.njit, cache=True, fastmath=FASTMATH, nogil=True)
 pnjit = functools.partial(numba.njit, cache=True, fastmath=FASTMATH, nogil=True, parallel=True)
 # No fastmath, for kernels whose rounding decisions must match their NumPy twin bit for bit
-# (`arcp` alone turns x * (1 / d) into x / d, which moves a rounding tie).
-njit_strict = functools.partial(numba.njit, cache=True, nogil=True)
-pnjit_strict = functools.partial(numba.njit, cache=True, nogil=True, parallel=True)
+# (`arcp` alone turns x * (1 / d) into x / d, which moves a rounding tie). Said explicitly:
+# a callee that leaves fastmath unset inherits its caller's when compiled for it (Numba's
+# flag inheritance), and a strict kernel called from a fastmath one would lose its rounding.
+njit_strict = functools.partial(numba.njit, cache=True, nogil=True, fastmath=False)
+pnjit_strict = functools.partial(numba.njit, cache=True, nogil=True, parallel=True,
+                                 fastmath=False)
 
 
 def cpu_flags() -> set[str]:

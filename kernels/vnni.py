@@ -19,13 +19,14 @@ generator if it sat in another file.
 
 from __future__ import annotations
 
+import numpy as np
 from llvmlite import ir
 from numba import prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
 from kernels.jit import njit, pnjit
-from kernels.qmatmul import FINE_BITS
+from kernels.qmatmul import FINE_BITS, SERIAL_BYTES, quantize_activations_auto
 from kernels.qpack import (
     GROUP,
     LAYOUT_BLK,
@@ -283,3 +284,20 @@ def qmatmul_vnni_serial(w, layout, block_bytes, xq, xd, xs, n_out, out):
     outf = out.reshape(-1)
     for g in range((n_out + GROUP - 1) // GROUP):
         _group(w, layout, group_bytes, xq, xd, xs, n_out, outf, g)
+
+
+@njit
+def linear(x, w, layout, block_bytes, n_out, terms, out):
+    """out (n, n_out) = x (n, n_in) float32 @ W.T for a packed W: the activations quantized to
+    `terms` terms, then the kernel on all threads, or on this one for small products where
+    waking the others costs more than it saves. What `kernels.qmatmul.matmul` runs here, and
+    what `kernels.decode_layer` calls inside a layer."""
+    n, n_in = x.shape
+    xq = np.empty((terms * n, n_in), np.int8)  # term k of token t is row k*n + t
+    xd = np.empty((n, n_in // 32), np.float32)
+    xs = np.empty((n, n_in // 16), np.float32)
+    quantize_activations_auto(x, xq, xd, xs)
+    if terms * n * w.size < SERIAL_BYTES:
+        qmatmul_vnni_serial(w, layout, block_bytes, xq, xd, xs, n_out, out)
+    else:
+        qmatmul_vnni(w, layout, block_bytes, xq, xd, xs, n_out, out)

@@ -179,7 +179,7 @@ class FastBackend:
                                      out)
         return out
 
-    # -- decode steps a layer per call (kernels/decode_layer.py, AVX-512 VNNI only) ---------
+    # -- a layer per call (kernels/decode_layer.py, AVX-512 VNNI only) ---------------------
 
     def fuse_layer(self, spec) -> FusedLayer | None:
         """`spec` (engine.models.llama.LayerSpec) ready for `decoder_layer`, or None where
@@ -192,14 +192,13 @@ class FastBackend:
             return None
 
     def runs_fused(self, batch) -> bool:
-        """Whether this pass runs fused layers: few rows (a decode step), VNNI selected."""
-        from kernels.decode_layer import MAX_ROWS
-
-        return len(batch.ids) <= MAX_ROWS and jit.ISA == "vnni"
+        """Whether an untraced pass runs fused layers: whenever VNNI is the selected path (so
+        that no sequence meets both paths, see kernels/decode_layer.py)."""
+        return jit.ISA == "vnni"
 
     def decoder_layer(self, fused: FusedLayer, x: np.ndarray, batch, layer: int,
                       tables: dict) -> np.ndarray:
-        """Layer `layer` of a decode step in one call: x (n, dim) -> (n, dim)."""
+        """Layer `layer` of an untraced pass in one call: x (n, dim) -> (n, dim)."""
         from kernels.decode_layer import decoder_layer
 
         spec, kv = fused.spec, batch.kv

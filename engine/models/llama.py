@@ -103,7 +103,7 @@ class Layer:
 
 @dataclass(frozen=True, eq=False)
 class LayerSpec:
-    """One layer as `backend.fuse_layer` reads it, to run decode steps a layer per call:
+    """One layer as `backend.fuse_layer` reads it, to run a pass a layer per call:
     llama's maths (`attention_block`, `ffn_block` below), with what gemma3 adds. The
     prepared weights are the layer's own (nothing is copied)."""
 
@@ -153,7 +153,7 @@ class Model:
         self.fused = self.fuse_layers()
 
     def fuse_layers(self) -> list | None:
-        """Each layer as one call of the backend, for decode steps (kernels/decode_layer.py),
+        """Each layer as one call of the backend for untraced passes (kernels/decode_layer.py),
         or None where the backend or this architecture has no such path."""
         specs = [self.layer_spec(i, layer) for i, layer in enumerate(self.layers)]
         if any(s is None for s in specs):
@@ -209,7 +209,7 @@ class Model:
         rope = self.rope_tables(batch.positions)  # every layer turns by the same angles
         fused = self.fused if rec is None and self.backend.runs_fused(batch) else None
         for i, layer in enumerate(self.layers):
-            if fused is not None:  # a decode step: the same maths, a layer per kernel call
+            if fused is not None:  # the same maths, a layer per kernel call
                 x = self.backend.decoder_layer(fused[i], x, batch, i, rope)
                 continue
             attn = self.attention_block(i, layer, x, batch, rope)
