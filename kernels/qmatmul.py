@@ -34,8 +34,9 @@ of the activations, at most `xd / 2` per element with one term, `xd / 256` with 
 
     |y[t, r] - (x @ W.T)[t, r]| <= sum_e |W[r, e]| * xd[t, e // 32] / (2, 256 or 32768)
 
-(plus float32 rounding): typically ~0.5 % of `|W| @ |x|` with one term (as in llama.cpp),
-~0.004 % with two and ~3e-7 with three, a float32 product. The tests assert this bound.
+(plus float32 rounding, which with three terms is as large: x / xd and xd * xu each round by
+up to 1/8 of a step): typically ~0.5 % of `|W| @ |x|` with one term (as in llama.cpp), ~0.004 %
+with two and ~1e-7 with three, a float32 product. The tests assert this bound.
 
 Exact products (traced passes, `matmul_exact`): three terms leave the weights as the only
 difference from the reference backend's float32 product, and for the K-quants (d = d_super * sc)
