@@ -104,8 +104,8 @@ def test_fast_trace_matches_the_reference(key, request):
             np.testing.assert_allclose(a.attention[layer], b.attention[layer],
                                        atol=ATTENTION_ATOL,
                                        err_msg=f"{p['prompt']!r} layer {layer}")
-        # every layer's guess at every position (Gemma 3 has a top two within 1e-6 of
-        # probability on one prompt: that holds too)
+        # every layer's guess at every position; the closest call, a lens logit gap of 6e-4
+        # (Gemma 3, the chat prompt, layer 8), is 11x the backends' lens logits' difference
         np.testing.assert_array_equal(a.logit_lens.top_ids[..., 0], b.logit_lens.top_ids[..., 0],
                                       err_msg=p["prompt"])
         np.testing.assert_allclose(a.norms["resid"], b.norms["resid"], rtol=RESID_RTOL)
