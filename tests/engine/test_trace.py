@@ -143,6 +143,40 @@ def test_only_traced_passes_are_exact(smollm2_fast, monkeypatch):
     assert not backend.exact_mode
 
 
+def test_the_fast_backends_exact_matmuls_are_the_references():
+    """FastBackend.exact(), the hook traced passes use: `linear` and `linear_many` (stacked or
+    not) with K-quants too, against the reference backend's float32 product."""
+    from gguf.constants import GGMLQuantizationType as Q
+
+    from engine.backends.fast import FastBackend
+    from engine.backends.reference import ReferenceBackend
+    from engine.gguf_file import TensorInfo
+    from kernels.testing import random_tensor
+
+    fast, ref = FastBackend(), ReferenceBackend()
+
+    def tensor(qtype, shape, seed):
+        raw = random_tensor(qtype, shape, seed)
+        return TensorInfo("w", shape, qtype, raw.size, raw)
+
+    x = np.random.default_rng(0).standard_normal((5, 256)).astype(np.float32)
+    stacked = [tensor(Q.Q4_K, (32, 256), 1), tensor(Q.Q4_K, (20, 256), 2)]
+    mixed = [tensor(Q.Q6_K, (16, 256), 3), tensor(Q.Q5_0, (16, 256), 4)]
+    for ts in (stacked, mixed):
+        fused = fast.prepare_many(ts)
+        assert (fused.stacked is None) == (ts is mixed)
+        with fast.exact():
+            ys = fast.linear_many(x, fused)
+            y0 = fast.linear(x, fast.prepare(ts[0]))
+        for y, t in zip([y0, *ys], [ts[0], *ts], strict=True):
+            W = ref.prepare(t)
+            np.testing.assert_array_less(np.abs(y - ref.linear(x, W)),
+                                         1e-6 * (np.abs(x) @ np.abs(W).T))
+    assert not fast.exact_mode
+    W = ref.prepare(stacked[0])  # outside: generation's rounding, float16 scales (~1e-4)
+    assert np.abs(fast.linear(x, fast.prepare(stacked[0])) - ref.linear(x, W)).max() > 1e-5
+
+
 def test_gemma3_traces_its_sliding_window_layers(gemma3_fast):
     tr = gemma3_fast.trace("The capital of France is", attention_layers=[0, 5])
     with gemma3_fast.backend.exact():
