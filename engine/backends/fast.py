@@ -12,7 +12,7 @@ forward pass and the logit lens) `linear` and `linear_many` run `qmatmul.matmul_
 activations (three int8 terms) and, for K-quant matrices, the float16 rounding of their block
 scales added back by a second product (`qmatmul.scale_residual`, built from the GGUF bytes on
 first use: a second copy of those matrices' packed bytes). The trace then matches the reference
-backend's to float32 rounding (~1e-6 in the attention weights). Every other pass keeps
+backend's to float32 rounding (~1e-5 in the attention weights). Every other pass keeps
 `act_terms` and the cost of one flag test per matmul.
 
 `prepare_many` + `linear_many` run several matrices that read the same input (q|k|v, gate|up)
