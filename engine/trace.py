@@ -31,7 +31,8 @@ to 15 bits and K-quant scales to float16, `_traced` runs the pass and the lens i
 the reference backend's to float32 rounding (tests/engine/test_trace.py). So `tr.logits` are
 the exact logits: on the fast backend they differ from `model.logits(ids)` by generation's
 rounding (up to 0.02 in a logit on SmolLM2's reference prompts, 0.13 on Gemma 3's), on the
-reference one they are equal. Generation (`generate` > 0 chooses the tokens first) is the ordinary kind.
+reference one they are equal. Generation (`generate` > 0 chooses the tokens first) is the
+ordinary kind.
 
 An intervention (zeroed heads, attention or MLP outputs; a vector added to the residual stream
 after a layer, as llama.cpp's control vectors) runs as a second pass: `intervened_logits` are
