@@ -10,7 +10,9 @@ plain Numba in `qmatmul_vnni`. Per block of one group and one token:
 which is `sum_e (d u + m)[r, e] * (xd xq)[e]` exactly, with `xsum = xd * sum_e xq[e]`. With two
 activation terms (`kernels.qmatmul`: x = xd / 128 * (128 q1 + q2)) the integer sum becomes
 `(sum u q1) << 7 + sum u q2` (two independent vpdpbusd chains; |sum| < 2^28 per block, no
-overflow) and the scale `xd / 128`, so only the integer work doubles. A tile of `nt` tokens
+overflow) and the scale `xd / 128`, so only the integer work doubles. Three terms (traced
+passes) add a third chain, kept as its own int32 sum (another << 7 would overflow) and added in
+float32 at the scale `xd / 128^2`. A tile of `nt` tokens
 shares each 64-byte weight load. Only call these when `jit.HAS_AVX512_VNNI`.
 
 The driver lives in this module too: Numba's `cache=True` would not notice an edit of the IR
@@ -62,9 +64,9 @@ def _make_group_dot(layout: int, nt: int, terms: int):
 
     Call as `group_dot(w, w_off, xq, xd, xs, t0, n_in, q2_off, out, out_off, n_out, n_valid)`:
     w (uint8 flat) from byte w_off; xq int8 (terms * n_tok, n_in), the second term's rows from
-    element q2_off; xd float32 (n_tok, n_in/32); xs float32 (n_tok, n_in/16); tokens
-    t0..t0+nt-1; out float32 flat, rows of length n_out, written at out_off + t*n_out for the
-    first n_valid of the 16 lanes.
+    element q2_off (the third's from 2 * q2_off); xd float32 (n_tok, n_in/32); xs float32
+    (n_tok, n_in/16); tokens t0..t0+nt-1; out float32 flat, rows of length n_out, written at
+    out_off + t*n_out for the first n_valid of the 16 lanes.
     """
     blk = LAYOUT_BLK[layout]
     nibble = layout == LAYOUT_NIBBLE32
@@ -155,9 +157,11 @@ def _make_group_dot(layout: int, nt: int, terms: int):
                         return acc
 
                     acc = chain(xrow)
-                    if terms == 2:  # (sum u q1) * 128 + sum u q2
+                    if terms >= 2:  # (sum u q1) * 128 + sum u q2
                         fine = chain(builder.add(xrow, q2_off_))
                         acc = builder.add(builder.shl(acc, shift), fine)
+                    if terms == 3:  # sum u q3, at 1/128 of acc's scale
+                        finer = chain(builder.add(xrow, builder.mul(q2_off_, _i64(2))))
                     # activation scale of this block and the sum of its dequantized activations
                     ix = builder.add(builder.mul(tok, n_x32), builder.sdiv(e0, _i64(32)))
                     xd_t = builder.load(builder.gep(xdp, [ix]))
@@ -167,10 +171,15 @@ def _make_group_dot(layout: int, nt: int, terms: int):
                         nxt = builder.load(builder.gep(xsp, [builder.add(is16, _i64(1))]))
                         xsum = builder.fadd(xsum, nxt)
                     scale = builder.fmul(d, _splat(builder, xd_t, _f32x16))
-                    if terms == 2:
+                    if terms >= 2:
                         scale = builder.fmul(scale, unit)
                     total = builder.load(accs[t])
                     total = builder.fadd(total, builder.fmul(builder.sitofp(acc, _f32x16), scale))
+                    if terms == 3:
+                        fine_scale = builder.fmul(scale, unit)
+                        total = builder.fadd(
+                            total, builder.fmul(builder.sitofp(finer, _f32x16), fine_scale)
+                        )
                     total = builder.fadd(total, builder.fmul(m, _splat(builder, xsum, _f32x16)))
                     builder.store(total, accs[t])
             # masked store of the first n_valid lanes
@@ -211,13 +220,33 @@ _dot2_b32_t1 = _make_group_dot(LAYOUT_BYTE32, 1, 2)
 _dot2_b32_t4 = _make_group_dot(LAYOUT_BYTE32, TILE, 2)
 _dot2_b16_t1 = _make_group_dot(LAYOUT_BYTE16, 1, 2)
 _dot2_b16_t4 = _make_group_dot(LAYOUT_BYTE16, TILE, 2)
+_dot3_n32_t1 = _make_group_dot(LAYOUT_NIBBLE32, 1, 3)  # three terms: traced passes
+_dot3_n32_t4 = _make_group_dot(LAYOUT_NIBBLE32, TILE, 3)
+_dot3_b32_t1 = _make_group_dot(LAYOUT_BYTE32, 1, 3)
+_dot3_b32_t4 = _make_group_dot(LAYOUT_BYTE32, TILE, 3)
+_dot3_b16_t1 = _make_group_dot(LAYOUT_BYTE16, 1, 3)
+_dot3_b16_t4 = _make_group_dot(LAYOUT_BYTE16, TILE, 3)
 
 
 @njit
 def _dot(layout, terms, tile, w, w_off, xq, xd, xs, t, n_in, q2_off, outf, o, n_out, n_valid):
     """Dispatch one tile (`tile` = 1 or TILE tokens from t) to its intrinsic."""
     a = (w, w_off, xq, xd, xs, t, n_in, q2_off, outf, o, n_out, n_valid)
-    if terms == 1:
+    if terms == 3:  # exact (traced) passes
+        if tile == TILE:
+            if layout == LAYOUT_NIBBLE32:
+                _dot3_n32_t4(*a)
+            elif layout == LAYOUT_BYTE32:
+                _dot3_b32_t4(*a)
+            else:
+                _dot3_b16_t4(*a)
+        elif layout == LAYOUT_NIBBLE32:
+            _dot3_n32_t1(*a)
+        elif layout == LAYOUT_BYTE32:
+            _dot3_b32_t1(*a)
+        else:
+            _dot3_b16_t1(*a)
+    elif terms == 1:
         if tile == TILE:
             if layout == LAYOUT_NIBBLE32:
                 _dot_n32_t4(*a)
