@@ -36,13 +36,59 @@ from __future__ import annotations
 
 import numpy as np
 
-from kernels.attention import kv_store, paged_attention
+from kernels.attention import kv_store, kv_store_ref, paged_attention, paged_attention_ref
 from kernels.jit import njit
-from kernels.norms import gelu_gate, rms_norm, rope, silu_gate
+from kernels.norms import (
+    gelu_gate,
+    gelu_gate_ref,
+    rms_norm,
+    rms_norm_ref,
+    rope,
+    rope_ref,
+    silu_gate,
+    silu_gate_ref,
+)
+from kernels.qmatmul import matmul_ref
+from kernels.qpack import PackedWeight
 from kernels.vnni import linear
 
 Q, K, V, O, GATE, UP, DOWN = range(7)  # weight slots
 META_LAYOUT, META_BLOCK_BYTES, META_N_OUT = range(3)  # columns of `meta`
+
+
+def decoder_layer_ref(x, weights, meta, attn_norm, ffn_norm, q_norm, k_norm, post_attn_norm,
+                      post_ffw_norm, shape, eps, gelu, neox, table, k_cache, v_cache, slots,
+                      block_tables, row_seq, positions, window, scale, terms):
+    """NumPy twin of `decoder_layer` (same arguments; k_cache, v_cache written in place)."""
+    n, dim = x.shape
+    n_heads, n_kv, hd, ffn = (int(v) for v in shape)
+    qd, kvd = n_heads * hd, n_kv * hd
+
+    def linears(h, first, last):  # the slots' products side by side
+        ys = []
+        for s in range(first, last + 1):
+            layout, block_bytes, n_out = (int(v) for v in meta[s])
+            if n_out:
+                del block_bytes  # implied by the layout
+                w = PackedWeight(None, n_out, h.shape[1], layout, data=weights[s])
+                ys.append(matmul_ref(h, w, terms))
+        return np.concatenate(ys, axis=1)
+
+    def norm(v, weight):
+        return rms_norm_ref(v, weight, eps) if weight.size else v
+
+    qkv = linears(rms_norm_ref(x, attn_norm, eps), Q, V)
+    q = norm(qkv[:, :qd].reshape(n, n_heads, hd), q_norm)
+    k = norm(qkv[:, qd:qd + kvd].reshape(n, n_kv, hd), k_norm)
+    v = qkv[:, qd + kvd:].reshape(n, n_kv, hd)
+    q, k = rope_ref(q, table, neox), rope_ref(k, table, neox)
+    kv_store_ref(k_cache, v_cache, slots, k, v)
+    att = paged_attention_ref(q, k_cache, v_cache, block_tables, row_seq, positions, window,
+                              scale)
+    x = x + norm(linears(att, O, O), post_attn_norm)
+    gate_up = linears(rms_norm_ref(x, ffn_norm, eps), GATE, UP)
+    act = (gelu_gate_ref if gelu else silu_gate_ref)(gate_up[:, :ffn], gate_up[:, ffn:])
+    return x + norm(linears(act, DOWN, DOWN), post_ffw_norm)
 
 
 @njit
