@@ -1,0 +1,313 @@
+"""The repacked weights of a model, kept on disk so that a load maps them instead of repacking.
+
+The fast backend runs on weights repacked into 16-row groups (kernels/qpack.py), ~1-2 s of
+NumPy for Gemma-3 270M at every start. The first load writes the result here; later loads
+memory-map it (`np.memmap`, copy-on-write: the arrays are writeable, as the kernels were
+compiled for, and the pages are shared with the page cache), so they cost a header read and
+a checksum, and the pages come in as the first forward pass reads them.
+
+Where: `<cache dir>/repacked/` (engine.registry.cache_dir, so $NUMBALM_HOME moves it too),
+one file per model file:
+
+    <sha256 of the GGUF>.repack       a registered model (the registry knows its sha256);
+                                      `numbalm model rm` deletes it with the model
+    path-<sha256 of its path>.repack  a .gguf given by path (one file per path: a changed
+                                      file rebuilds it in place, nothing piles up)
+
+A file is trusted only when it describes the same GGUF file and the same packed layout
+(`identity`: the registry's sha256, or for a bare path its size, mtime_ns and the sha256 of
+its header, which holds every tensor's name, type, shape and offset; plus
+`kernels.qpack.LAYOUT_VERSION` and this module's FORMAT_VERSION), its size is the one its
+index records (a truncated file fails), its index passes its CRC-32, and each array passes
+its own CRC-32 (~0.1 s for 250 MB, in a thread, while the tokenizer is built). Anything else
+is a miss: the weights are repacked and the file is rewritten. A file is written to a
+`.part` beside it, flushed to disk and renamed into place, so a killed process leaves at most
+a `.part`, which no reader opens (and a later writer removes once it is an hour old).
+A cache directory that cannot be written (read-only, full) means no cache: a log line.
+`NUMBALM_REPACK_CACHE=0`, or `load_model(..., repack_cache=False)`, turns it off.
+
+File layout (little-endian):
+
+    HEADER   magic b"NBREPACK", u32 FORMAT_VERSION, u32 CRC-32 of the index, u64 index bytes
+    index    JSON: {"identity": {...}, "data_bytes": n, "entries": {key: [array, ...]}},
+             an array {"qtype", "n_out", "n_in", "layout", "dtype", "shape", "offset",
+             "nbytes", "crc"}: one PackedWeight (`data` for a layout, else `dense`)
+    data     from the first multiple of ALIGN after the index: the arrays, each at a
+             multiple of ALIGN (`offset` counts from the start of the data)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import struct
+import tempfile
+import time
+import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from gguf.constants import GGMLQuantizationType
+
+from kernels.qpack import LAYOUT_VERSION, PackedWeight
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1  # of the file layout above; kernels.qpack.LAYOUT_VERSION covers the bytes
+MAGIC = b"NBREPACK"
+HEADER = struct.Struct("<8sIIQ")  # magic, format version, index crc32, index length
+ALIGN = 64  # array offsets: a cache line, so the kernels' 64-byte loads stay aligned
+PART_MAX_AGE = 3600.0  # seconds: an older .part was left by a process that died
+ENV = "NUMBALM_REPACK_CACHE"
+
+
+def enabled(option: bool | None = None) -> bool:
+    """The load_model option if given, else $NUMBALM_REPACK_CACHE (on unless 0/false/no/off)."""
+    if option is not None:
+        return bool(option)
+    return os.environ.get(ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def cache_folder() -> Path:
+    from .registry import cache_dir
+
+    return cache_dir() / "repacked"
+
+
+def cache_path(gguf_path: str, sha256: str | None = None) -> Path:
+    """Where the repacked weights of `gguf_path` live (module docstring)."""
+    if sha256:
+        return cache_folder() / f"{sha256.lower()}.repack"
+    where = os.path.realpath(gguf_path).encode("utf-8", "surrogateescape")
+    return cache_folder() / f"path-{hashlib.sha256(where).hexdigest()[:32]}.repack"
+
+
+def file_identity(gf, sha256: str | None = None) -> dict:
+    """What the cache must have been made from. With the registry's sha256 the content is
+    known; for a bare path: size, mtime_ns and a hash of the header (tensor names, types,
+    shapes, offsets), cheap and enough to catch a replaced or rewritten file."""
+    ident = {"format": FORMAT_VERSION, "layout": LAYOUT_VERSION}
+    if sha256:
+        return {**ident, "sha256": sha256.lower()}
+    st = os.stat(gf.path)
+    header = _read_head(gf.path, gf.data_offset)
+    return {**ident, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+            "header_sha256": hashlib.sha256(header).hexdigest()}
+
+
+def _read_head(path: str, n: int) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(n)
+
+
+class RepackCache:
+    """The repacked weights of one model file: `get` what an earlier load wrote, `put` what
+    had to be repacked; `close` writes a new file when anything was missing."""
+
+    def __init__(self, path: Path, identity: dict):
+        self.path = path
+        self.identity = identity
+        self.entries: dict[str, list[PackedWeight]] = {}  # what `close` would write, in order
+        self.missed = 0
+        self._found: dict[str, list[dict]] = {}  # key -> its arrays' index records
+        self._map: np.ndarray | None = None
+        self._checked: Future | None = None  # -> set of keys whose arrays failed their CRC
+        self._open()
+
+    @classmethod
+    def for_model(cls, gf, sha256: str | None = None,
+                  option: bool | None = None) -> RepackCache | None:
+        """The cache for the file `gf` (an engine.gguf_file.GGUFFile), or None when off."""
+        if not enabled(option):
+            return None
+        return cls(cache_path(gf.path, sha256), file_identity(gf, sha256))
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def _open(self) -> None:
+        try:
+            index = self._read_index()
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError, KeyError, TypeError) as e:  # damaged: rebuilt at close
+            log.warning("repacked weights %s are unusable (%s); repacking", self.path, e)
+            return
+        if index is None:
+            return
+        self._found = index["entries"]
+        self._map = np.memmap(self.path, dtype=np.uint8, mode="c")  # writeable, shared pages
+        pool = ThreadPoolExecutor(1, thread_name_prefix="repack-crc")
+        self._checked = pool.submit(self._check_arrays)  # zlib.crc32 releases the GIL
+        pool.shutdown(wait=False)
+
+    def _read_index(self) -> dict | None:
+        with open(self.path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(HEADER.size)
+            if len(head) < HEADER.size:
+                raise ValueError("truncated header")
+            magic, version, crc, n = HEADER.unpack(head)
+            if magic != MAGIC:
+                raise ValueError("not a repack cache file")
+            if version != FORMAT_VERSION:
+                log.info("repacked weights %s are format %d, not %d; repacking", self.path,
+                         version, FORMAT_VERSION)
+                return None
+            if n > size:
+                raise ValueError("truncated index")
+            raw = f.read(n)
+        if len(raw) != n or zlib.crc32(raw) != crc:
+            raise ValueError("index checksum mismatch")
+        index = json.loads(raw)
+        index["start"] = start = _aligned(HEADER.size + n)
+        if start + index["data_bytes"] != size:
+            raise ValueError(f"{size} bytes, its index says {start + index['data_bytes']}")
+        if index["identity"] != self.identity:
+            log.info("repacked weights %s were made from another file or layout; repacking",
+                     self.path)
+            return None
+        for arrays in index["entries"].values():
+            for a in arrays:
+                a["offset"] += start  # from the start of the file
+                if not (start <= a["offset"] and a["offset"] + a["nbytes"] <= size):
+                    raise ValueError("an array lies outside the file")
+        return index
+
+    def _check_arrays(self) -> set[str]:
+        bad = set()
+        for key, arrays in self._found.items():
+            for a in arrays:
+                if zlib.crc32(self._map[a["offset"]:a["offset"] + a["nbytes"]]) != a["crc"]:
+                    bad.add(key)
+        return bad
+
+    def get(self, key: str) -> list[PackedWeight] | None:
+        """The weights stored under `key` (views of the mapped file), or None: not there,
+        or damaged. The caller checks that they have the shapes it expects."""
+        arrays = self._found.get(key)
+        if arrays is None or key in self._bad():
+            return None
+        try:
+            weights = [self._weight(a) for a in arrays]
+        except (KeyError, TypeError, ValueError):  # a record that makes no sense
+            return None
+        self.entries[key] = weights  # kept if the file is rewritten
+        return weights
+
+    def _bad(self) -> set[str]:
+        bad = self._checked.result() if self._checked is not None else set()
+        if bad and not getattr(self, "_told", False):
+            self._told = True
+            log.warning("repacked weights %s: %d entries fail their checksum; repacking them",
+                        self.path, len(bad))
+        return bad
+
+    def _weight(self, a: dict) -> PackedWeight:
+        dtype = np.dtype(a["dtype"])
+        shape = tuple(a["shape"])
+        if dtype.itemsize * int(np.prod(shape, dtype=np.int64)) != a["nbytes"]:
+            raise ValueError("array size")
+        arr = self._map[a["offset"]:a["offset"] + a["nbytes"]].view(dtype).reshape(shape)
+        w = PackedWeight(a["qtype"], a["n_out"], a["n_in"], a["layout"])
+        if w.layout >= 0:
+            if dtype != np.uint8 or arr.size != w.n_groups * (w.n_in // w.blk) * w.block_bytes:
+                raise ValueError("packed size")
+            w.data = arr
+        else:
+            if dtype != np.float32 or shape != (w.n_out, w.n_in):
+                raise ValueError("dense shape")
+            w.dense = arr
+        w.qtype = GGMLQuantizationType(w.qtype)
+        return w
+
+    # -- writing ------------------------------------------------------------------------------
+
+    def put(self, key: str, weights: list[PackedWeight]) -> None:
+        """Weights that were repacked because `get` had none: written at `close`."""
+        self.entries[key] = weights
+        self.missed += 1
+
+    def close(self) -> None:
+        """Write the cache file if anything was repacked; any failure only logs."""
+        if self._checked is not None:
+            self._checked.result()
+        if not self.missed:
+            return
+        try:
+            self._write()
+        except OSError as e:
+            log.info("repacked weights not cached (%s: %s); the next load repacks again",
+                     self.path.parent, e.strerror or e)
+
+    def _write(self) -> None:
+        started = time.perf_counter()
+        records, arrays, offset = {}, [], 0
+        for key, weights in self.entries.items():
+            records[key] = []
+            for w in weights:
+                arr = w.data if w.data is not None else w.dense
+                records[key].append({"qtype": int(w.qtype), "n_out": w.n_out, "n_in": w.n_in,
+                                     "layout": w.layout, "dtype": arr.dtype.str,
+                                     "shape": list(arr.shape), "offset": offset,
+                                     "nbytes": arr.nbytes, "crc": zlib.crc32(arr)})
+                arrays.append(arr)
+                offset += _aligned(arr.nbytes)
+        index = {"identity": self.identity, "data_bytes": offset, "entries": records}
+        raw = json.dumps(index).encode()
+        start = _aligned(HEADER.size + len(raw))
+        folder = self.path.parent
+        folder.mkdir(parents=True, exist_ok=True)
+        _remove_old_parts(folder)
+        fd, part = tempfile.mkstemp(prefix=self.path.name + ".", suffix=".part", dir=folder)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(HEADER.pack(MAGIC, FORMAT_VERSION, zlib.crc32(raw), len(raw)))
+                f.write(raw)
+                f.write(b"\0" * (start - f.tell()))
+                for arr in arrays:
+                    f.write(memoryview(np.ascontiguousarray(arr)).cast("B"))
+                    f.write(b"\0" * (_aligned(arr.nbytes) - arr.nbytes))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(part, self.path)
+        except BaseException:
+            _unlink(part)
+            raise
+        log.info("repacked weights cached in %s (%.0f MB, %.2f s)", self.path,
+                 (start + offset) / 2**20, time.perf_counter() - started)
+
+
+def _aligned(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+def _unlink(path) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def _remove_old_parts(folder: Path) -> None:
+    """.part files an hour old: left by a process killed while writing (a live writer's is
+    younger)."""
+    now = time.time()
+    for p in folder.glob("*.part"):
+        try:
+            if now - p.stat().st_mtime > PART_MAX_AGE:
+                p.unlink()
+        except OSError:
+            pass
+
+
+def remove(sha256: str) -> bool:
+    """Delete a registered model's repacked weights (`numbalm model rm`); True if there were."""
+    path = cache_path("", sha256)
+    try:
+        path.unlink()
+        return True
+    except FileNotFoundError:
+        return False
