@@ -24,6 +24,8 @@ is a miss: the weights are repacked and the file is rewritten. A file is written
 `.part` beside it, flushed to disk and renamed into place, so a killed process leaves at most
 a `.part`, which no reader opens (and a later writer removes once it is an hour old).
 A cache directory that cannot be written (read-only, full) means no cache: a log line.
+Weights under MIN_BYTES (tiny test models) are not cached, and writing a cache also removes
+those of .gguf paths that no longer exist.
 `NUMBALM_REPACK_CACHE=0`, or `load_model(..., repack_cache=False)`, turns it off.
 
 File layout (little-endian):
@@ -52,15 +54,17 @@ from pathlib import Path
 import numpy as np
 from gguf.constants import GGMLQuantizationType
 
-from kernels.qpack import LAYOUT_VERSION, PackedWeight
+from kernels import qpack
+from kernels.qpack import PackedWeight
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1  # of the file layout above; kernels.qpack.LAYOUT_VERSION covers the bytes
+FORMAT_VERSION = 1  # of the file layout below; kernels.qpack.LAYOUT_VERSION covers the bytes
 MAGIC = b"NBREPACK"
 HEADER = struct.Struct("<8sIIQ")  # magic, format version, index crc32, index length
 ALIGN = 64  # array offsets: a cache line, so the kernels' 64-byte loads stay aligned
 PART_MAX_AGE = 3600.0  # seconds: an older .part was left by a process that died
+MIN_BYTES = 8 * 2**20  # smaller repacked weights take milliseconds to make: not cached
 ENV = "NUMBALM_REPACK_CACHE"
 
 
@@ -71,25 +75,29 @@ def enabled(option: bool | None = None) -> bool:
     return os.environ.get(ENV, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
-def cache_folder() -> Path:
-    from .registry import cache_dir
+def cache_folder(root: str | os.PathLike | None = None) -> Path:
+    """`repacked/` in the model cache `root` (default: engine.registry.cache_dir())."""
+    if root is None:
+        from .registry import cache_dir
 
-    return cache_dir() / "repacked"
+        root = cache_dir()
+    return Path(root) / "repacked"
 
 
-def cache_path(gguf_path: str, sha256: str | None = None) -> Path:
+def cache_path(gguf_path: str, sha256: str | None = None,
+               root: str | os.PathLike | None = None) -> Path:
     """Where the repacked weights of `gguf_path` live (module docstring)."""
     if sha256:
-        return cache_folder() / f"{sha256.lower()}.repack"
+        return cache_folder(root) / f"{sha256.lower()}.repack"
     where = os.path.realpath(gguf_path).encode("utf-8", "surrogateescape")
-    return cache_folder() / f"path-{hashlib.sha256(where).hexdigest()[:32]}.repack"
+    return cache_folder(root) / f"path-{hashlib.sha256(where).hexdigest()[:32]}.repack"
 
 
 def file_identity(gf, sha256: str | None = None) -> dict:
     """What the cache must have been made from. With the registry's sha256 the content is
     known; for a bare path: size, mtime_ns and a hash of the header (tensor names, types,
     shapes, offsets), cheap and enough to catch a replaced or rewritten file."""
-    ident = {"format": FORMAT_VERSION, "layout": LAYOUT_VERSION}
+    ident = {"format": FORMAT_VERSION, "layout": qpack.LAYOUT_VERSION}
     if sha256:
         return {**ident, "sha256": sha256.lower()}
     st = os.stat(gf.path)
@@ -107,9 +115,10 @@ class RepackCache:
     """The repacked weights of one model file: `get` what an earlier load wrote, `put` what
     had to be repacked; `close` writes a new file when anything was missing."""
 
-    def __init__(self, path: Path, identity: dict):
+    def __init__(self, path: Path, identity: dict, source: str = ""):
         self.path = path
         self.identity = identity
+        self.source = source  # the .gguf path, for clearing caches of deleted files
         self.entries: dict[str, list[PackedWeight]] = {}  # what `close` would write, in order
         self.missed = 0
         self._found: dict[str, list[dict]] = {}  # key -> its arrays' index records
@@ -123,7 +132,8 @@ class RepackCache:
         """The cache for the file `gf` (an engine.gguf_file.GGUFFile), or None when off."""
         if not enabled(option):
             return None
-        return cls(cache_path(gf.path, sha256), file_identity(gf, sha256))
+        return cls(cache_path(gf.path, sha256), file_identity(gf, sha256),
+                   os.path.realpath(gf.path))
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -138,7 +148,9 @@ class RepackCache:
         if index is None:
             return
         self._found = index["entries"]
-        self._map = np.memmap(self.path, dtype=np.uint8, mode="c")  # writeable, shared pages
+        # copy-on-write: writeable arrays (as the kernels were compiled for) whose pages are
+        # the page cache's; a plain ndarray view, as Numba dispatches an np.memmap more slowly
+        self._map = np.asarray(np.memmap(self.path, dtype=np.uint8, mode="c"))
         pool = ThreadPoolExecutor(1, thread_name_prefix="repack-crc")
         self._checked = pool.submit(self._check_arrays)  # zlib.crc32 releases the GIL
         pool.shutdown(wait=False)
@@ -236,6 +248,9 @@ class RepackCache:
             self._checked.result()
         if not self.missed:
             return
+        total = sum(w.nbytes for ws in self.entries.values() for w in ws)
+        if total < MIN_BYTES:
+            return
         try:
             self._write()
         except OSError as e:
@@ -255,12 +270,13 @@ class RepackCache:
                                      "nbytes": arr.nbytes, "crc": zlib.crc32(arr)})
                 arrays.append(arr)
                 offset += _aligned(arr.nbytes)
-        index = {"identity": self.identity, "data_bytes": offset, "entries": records}
+        index = {"identity": self.identity, "source": self.source, "data_bytes": offset,
+                 "entries": records}
         raw = json.dumps(index).encode()
         start = _aligned(HEADER.size + len(raw))
         folder = self.path.parent
         folder.mkdir(parents=True, exist_ok=True)
-        _remove_old_parts(folder)
+        _remove_leftovers(folder)
         fd, part = tempfile.mkstemp(prefix=self.path.name + ".", suffix=".part", dir=folder)
         try:
             with os.fdopen(fd, "wb") as f:
@@ -272,6 +288,7 @@ class RepackCache:
                     f.write(b"\0" * (_aligned(arr.nbytes) - arr.nbytes))
                 f.flush()
                 os.fsync(f.fileno())
+            os.chmod(part, 0o644)  # mkstemp's 0600 would hide it from other users of the cache
             os.replace(part, self.path)
         except BaseException:
             _unlink(part)
@@ -291,9 +308,9 @@ def _unlink(path) -> None:
         pass
 
 
-def _remove_old_parts(folder: Path) -> None:
-    """.part files an hour old: left by a process killed while writing (a live writer's is
-    younger)."""
+def _remove_leftovers(folder: Path) -> None:
+    """.part files an hour old (left by a process killed while writing; a live writer's is
+    younger), and the caches of .gguf paths that no longer exist."""
     now = time.time()
     for p in folder.glob("*.part"):
         try:
@@ -301,13 +318,28 @@ def _remove_old_parts(folder: Path) -> None:
                 p.unlink()
         except OSError:
             pass
+    for p in folder.glob("path-*.repack"):
+        source = _source_of(p)
+        if source is not None and not os.path.exists(source):
+            _unlink(p)
 
 
-def remove(sha256: str) -> bool:
-    """Delete a registered model's repacked weights (`numbalm model rm`); True if there were."""
-    path = cache_path("", sha256)
+def _source_of(path: Path) -> str | None:
+    """The .gguf path a cache file was made from (None: unreadable)."""
     try:
-        path.unlink()
+        with open(path, "rb") as f:
+            magic, _, crc, n = HEADER.unpack(f.read(HEADER.size))
+            raw = f.read(n) if magic == MAGIC and n < 2**26 else b""
+        return json.loads(raw)["source"] if raw and zlib.crc32(raw) == crc else None
+    except (OSError, ValueError, KeyError, struct.error):
+        return None
+
+
+def remove(root: str | os.PathLike, sha256: str) -> bool:
+    """Delete a registered model's repacked weights from the model cache `root` (`numbalm
+    model rm`); True if there were any."""
+    try:
+        cache_path("", sha256, root).unlink()
         return True
     except FileNotFoundError:
         return False
