@@ -15,7 +15,7 @@ from dataclasses import asdict
 import numpy as np
 
 from . import chat
-from .backends import get_backend
+from .backends import DEFAULT_BACKEND, get_backend
 from .batch import scratch_batch
 from .compute import COMPUTE
 from .errors import CapabilityError, ContextOverflowError, EngineError, GGUFError, TokenizerError
@@ -40,7 +40,7 @@ class LLM:
     def __init__(self, gf: GGUFFile, backend: str | None = None, model_id: str | None = None,
                  n_ctx: int | None = None, kv_cache_mb: float = KV_CACHE_MB,
                  step_tokens: int = STEP_TOKENS, chat_template: str | None = None,
-                 repack_cache: bool | None = None, sha256: str | None = None):
+                 repack_cache: RepackCache | None = None):
         started = time.perf_counter()
         self.id = model_id or os.path.splitext(os.path.basename(gf.path))[0]
         self.path = gf.path
@@ -49,10 +49,10 @@ class LLM:
         self.backend = get_backend(backend)
         self.backend_name: str = self.backend.name
         # the fast backend's repacked weights, mapped from disk when an earlier load wrote
-        # them (engine/repack_cache.py); its checksums run in a thread while the tokenizer
-        # is built
-        cache = RepackCache.for_model(gf, sha256, repack_cache) \
-            if self.backend_name == "fast" else None
+        # them (engine/repack_cache.py; `load_model` opens it)
+        cache = repack_cache if self.backend_name == "fast" else None
+        if cache is not None:
+            cache.match(gf)
         try:
             self.tokenizer = Tokenizer.from_metadata(gf.metadata)
         except TokenizerError as e:  # the vocabulary is part of the file
@@ -353,7 +353,9 @@ def load_model(name_or_path: str, backend: str | None = None, n_ctx: int | None 
     is_path = os.path.exists(name_or_path)
     entry = None if is_path else registry.find(name_or_path)  # its sha256 keys the cache
     model_id = None if is_path else canonical_id(name_or_path)
+    # opened first: its checksums (a thread, without the GIL) overlap the parse below
+    cache = RepackCache.for_file(path, entry.sha256 if entry else None, repack_cache) \
+        if (backend or DEFAULT_BACKEND) == "fast" else None
     return LLM(open_gguf(path), backend=backend, model_id=model_id,
                n_ctx=n_ctx, kv_cache_mb=kv_cache_mb, step_tokens=step_tokens,
-               chat_template=chat_template, repack_cache=repack_cache,
-               sha256=entry.sha256 if entry else None)
+               chat_template=chat_template, repack_cache=cache)

@@ -19,7 +19,8 @@ A file is trusted only when it describes the same GGUF file and the same packed 
 its header, which holds every tensor's name, type, shape and offset; plus
 `kernels.qpack.LAYOUT_VERSION` and this module's FORMAT_VERSION), its size is the one its
 index records (a truncated file fails), its index passes its CRC-32, and each array passes
-its own CRC-32 (~0.1 s for 250 MB, in a thread, while the tokenizer is built). Anything else
+its own CRC-32 (~0.1 s for 250 MB, in a thread while the GGUF header is parsed and the
+tokenizer built: `for_file` opens it before the parse, `match` then binds it). Anything else
 is a miss: the weights are repacked and the file is rewritten. A file is written to a
 `.part` beside it, flushed to disk and renamed into place, so a killed process leaves at most
 a `.part`, which no reader opens (and a later writer removes once it is an hour old).
@@ -115,25 +116,39 @@ class RepackCache:
     """The repacked weights of one model file: `get` what an earlier load wrote, `put` what
     had to be repacked; `close` writes a new file when anything was missing."""
 
-    def __init__(self, path: Path, identity: dict, source: str = ""):
+    def __init__(self, path: Path, sha256: str | None = None, source: str = ""):
         self.path = path
-        self.identity = identity
+        self.sha256 = sha256  # the registry's, if the model is registered
         self.source = source  # the .gguf path, for clearing caches of deleted files
+        self.identity: dict | None = None  # the model file's (`match`)
         self.entries: dict[str, list[PackedWeight]] = {}  # what `close` would write, in order
         self.missed = 0
         self._found: dict[str, list[dict]] = {}  # key -> its arrays' index records
+        self._found_identity: dict | None = None
         self._map: np.ndarray | None = None
         self._checked: Future | None = None  # -> set of keys whose arrays failed their CRC
+        self._stop = False  # tells the checksum thread its work is not wanted
         self._open()
 
     @classmethod
-    def for_model(cls, gf, sha256: str | None = None,
-                  option: bool | None = None) -> RepackCache | None:
-        """The cache for the file `gf` (an engine.gguf_file.GGUFFile), or None when off."""
+    def for_file(cls, gguf_path: str, sha256: str | None = None,
+                 option: bool | None = None) -> RepackCache | None:
+        """The cache of the .gguf file at `gguf_path`, or None when it is off. It is opened
+        (and its checksums start in a thread) before the model file is parsed, which they
+        then overlap; `match` binds it to the parsed file before any `get`."""
         if not enabled(option):
             return None
-        return cls(cache_path(gf.path, sha256), file_identity(gf, sha256),
-                   os.path.realpath(gf.path))
+        return cls(cache_path(gguf_path, sha256), sha256, os.path.realpath(gguf_path))
+
+    def match(self, gf) -> None:
+        """Bind the cache to the parsed model file `gf` (engine.gguf_file.GGUFFile): weights
+        made from another file or another layout are dropped (and rewritten at `close`)."""
+        self.identity = file_identity(gf, self.sha256)
+        if self._found and self._found_identity != self.identity:
+            log.info("repacked weights %s were made from another file or layout; repacking",
+                     self.path)
+            self._stop = True
+            self._found = {}
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -148,6 +163,7 @@ class RepackCache:
         if index is None:
             return
         self._found = index["entries"]
+        self._found_identity = index["identity"]
         # copy-on-write: writeable arrays (as the kernels were compiled for) whose pages are
         # the page cache's; a plain ndarray view, as Numba dispatches an np.memmap more slowly
         self._map = np.asarray(np.memmap(self.path, dtype=np.uint8, mode="c"))
@@ -177,10 +193,6 @@ class RepackCache:
         index["start"] = start = _aligned(HEADER.size + n)
         if start + index["data_bytes"] != size:
             raise ValueError(f"{size} bytes, its index says {start + index['data_bytes']}")
-        if index["identity"] != self.identity:
-            log.info("repacked weights %s were made from another file or layout; repacking",
-                     self.path)
-            return None
         for arrays in index["entries"].values():
             for a in arrays:
                 a["offset"] += start  # from the start of the file
@@ -192,6 +204,8 @@ class RepackCache:
         bad = set()
         for key, arrays in self._found.items():
             for a in arrays:
+                if self._stop:
+                    return bad
                 if zlib.crc32(self._map[a["offset"]:a["offset"] + a["nbytes"]]) != a["crc"]:
                     bad.add(key)
         return bad
@@ -199,6 +213,7 @@ class RepackCache:
     def get(self, key: str) -> list[PackedWeight] | None:
         """The weights stored under `key` (views of the mapped file), or None: not there,
         or damaged. The caller checks that they have the shapes it expects."""
+        assert self.identity is not None, "match the cache to its model file first"
         arrays = self._found.get(key)
         if arrays is None or key in self._bad():
             return None
