@@ -11,7 +11,8 @@ Layout of the cache directory (`cache_dir()`):
 
 Serving only reads the cache: it may be a volume mounted read-only in many replicas, and mounted
 at another path than the one it was filled at (a file the cache owns is found in this cache's
-`models/` by name). Only `pull`, `add` and `rm` write, and on a read-only cache they say so.
+`models/` by name). Only `pull`, `add` and `rm` write, and on a read-only cache they say so;
+the one exception is `repacked/`, derived data a load writes when it can and skips when not.
 
 A local file is *referenced* by default: the manifest records its absolute path and sha256 and
 the file stays where it is (`rm` leaves it alone). `copy=True` copies it into `models/`.

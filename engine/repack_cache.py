@@ -6,7 +6,8 @@ memory-map it (`np.memmap`, copy-on-write: the arrays are writeable, as the kern
 compiled for, and the pages are shared with the page cache), so they cost a header read and
 a checksum, and the pages come in as the first forward pass reads them.
 
-Where: `<cache dir>/repacked/` (engine.registry.cache_dir, so $NUMBALM_HOME moves it too),
+Where: `<model cache>/repacked/` (engine.registry.cache_dir, so $NUMBALM_HOME moves it too;
+`NUMBALM_REPACK_CACHE=<directory>` puts it elsewhere, e.g. beside a read-only model cache),
 one file per model file:
 
     <sha256 of the GGUF>.repack       a registered model (the registry knows its sha256);
@@ -27,7 +28,8 @@ a `.part`, which no reader opens (and a later writer removes once it is an hour 
 A cache directory that cannot be written (read-only, full) means no cache: a log line.
 Weights under MIN_BYTES (tiny test models) are not cached, and writing a cache also removes
 those of .gguf paths that no longer exist.
-`NUMBALM_REPACK_CACHE=0`, or `load_model(..., repack_cache=False)`, turns it off.
+`NUMBALM_REPACK_CACHE=0`, or `load_model(..., repack_cache=False)`, turns it off. It is the
+one thing a load writes: serving from a read-only model cache stays read-only (it repacks).
 
 File layout (little-endian):
 
@@ -69,15 +71,23 @@ MIN_BYTES = 8 * 2**20  # smaller repacked weights take milliseconds to make: not
 ENV = "NUMBALM_REPACK_CACHE"
 
 
+OFF = ("0", "false", "no", "off")
+ON = ("", "1", "true", "yes", "on")
+
+
 def enabled(option: bool | None = None) -> bool:
     """The load_model option if given, else $NUMBALM_REPACK_CACHE (on unless 0/false/no/off)."""
     if option is not None:
         return bool(option)
-    return os.environ.get(ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+    return os.environ.get(ENV, "").strip().lower() not in OFF
 
 
 def cache_folder(root: str | os.PathLike | None = None) -> Path:
-    """`repacked/` in the model cache `root` (default: engine.registry.cache_dir())."""
+    """The directory $NUMBALM_REPACK_CACHE names, else `repacked/` in the model cache `root`
+    (default: engine.registry.cache_dir())."""
+    named = os.environ.get(ENV, "").strip()
+    if named.lower() not in ON + OFF:
+        return Path(named).expanduser()
     if root is None:
         from .registry import cache_dir
 

@@ -274,3 +274,12 @@ def test_a_real_model_from_the_cache_is_its_fresh_repack(gemma3_path, tmp_path, 
     assert_same_weights(fresh, cached)
     ids = fresh.tokenizer.encode("The capital of France is", add_bos=True)
     np.testing.assert_array_equal(fresh.logits(ids), cached.logits(ids))
+
+
+def test_the_directory_can_be_named(home, tmp_path, monkeypatch):
+    elsewhere = tmp_path / "elsewhere"
+    monkeypatch.setenv(repack_cache.ENV, str(elsewhere))
+    path = tiny(tmp_path)
+    load(path)
+    assert not (home / "repacked").exists() and len(list(elsewhere.glob("*.repack"))) == 1
+    assert from_cache(load(path))
