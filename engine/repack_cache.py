@@ -165,18 +165,19 @@ class RepackCache:
     def _open(self) -> None:
         try:
             index = self._read_index()
+            if index is None:
+                return
+            # copy-on-write: writeable arrays (as the kernels were compiled for) whose pages
+            # are the page cache's; a plain ndarray view, as Numba dispatches an np.memmap
+            # more slowly
+            self._map = np.asarray(np.memmap(self.path, dtype=np.uint8, mode="c"))
         except FileNotFoundError:
             return
-        except (OSError, ValueError, KeyError, TypeError) as e:  # damaged: rebuilt at close
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:  # damaged
             log.warning("repacked weights %s are unusable (%s); repacking", self.path, e)
-            return
-        if index is None:
             return
         self._found = index["entries"]
         self._found_identity = index["identity"]
-        # copy-on-write: writeable arrays (as the kernels were compiled for) whose pages are
-        # the page cache's; a plain ndarray view, as Numba dispatches an np.memmap more slowly
-        self._map = np.asarray(np.memmap(self.path, dtype=np.uint8, mode="c"))
         pool = ThreadPoolExecutor(1, thread_name_prefix="repack-crc")
         self._checked = pool.submit(self._check_arrays)  # zlib.crc32 releases the GIL
         pool.shutdown(wait=False)
@@ -205,8 +206,10 @@ class RepackCache:
             raise ValueError(f"{size} bytes, its index says {start + index['data_bytes']}")
         for arrays in index["entries"].values():
             for a in arrays:
+                if not all(type(a[k]) is int for k in ("offset", "nbytes", "crc")):
+                    raise ValueError("an array record is not numbers")
                 a["offset"] += start  # from the start of the file
-                if not (start <= a["offset"] and a["offset"] + a["nbytes"] <= size):
+                if not (start <= a["offset"] and 0 <= a["nbytes"] <= size - a["offset"]):
                     raise ValueError("an array lies outside the file")
         return index
 
@@ -229,7 +232,7 @@ class RepackCache:
             return None
         try:
             weights = [self._weight(a) for a in arrays]
-        except (KeyError, TypeError, ValueError):  # a record that makes no sense
+        except (KeyError, TypeError, ValueError, IndexError):  # a record that makes no sense
             return None
         self.entries[key] = weights  # kept if the file is rewritten
         return weights

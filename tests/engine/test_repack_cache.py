@@ -283,3 +283,32 @@ def test_the_directory_can_be_named(home, tmp_path, monkeypatch):
     load(path)
     assert not (home / "repacked").exists() and len(list(elsewhere.glob("*.repack"))) == 1
     assert from_cache(load(path))
+
+
+@pytest.mark.parametrize("record", [
+    {"layout": 99}, {"layout": -1}, {"qtype": 12345}, {"dtype": "<f8"}, {"dtype": "nonsense"},
+    {"shape": [1, 2, 3]}, {"shape": "x"}, {"offset": "0"}, {"nbytes": -5}, {"nbytes": 10**12},
+    {"n_out": 17}, {"crc": None},
+])
+def test_a_well_sealed_index_that_lies_is_not_trusted(home, tmp_path, record):
+    """An index with a right CRC but records that make no sense: repacked, never a crash."""
+    import json
+    import zlib
+
+    path = tiny(tmp_path)
+    fresh = load(path, repack_cache=False)
+    load(path)
+    (cache,) = the_cache(home)
+    raw = cache.read_bytes()
+    magic, version, _, n = repack_cache.HEADER.unpack_from(raw)
+    index = json.loads(raw[repack_cache.HEADER.size:repack_cache.HEADER.size + n])
+    for arrays in index["entries"].values():
+        arrays[0].update(record)
+    body = json.dumps(index).encode()
+    start = -(-(repack_cache.HEADER.size + len(body)) // repack_cache.ALIGN) * repack_cache.ALIGN
+    data = raw[-(-(repack_cache.HEADER.size + n) // repack_cache.ALIGN) * repack_cache.ALIGN:]
+    cache.write_bytes(repack_cache.HEADER.pack(magic, version, zlib.crc32(body), len(body))
+                      + body + b"\0" * (start - repack_cache.HEADER.size - len(body)) + data)
+    again = load(path)
+    assert_same_weights(fresh, again)
+    np.testing.assert_array_equal(fresh.logits(IDS), again.logits(IDS))
