@@ -138,6 +138,7 @@ class RepackCache:
         self._map: np.ndarray | None = None
         self._checked: Future | None = None  # -> set of keys whose arrays failed their CRC
         self._stop = False  # tells the checksum thread its work is not wanted
+        self._told = False  # the checksum failures were logged
         self._open()
 
     @classmethod
@@ -239,7 +240,7 @@ class RepackCache:
 
     def _bad(self) -> set[str]:
         bad = self._checked.result() if self._checked is not None else set()
-        if bad and not getattr(self, "_told", False):
+        if bad and not self._told:
             self._told = True
             log.warning("repacked weights %s: %d entries fail their checksum; repacking them",
                         self.path, len(bad))
