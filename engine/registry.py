@@ -654,8 +654,8 @@ class Registry:
             models.pop(entry.id, None)
             still_used = any(d["path"] == entry.path for d in models.values())
             same_bytes = any(d["sha256"] == entry.sha256 for d in models.values())
-        if not same_bytes:  # the fast backend's repacked weights (engine/repack_cache.py)
-            remove_repacked(self.root, entry.sha256)
+        # the fast backend's repacked weights (engine/repack_cache.py)
+        remove_repacked(self.root, None if same_bytes else entry.sha256, entry.path)
         path = Path(entry.path)
         owned = _inside(path, self.models_dir) and not still_used
         if owned and path.exists():

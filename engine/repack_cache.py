@@ -364,11 +364,17 @@ def _source_of(path: Path) -> str | None:
         return None
 
 
-def remove(root: str | os.PathLike, sha256: str) -> bool:
-    """Delete a registered model's repacked weights from the model cache `root` (`numbalm
-    model rm`); True if there were any."""
-    try:
-        cache_path("", sha256, root).unlink()
-        return True
-    except FileNotFoundError:
-        return False
+def remove(root: str | os.PathLike, sha256: str | None, gguf_path: str) -> bool:
+    """Delete a model's repacked weights from the model cache `root` (`numbalm model rm`):
+    those made under its sha256 (`sha256` None: another entry still has those bytes) and
+    those made when its file was loaded by path. True if there were any."""
+    paths = [cache_path(gguf_path, None, root)] + ([cache_path("", sha256, root)] if sha256
+                                                    else [])
+    removed = False
+    for path in paths:
+        try:
+            path.unlink()
+            removed = True
+        except FileNotFoundError:
+            pass
+    return removed

@@ -252,6 +252,8 @@ def test_registered_model_is_keyed_by_sha256_and_rm_removes_it(home, tmp_path):
     cache = home / "repacked" / f"{entry.sha256}.repack"
     assert the_cache(home) == [cache]
     assert from_cache(load("t"))
+    load(entry.path)  # by path: a cache of its own
+    assert len(the_cache(home)) == 2
     reg.remove("t")
     assert not the_cache(home)
 
