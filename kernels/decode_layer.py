@@ -102,7 +102,15 @@ def _linear(x, w, meta_row, terms, out, col):
 
 @njit
 def _linears(x, weights, meta, first, last, terms, out):
-    """The matrices of slots first..last side by side into out (n, sum of n_out)."""
+    """The matrices of slots first..last side by side into out (n, sum of n_out); a stacked
+    group (one matrix) straight into out."""
+    used = 0
+    for s in range(first, last + 1):
+        used += meta[s, META_N_OUT] > 0
+    if used == 1:
+        m = meta[first]
+        linear(x, weights[first], m[META_LAYOUT], m[META_BLOCK_BYTES], m[META_N_OUT], terms, out)
+        return
     col = 0
     for s in range(first, last + 1):
         if meta[s, META_N_OUT] > 0:
