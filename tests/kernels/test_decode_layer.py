@@ -96,3 +96,29 @@ def test_an_unpacked_matrix_means_no_fused_layers(tmp_path):
     write_tiny(path, qtype=Q.F32)  # float weights: BLAS, no packed stream
     assert engine.load_model(str(path), backend="fast").model.fused is None
 
+
+
+def test_the_fused_layers_cache_is_stamped_with_every_kernel_file():
+    """decoder_layer compiles kernels of other files into its own code: an edit of any of
+    them must recompile it (Numba alone checks only kernels/decode_layer.py)."""
+    import os
+
+    from kernels import decode_layer
+    from kernels.jit import _DependentSourceLocator
+
+    locator = _DependentSourceLocator.from_function(decode_layer.decoder_layer.py_func,
+                                                    decode_layer.__file__)
+    assert locator is not None
+    assert isinstance(decode_layer.decoder_layer._cache._impl.locator, _DependentSourceLocator)
+    before = locator.get_source_stamp()
+    other = os.path.join(os.path.dirname(decode_layer.__file__), "qpack.py")
+    st = os.stat(other)
+    try:
+        os.utime(other, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+        assert locator.get_source_stamp() != before
+    finally:
+        os.utime(other, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert locator.get_source_stamp() == before
+    from kernels import norms  # other modules keep Numba's own stamp
+
+    assert _DependentSourceLocator.from_function(norms.rms_norm.py_func, norms.__file__) is None
