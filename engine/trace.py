@@ -2,7 +2,7 @@
 
     tr = model.trace("The capital of France is")
     tr.tokens                          # the token pieces, one per position
-    tr.logits                          # (n, n_vocab) final logits, equal to model.logits(ids)
+    tr.logits                          # (n, n_vocab) final logits, as model.logits(ids)
     tr.logit_lens.top_ids[l, t]        # after layer l, at position t: the k likeliest next ids
     tr.logit_lens.target_rank[l, t]    # ... and the rank of the token that came next (1 = top)
     tr.norms["resid"][l, t]            # |residual stream| after layer l ("attn", "mlp": the
@@ -25,6 +25,15 @@ recomputes them from the rotated queries and the keys in the KV cache with the N
 (nostalgebraist 2020) puts each layer's residual stream through the model's final norm and
 output head (`Model.final_norm`, `Model.logits`), so its last layer is the model's output.
 
+Traced passes run with exact matmuls: on the fast backend, whose generation rounds activations
+to 15 bits and K-quant scales to float16, `_traced` runs the pass and the lens inside
+`FastBackend.exact()` (22-bit activations, the scales' residual added back), so a trace matches
+the reference backend's to float32 rounding (tests/engine/test_trace.py). So `tr.logits` are
+the exact logits: on the fast backend they differ from `model.logits(ids)` by generation's
+rounding (up to 0.02 in a logit on SmolLM2's reference prompts, 0.13 on Gemma 3's), on the
+reference one they are equal. Generation (`generate` > 0 chooses the tokens first) is the
+ordinary kind.
+
 An intervention (zeroed heads, attention or MLP outputs; a vector added to the residual stream
 after a layer, as llama.cpp's control vectors) runs as a second pass: `intervened_logits` are
 beside the clean `logits`, and everything else in the trace is from the clean pass.
@@ -32,6 +41,7 @@ beside the clean `logits`, and everything else in the trace is from the clean pa
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -256,7 +266,7 @@ def trace(llm, prompt, *, top_k: int = 5, attention: bool = True, attention_laye
 
     residuals = np.stack(recorder.residuals)  # (L, n, dim)
     targets = np.array(ids[1:] + [int(np.argmax(logits[-1]))], np.int64)  # (n,)
-    lens = COMPUTE.call(_lens, model, residuals, targets, top_k)
+    lens = _traced(llm, _lens, model, residuals, targets, top_k)
     tokenizer = llm.tokenizer
     result = Trace(
         model=llm.id, backend=llm.backend_name, ids=ids,
@@ -271,6 +281,17 @@ def trace(llm, prompt, *, top_k: int = 5, attention: bool = True, attention_laye
     return result
 
 
+def _traced(llm, fn, *args):
+    """`fn(*args)` on the compute thread with the backend's exact matmuls (`exact()`, which
+    only the fast backend has: the reference one is exact already). Entered there, not here,
+    so that no generation step of another request runs while it is on."""
+    def run():
+        with getattr(llm.backend, "exact", nullcontext)():
+            return fn(*args)
+
+    return COMPUTE.call(run)
+
+
 def _run(llm, ids: list[int], recorder: Recorder) -> np.ndarray:
     """One forward pass over `ids` from a fresh context, with `recorder` -> (n, n_vocab)."""
     def run():
@@ -278,7 +299,7 @@ def _run(llm, ids: list[int], recorder: Recorder) -> np.ndarray:
         batch.recorder = recorder
         return llm.model.logits(llm.model.forward(batch)).astype(np.float32)
 
-    return COMPUTE.call(run)
+    return _traced(llm, run)
 
 
 def _lens(model, residuals: np.ndarray, targets: np.ndarray, k: int) -> LogitLens:

@@ -10,8 +10,10 @@ plain Numba in `qmatmul_vnni`. Per block of one group and one token:
 which is `sum_e (d u + m)[r, e] * (xd xq)[e]` exactly, with `xsum = xd * sum_e xq[e]`. With two
 activation terms (`kernels.qmatmul`: x = xd / 128 * (128 q1 + q2)) the integer sum becomes
 `(sum u q1) << 7 + sum u q2` (two independent vpdpbusd chains; |sum| < 2^28 per block, no
-overflow) and the scale `xd / 128`, so only the integer work doubles. A tile of `nt` tokens
-shares each 64-byte weight load. Only call these when `jit.HAS_AVX512_VNNI`.
+overflow) and the scale `xd / 128`, so only the integer work doubles. Three terms (traced
+passes) add a third chain, kept as its own int32 sum (another << 7 would overflow) and added in
+float32 at the scale `xd / 128^2`. A tile of `nt` tokens shares each 64-byte weight load.
+Only call these when `jit.HAS_AVX512_VNNI`.
 
 The driver lives in this module too: Numba's `cache=True` would not notice an edit of the IR
 generator if it sat in another file.
@@ -68,7 +70,8 @@ def _make_group_dot(layout: int, nt: int, terms: int, groups: int = 1):
 
     Call as `group_dot(w, w_off, xq, xd, xs, t0, n_in, q2_off, out, out_off, n_out, n_valid)`:
     w (uint8 flat) from byte w_off (the groups follow each other in the stream); xq int8
-    (terms * n_tok, n_in), the second term's rows from element q2_off; xd float32
+    (terms * n_tok, n_in), the second term's rows from element q2_off (the third's from
+    2 * q2_off); xd float32
     (n_tok, n_in/32); xs float32 (n_tok, n_in/16); tokens t0..t0+nt-1; out float32 flat, rows
     of length n_out, written at out_off + t*n_out for the first n_valid of the groups * 16
     lanes.
@@ -144,10 +147,14 @@ def _make_group_dot(layout: int, nt: int, terms: int, groups: int = 1):
                 # second term from the first one shifted. Each 4-activation broadcast serves
                 # the `groups` weight chunks beside it (a broadcast load per vpdpbusd would
                 # hold vpdpbusd to ~1 per cycle instead of ~2), each weight chunk the nt tokens.
-                sums = [[ir.Constant(_i32x16, None)] * groups for _ in range(nt)]
+                zero = ir.Constant(_i32x16, None)
+                sums = [[zero] * groups for _ in range(nt)]
+                finer = None  # terms == 3: sum u q3, at 1/128 of the scale of sums
                 for j in range(terms):
-                    if j:
+                    if j == 1:
                         sums = [[builder.shl(a, shift) for a in row] for row in sums]
+                    if j == 2:
+                        finer, sums = sums, [[zero] * groups for _ in range(nt)]
                     for k in range(n_chunks):
                         chunks = [_invariant(builder, builder.load(_ptr(
                             builder, wp, builder.add(base, _i64(64 * k)), _i8x64), align=1))
@@ -159,7 +166,8 @@ def _make_group_dot(layout: int, nt: int, terms: int, groups: int = 1):
                             parts = [(chunks, 4 * k)]
                         for us, e in parts:
                             for t in range(nt):
-                                row = rows[t] if j == 0 else builder.add(rows[t], q2_off_)
+                                row = (rows[t] if j == 0 else builder.add(
+                                    rows[t], builder.mul(q2_off_, _i64(j))))
                                 x = xdword(row, e)
                                 for g in range(groups):
                                     sums[t][g] = builder.call(dpbusd, [sums[t][g], us[g], x])
@@ -181,14 +189,20 @@ def _make_group_dot(layout: int, nt: int, terms: int, groups: int = 1):
                             nxt = builder.load(builder.gep(xsp, [builder.add(is16, _i64(1))]))
                             xsum = builder.fadd(xsum, nxt)
                         scale = builder.fmul(d, _splat(builder, xd_t, _f32x16))
-                        if terms == 2:  # a power of two: exact in any order
+                        if terms >= 2:  # a power of two: exact in any order
                             scale = builder.fmul(scale, unit)
                         # two explicit FMAs: the same rounding whatever the tile, so a row's
                         # output does not depend on the rows beside it (free to reassociate,
                         # LLVM chose differently for tiles of 1 and of 4)
                         total = builder.load(accs[t][g])
-                        total = builder.call(fma, [builder.sitofp(sums[t][g], _f32x16), scale,
-                                                   total])
+                        if terms == 3:  # sums holds the third term; finer the first two
+                            total = builder.call(fma, [builder.sitofp(finer[t][g], _f32x16),
+                                                       scale, total])
+                            total = builder.call(fma, [builder.sitofp(sums[t][g], _f32x16),
+                                                       builder.fmul(scale, unit), total])
+                        else:
+                            total = builder.call(fma, [builder.sitofp(sums[t][g], _f32x16),
+                                                       scale, total])
                         total = builder.call(fma, [m, _splat(builder, xsum, _f32x16), total])
                         builder.store(total, accs[t][g])
             # masked store of the first n_valid lanes
@@ -232,6 +246,12 @@ _dot2_b32_t1 = _make_group_dot(LAYOUT_BYTE32, 1, 2)
 _dot2_b32_t4 = _make_group_dot(LAYOUT_BYTE32, TILE, 2)
 _dot2_b16_t1 = _make_group_dot(LAYOUT_BYTE16, 1, 2)
 _dot2_b16_t4 = _make_group_dot(LAYOUT_BYTE16, TILE, 2)
+_dot3_n32_t1 = _make_group_dot(LAYOUT_NIBBLE32, 1, 3)  # three terms: traced passes
+_dot3_n32_t4 = _make_group_dot(LAYOUT_NIBBLE32, TILE, 3)
+_dot3_b32_t1 = _make_group_dot(LAYOUT_BYTE32, 1, 3)
+_dot3_b32_t4 = _make_group_dot(LAYOUT_BYTE32, TILE, 3)
+_dot3_b16_t1 = _make_group_dot(LAYOUT_BYTE16, 1, 3)
+_dot3_b16_t4 = _make_group_dot(LAYOUT_BYTE16, TILE, 3)
 _pair_n32_t1 = _make_group_dot(LAYOUT_NIBBLE32, 1, 1, PAIR)
 _pair_n32_t4 = _make_group_dot(LAYOUT_NIBBLE32, TILE, 1, PAIR)
 _pair_b32_t1 = _make_group_dot(LAYOUT_BYTE32, 1, 1, PAIR)
@@ -250,7 +270,21 @@ _pair2_b16_t4 = _make_group_dot(LAYOUT_BYTE16, TILE, 2, PAIR)
 def _dot(layout, terms, tile, w, w_off, xq, xd, xs, t, n_in, q2_off, outf, o, n_out, n_valid):
     """Dispatch one tile (`tile` = 1 or TILE tokens from t) of one group to its intrinsic."""
     a = (w, w_off, xq, xd, xs, t, n_in, q2_off, outf, o, n_out, n_valid)
-    if terms == 1:
+    if terms == 3:  # exact (traced) passes
+        if tile == TILE:
+            if layout == LAYOUT_NIBBLE32:
+                _dot3_n32_t4(*a)
+            elif layout == LAYOUT_BYTE32:
+                _dot3_b32_t4(*a)
+            else:
+                _dot3_b16_t4(*a)
+        elif layout == LAYOUT_NIBBLE32:
+            _dot3_n32_t1(*a)
+        elif layout == LAYOUT_BYTE32:
+            _dot3_b32_t1(*a)
+        else:
+            _dot3_b16_t1(*a)
+    elif terms == 1:
         if tile == TILE:
             if layout == LAYOUT_NIBBLE32:
                 _dot_n32_t4(*a)
@@ -282,7 +316,7 @@ def _dot(layout, terms, tile, w, w_off, xq, xd, xs, t, n_in, q2_off, outf, o, n_
 @njit
 def _dot_pair(layout, terms, tile, w, w_off, xq, xd, xs, t, n_in, q2_off, outf, o, n_out,
               n_valid):
-    """`_dot` for the PAIR groups from w_off."""
+    """`_dot` for the PAIR groups from w_off (one or two activation terms)."""
     a = (w, w_off, xq, xd, xs, t, n_in, q2_off, outf, o, n_out, n_valid)
     if terms == 1:
         if tile == TILE:
@@ -327,12 +361,13 @@ def _group(w, layout, group_bytes, xq, xd, xs, n_out, outf, g, n_groups):
     while t < n_tok:
         tile = TILE if t + TILE <= n_tok else 1
         o = t * n_out + g * GROUP
-        if n_groups == PAIR:
+        if n_groups == PAIR and terms < 3:
             _dot_pair(layout, terms, tile, w, w_off, xq, xd, xs, t, n_in, q2_off, outf, o,
                       n_out, n_valid)
-        else:
-            _dot(layout, terms, tile, w, w_off, xq, xd, xs, t, n_in, q2_off, outf, o, n_out,
-                 n_valid)
+        else:  # one group at a time (three terms: too many sums for the registers of two)
+            for i in range(n_groups):
+                _dot(layout, terms, tile, w, w_off + i * group_bytes, xq, xd, xs, t, n_in,
+                     q2_off, outf, o + i * GROUP, n_out, n_valid - i * GROUP)
         t += tile
 
 

@@ -6,12 +6,23 @@ the CPU has it). Activations are rounded to 15 bits per block of 32 inside `line
 terms), so each matmul is within ~0.004 % of the float product and greedy decoding follows the
 reference backend; `act_terms = 1` gives llama.cpp's 8-bit rounding (~0.5 %).
 
+Traced passes want the reference backend's numbers, not generation's speed: within
+`with backend.exact():` (engine/trace.py enters it, on the compute thread, around the traced
+forward pass and the logit lens) `linear` and `linear_many` run `qmatmul.matmul_exact`: 22-bit
+activations (three int8 terms) and, for K-quant matrices, the float16 rounding of their block
+scales added back by a second product (`qmatmul.scale_residual`, built from the GGUF bytes on
+first use: a second copy of those matrices' packed bytes). The trace then matches the reference
+backend's to float32 rounding (~1e-5 in the attention weights). Every other pass keeps
+`act_terms` and the cost of one flag test per matmul.
+
 `prepare_many` + `linear_many` run several matrices that read the same input (q|k|v, gate|up)
 as one kernel call (the reference backend runs them one by one); `encoder_workers` is the one
 extra beyond the reference backend's methods.
 """
 
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 import numba
 import numpy as np
@@ -57,12 +68,32 @@ class FastBackend:
         # on the compute thread, the one that runs parallel kernels (engine/compute.py)
         self.threading_layer = COMPUTE.call(jit.check_threading_layer)  # warns when slow
         jit.limit_blas_threads(1)  # BLAS between Numba kernels: one thread, or they fight
+        self.exact_mode = False  # inside `exact()`
+        # id(packed weight) -> (weight, [its GGUF tensors]): what `exact` builds residuals from
+        self._sources: dict[int, tuple[PackedWeight, list[TensorInfo]]] = {}
+        self._residuals: dict[int, qmatmul.ScaleResidual | None] = {}
+
+    @contextmanager
+    def exact(self):
+        """Within this, matmuls are exact to float32 rounding (module docstring), even when
+        what it wraps raises. Enter it on the compute thread only, so that no other pass (a
+        generation step) runs while it is on."""
+        saved, self.exact_mode = self.exact_mode, True
+        try:
+            yield self
+        finally:
+            self.exact_mode = saved
 
     # -- load time -------------------------------------------------------------------------
 
     def prepare(self, t: TensorInfo) -> PackedWeight:
         """Repack a weight matrix `(n_out, n_in)` for `linear` (dense float32 if no layout)."""
-        return repack(t.data, t.qtype, t.shape)
+        return self._remember(repack(t.data, t.qtype, t.shape), [t])
+
+    def _remember(self, w: PackedWeight, ts: list[TensorInfo]) -> PackedWeight:
+        """Note the (memory-mapped) tensors `w` was packed from, for its exact residual."""
+        self._sources[id(w)] = (w, ts)  # the weight too, so that its id stays its own
+        return w
 
     # The embedding table and the encoders' float32 weights load as in the reference backend.
     prepare_embedding = ReferenceBackend.prepare_embedding
@@ -70,7 +101,13 @@ class FastBackend:
 
     def prepare_many(self, ts: list[TensorInfo]) -> FusedWeight:
         """Matrices that read the same input (q, k, v or gate, up), for `linear_many`."""
-        return FusedWeight([self.prepare(t) for t in ts])
+        fused = FusedWeight([repack(t.data, t.qtype, t.shape) for t in ts])
+        if fused.stacked is not None:
+            self._remember(fused.stacked, ts)
+        else:
+            for p, t in zip(fused.parts, ts, strict=True):
+                self._remember(p, [t])
+        return fused
 
     # -- the operations --------------------------------------------------------------------
 
@@ -78,14 +115,25 @@ class FastBackend:
 
     def linear(self, x: np.ndarray, w: PackedWeight) -> np.ndarray:
         """(n, n_in) float32 -> (n, n_out) = x @ W.T. Where the time goes."""
+        if self.exact_mode:
+            return self._linear_exact(x, w)
         return qmatmul.matmul(x, w, terms=self.act_terms)
 
     def linear_many(self, x: np.ndarray, w: FusedWeight) -> list[np.ndarray]:
         """(n, n_in) -> one (n, n_out_i) per matrix of `w`, in one kernel call when stacked."""
         if w.stacked is None:
-            return [qmatmul.matmul(x, p, terms=self.act_terms) for p in w.parts]
-        y = qmatmul.matmul(x, w.stacked, terms=self.act_terms)  # (n, sum of n_out)
+            return [self.linear(x, p) for p in w.parts]
+        y = self.linear(x, w.stacked)  # (n, sum of n_out)
         return [y[:, cols] for cols in w.columns]  # views (np.split costs ~25 us a call)
+
+    def _linear_exact(self, x: np.ndarray, w: PackedWeight) -> np.ndarray:
+        """`linear` inside `exact()`: `qmatmul.matmul_exact` with w's scale residual."""
+        key = id(w)
+        if key not in self._residuals:  # first use: pack it from the GGUF tensors
+            _, ts = self._sources.get(key, (None, []))
+            parts = [(t.data, t.qtype, t.shape) for t in ts]
+            self._residuals[key] = qmatmul.scale_residual(w, parts) if parts else None
+        return qmatmul.matmul_exact(x, w, self._residuals[key])
 
     def rms_norm(self, x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
         """x (n, d) or (n, heads, d): normalize the last axis, scale by weight (d,)."""

@@ -3,8 +3,9 @@
 Weights are random GGUF blocks (random bytes with sane float16 scales), so every format's layout
 is exercised without a model file; odd row counts test the padded last group, 1, 6 and 37 tokens
 test the single-token path, the 4-token tile and its remainder, and the parallel quantizer.
-Both activation modes are held to their bound: one 8-bit term (llama.cpp's rounding, error
-xd / 2 per element) and two (15 bits, xd / 256).
+Every activation mode is held to its bound: one 8-bit term (llama.cpp's rounding, error
+xd / 2 per element), two (15 bits, xd / 256) and three (22 bits, xd / 32768, traced passes);
+`matmul_exact` (three terms and the K-quant scale residual) to float32 rounding of the oracle.
 """
 
 import logging
@@ -31,9 +32,9 @@ def oracle(raw, qtype, shape):
 
 def act_bound(x, W, terms=1):
     """Max error from quantized activations: sum_e |W[r, e]| * xd[e // 32] * step / 2, with
-    step 1 for one term and 1/128 for two; shape (n, n_out)."""
+    step 1 for one term, 1/128 for two and 1/128^2 for three; shape (n, n_out)."""
     _, xd, _ = qmatmul.quantize_activations_ref(x, terms)
-    step = 1 if terms == 1 else 1 / qmatmul.FINE
+    step = 1 / qmatmul.FINE ** (terms - 1)
     return (np.repeat(xd, 32, axis=1) * (step / 2)) @ np.abs(W).T
 
 
@@ -49,7 +50,7 @@ def test_unpack_matches_oracle(qtype):
     assert (qtype in SPLIT) == (repack(raw, qtype, shape).data is not None)
 
 
-@pytest.mark.parametrize("terms", [1, 2])
+@pytest.mark.parametrize("terms", [1, 2, 3])
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("n_tok", [1, 6, 37])
 @pytest.mark.parametrize("shape", [(37, 256), (64, 512)])
@@ -77,13 +78,50 @@ def test_matmul_against_oracle(qtype, shape, n_tok, isa, terms):
         bound = 1e-5 * scale + 1e-6
     np.testing.assert_array_less(np.abs(got - exact), bound)
     rel = np.abs(got - exact).max() / np.abs(exact).max()
-    # typical activation-quantization error: ~0.5 % with one term, float-like with two (where
-    # the float16 K-quant scales, relative error <= 2^-11, are what is left)
-    assert rel < (0.02 if terms == 1 else 5e-4 if qtype in K_QUANTS else 1e-4)
+    # typical activation-quantization error: ~0.5 % with one term, float-like with two and
+    # three (where the float16 K-quant scales, relative error <= 2^-11, are what is left)
+    assert rel < (0.02 if terms == 1 else 5e-4 if qtype in K_QUANTS else 1e-4 if terms == 2
+                  else 2e-6)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("n_tok", [1, 6])
+@pytest.mark.parametrize("qtype", PACKED, ids=lambda q: q.name)
+def test_matmul_exact_is_the_float_product(qtype, n_tok, isa):
+    """Three terms plus the scale residual: the oracle's float product to float32 rounding,
+    K-quants included; formats whose scales are float16 already have no residual."""
+    shape = (37, 512)
+    raw = random_tensor(qtype, shape, seed=n_tok)
+    w = repack(raw, qtype, shape)
+    residual = qmatmul.scale_residual(w, [(raw, qtype, shape)])
+    assert (residual is not None) == (qtype in K_QUANTS)
+    x = np.random.default_rng(n_tok).standard_normal((n_tok, shape[1])).astype(np.float32)
+    W = oracle(raw, qtype, shape)
+    exact = x.astype(np.float64) @ W.T.astype(np.float64)
+    scale = np.abs(x) @ np.abs(W).T
+    got = qmatmul.matmul_exact(x, w, residual, isa=isa)
+    np.testing.assert_array_less(np.abs(got - exact), 1e-6 * scale)
+    if residual is not None:  # without the residual the float16 scales show (~2^-12)
+        assert (np.abs(qmatmul.matmul_exact(x, w, None, isa=isa) - exact) / scale).max() > 1e-5
+
+
+def test_scale_residual_of_stacked_parts():
+    """A fused q|k|v weight: the residual stacks as the weight's groups do."""
+    shapes = [(32, 256), (16, 256), (20, 256)]
+    raws = [random_tensor(Q.Q4_K, s, seed=i) for i, s in enumerate(shapes)]
+    ws = [repack(r, Q.Q4_K, s) for r, s in zip(raws, shapes)]
+    stacked = repack(raws[0], Q.Q4_K, shapes[0])
+    stacked.data = np.concatenate([w.data for w in ws])
+    stacked.n_out = sum(s[0] for s in shapes)
+    residual = qmatmul.scale_residual(stacked, [(r, Q.Q4_K, s) for r, s in zip(raws, shapes)])
+    x = np.random.default_rng(0).standard_normal((3, 256)).astype(np.float32)
+    W = np.concatenate([oracle(r, Q.Q4_K, s) for r, s in zip(raws, shapes)])
+    got = qmatmul.matmul_exact(x, stacked, residual)
+    np.testing.assert_array_less(np.abs(got - x @ W.T), 1e-6 * (np.abs(x) @ np.abs(W).T))
 
 
 @pytest.mark.skipif(not jit.HAS_AVX512_VNNI, reason="needs AVX-512 VNNI")
-@pytest.mark.parametrize("terms", [1, 2])
+@pytest.mark.parametrize("terms", [1, 2, 3])
 @pytest.mark.parametrize("qtype", PACKED, ids=lambda q: q.name)
 def test_vnni_equals_generic(qtype, terms):
     """Both paths do the same integer maths; only the float accumulation order may differ."""
@@ -106,7 +144,7 @@ def test_matvec_writes_into_out():
     np.testing.assert_allclose(out, qmatmul.matmul_ref(x[None], w)[0], rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("terms", [1, 2])
+@pytest.mark.parametrize("terms", [1, 2, 3])
 @pytest.mark.parametrize("n", [1, 3, 40])
 def test_quantize_activations_ref(n, terms):
     """The rounding the twin quantizer does (test_twins holds the kernels to it bit for bit)."""
@@ -118,17 +156,34 @@ def test_quantize_activations_ref(n, terms):
     assert np.abs(xq).max() <= 127 and xd[0, 0] == 0
     # the activations the kernels see, and how far they are from x
     used = qmatmul.dequantize_activations_ref(xq, xd)
-    step = np.repeat(xd, 32, axis=1) * (1 if terms == 1 else 1 / qmatmul.FINE)
-    assert (np.abs(used - x) <= step * (0.5 + 1e-5)).all()
+    step = np.repeat(xd, 32, axis=1) / qmatmul.FINE ** (terms - 1)
+    # with three terms x is ~2^21 steps: float32's 2^-24 in x / xd and in xd * units adds up
+    # to 2^-3 of a step each (measured 0.69 steps at most)
+    assert (np.abs(used - x) <= step * (0.5 + (0.25 if terms == 3 else 1e-5))).all()
     np.testing.assert_allclose(xs, used.reshape(n, 6, 16).sum(axis=2), rtol=1e-5, atol=1e-5)
-    if terms == 2:
-        assert xq[n:].min() >= -qmatmul.FINE // 2 and xq[n:].max() < qmatmul.FINE // 2
+    if terms >= 2:  # the last term in [-64, 63]; a middle one (three terms) up to 64
+        assert xq[(terms - 1) * n:].min() >= -qmatmul.FINE // 2
+        assert xq[(terms - 1) * n:].max() < qmatmul.FINE // 2
+        assert np.abs(xq[n:]).max() <= qmatmul.FINE // 2
+
+
+@pytest.mark.parametrize("n", [3, 40])  # 40: the parallel quantizer
+def test_three_term_quantizer_is_its_twin(n):
+    """Bit for bit, as tests/kernels/test_batch_rows.py holds the one- and two-term ones."""
+    x = np.random.default_rng(n).standard_normal((n, 576)).astype(np.float32) * 5
+    x[1, :64] = 0  # an all-zero block
+    xq = np.empty((3 * n, 576), np.int8)
+    xd, xs = np.empty((n, 18), np.float32), np.empty((n, 36), np.float32)
+    (qmatmul.quantize_activations_parallel if n >= 32 else
+     qmatmul.quantize_activations)(x, xq, xd, xs)
+    for got, want in zip((xq, xd, xs), qmatmul.quantize_activations_ref(x, 3), strict=True):
+        np.testing.assert_array_equal(got, want)
 
 
 def test_terms_is_checked():
     w = repack(random_tensor(Q.Q4_0, (16, 64)), Q.Q4_0, (16, 64))
     with pytest.raises(ValueError):
-        qmatmul.matmul(np.ones((1, 64), np.float32), w, terms=3)
+        qmatmul.matmul(np.ones((1, 64), np.float32), w, terms=4)
 
 
 def test_isa_override(monkeypatch):
