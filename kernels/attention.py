@@ -379,6 +379,8 @@ def _make_accumulate_values(n_vec: int):
 
     @intrinsic
     def accumulate(typingctx, acc, w, w_off, vc, slot0, run):
+        if not all(a.layout == "C" for a in (acc, w, vc)):
+            return None  # the pointer arithmetic below needs contiguous rows
         sig = types.void(acc, w, w_off, vc, slot0, run)
 
         def codegen(context, builder, signature, args):
