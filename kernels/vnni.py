@@ -264,6 +264,13 @@ _pair2_b32_t1 = _make_group_dot(LAYOUT_BYTE32, 1, 2, PAIR)
 _pair2_b32_t4 = _make_group_dot(LAYOUT_BYTE32, TILE, 2, PAIR)
 _pair2_b16_t1 = _make_group_dot(LAYOUT_BYTE16, 1, 2, PAIR)
 _pair2_b16_t4 = _make_group_dot(LAYOUT_BYTE16, TILE, 2, PAIR)
+# and tiles of two tokens for the pairs: a decode step of 2 or 3 rows reads the weights once
+_pair_n32_t2 = _make_group_dot(LAYOUT_NIBBLE32, 2, 1, PAIR)
+_pair_b32_t2 = _make_group_dot(LAYOUT_BYTE32, 2, 1, PAIR)
+_pair_b16_t2 = _make_group_dot(LAYOUT_BYTE16, 2, 1, PAIR)
+_pair2_n32_t2 = _make_group_dot(LAYOUT_NIBBLE32, 2, 2, PAIR)
+_pair2_b32_t2 = _make_group_dot(LAYOUT_BYTE32, 2, 2, PAIR)
+_pair2_b16_t2 = _make_group_dot(LAYOUT_BYTE16, 2, 2, PAIR)
 
 
 @njit
@@ -316,9 +323,24 @@ def _dot(layout, terms, tile, w, w_off, xq, xd, xs, t, n_in, q2_off, outf, o, n_
 @njit
 def _dot_pair(layout, terms, tile, w, w_off, xq, xd, xs, t, n_in, q2_off, outf, o, n_out,
               n_valid):
-    """`_dot` for the PAIR groups from w_off (one or two activation terms)."""
+    """`_dot` for the PAIR groups from w_off (one or two activation terms; tiles of 1, 2 or
+    TILE tokens)."""
     a = (w, w_off, xq, xd, xs, t, n_in, q2_off, outf, o, n_out, n_valid)
-    if terms == 1:
+    if tile == 2:
+        if terms == 1:
+            if layout == LAYOUT_NIBBLE32:
+                _pair_n32_t2(*a)
+            elif layout == LAYOUT_BYTE32:
+                _pair_b32_t2(*a)
+            else:
+                _pair_b16_t2(*a)
+        elif layout == LAYOUT_NIBBLE32:
+            _pair2_n32_t2(*a)
+        elif layout == LAYOUT_BYTE32:
+            _pair2_b32_t2(*a)
+        else:
+            _pair2_b16_t2(*a)
+    elif terms == 1:
         if tile == TILE:
             if layout == LAYOUT_NIBBLE32:
                 _pair_n32_t4(*a)
@@ -350,18 +372,24 @@ def _dot_pair(layout, terms, tile, w, w_off, xq, xd, xs, t, n_in, q2_off, outf, 
 @njit
 def _group(w, layout, group_bytes, xq, xd, xs, n_out, outf, g, n_groups):
     """Rows 16g.. of `n_groups` (1 or PAIR) groups for every token: tiles of TILE tokens,
-    then the remainder one by one."""
+    then the remainder (by two for a pair, else one by one)."""
     n_tok = xd.shape[0]
     n_in = xq.shape[1]
     terms = xq.shape[0] // n_tok
     q2_off = n_tok * n_in  # first element of the second term's rows
     w_off = g * group_bytes
     n_valid = min(n_groups * GROUP, n_out - g * GROUP)
+    pair = n_groups == PAIR and terms < 3
     t = 0
     while t < n_tok:
-        tile = TILE if t + TILE <= n_tok else 1
+        if t + TILE <= n_tok:
+            tile = TILE
+        elif pair and t + 2 <= n_tok:
+            tile = 2
+        else:
+            tile = 1
         o = t * n_out + g * GROUP
-        if n_groups == PAIR and terms < 3:
+        if pair:
             _dot_pair(layout, terms, tile, w, w_off, xq, xd, xs, t, n_in, q2_off, outf, o,
                       n_out, n_valid)
         else:  # one group at a time (three terms: too many sums for the registers of two)

@@ -149,10 +149,11 @@ ISAS = ["generic"] + (["vnni", "vnni-serial"] if jit.HAS_AVX512_VNNI else [])
 
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("qtype", [Q.Q4_1, Q.Q8_0, Q.Q6_K], ids=["Q4_1", "Q8_0", "Q6_K"])
-@pytest.mark.parametrize("n", [8, 5])  # 5: a tile of four tokens and one on its own
+@pytest.mark.parametrize("n", [8, 5, 6, 3])  # VNNI tiles: 4+4, 4+1, 4+2, 2+1 tokens
 def test_matmul_rows(isa, qtype, n):
-    """Eight decode rows in one matmul (VNNI: two tiles of four tokens) give each row what a
-    one-row matmul (a matvec) gives, for every layout."""
+    """Decode rows in one matmul (VNNI: tiles of four, two and one tokens; 80 rows = two
+    pairs of groups and one group alone) give each row what a one-row matmul (a matvec)
+    gives, for every layout."""
     w = repack(random_tensor(qtype, (80, 256), seed=3), qtype, (80, 256))
     x = randn(n, 256)
     batched = qmatmul.matmul(x, w, isa=isa)
