@@ -13,6 +13,7 @@ cost. The minimum over repeats of each row is printed (so the rows need not add 
 On a shared machine, `--clock cpu` (process CPU time) with `NUMBA_NUM_THREADS=1` measures the
 work itself; with 2 threads CPU time also counts OpenMP's workers spinning at barriers, and
 wall time counts the neighbours. Use it for ratios between rows and between trees, not tok/s.
+It imports the tree it sits in: to compare two trees, run each one's own copy, alternating.
 """
 
 from __future__ import annotations
