@@ -16,6 +16,7 @@ import math
 import numpy as np
 from llvmlite import ir
 from numba import prange, types
+from numba.core import cgutils
 from numba.extending import intrinsic
 
 from kernels.jit import njit, pnjit
@@ -215,6 +216,44 @@ def _weighted_values(weights, vc, table, lo, acc):
         j += run
 
 
+@njit(error_model="numpy")
+def _attention_job(q, k_cache, v_cache, block_tables, row_seq, positions, window, scale, out,
+                   job, prefill):
+    """Job `job` = (query row, kv head) of `paged_attention`: its `group` query heads."""
+    n_head, hd = q.shape[1], q.shape[2]
+    n_kv = k_cache.shape[0]
+    group = n_head // n_kv
+    t, kv = job // n_kv, job % n_kv
+    p = positions[t]
+    lo = max(0, p - window + 1) if window > 0 else 0
+    n_keys = p + 1 - lo
+    table = block_tables[row_seq[t]]
+    scores = np.empty((group, n_keys), np.float32)
+    total = np.empty(group, np.float32)
+    acc = np.empty((group, hd), np.float32)
+    _scores(q[t, kv * group:(kv + 1) * group], k_cache[kv], table, lo, n_keys, scale, scores)
+    _softmax(scores, total)
+    if prefill:  # the same sums, held in registers (paged_attention_prefill)
+        _weighted_values_prefill(scores, v_cache[kv], table, lo, acc)
+    else:
+        _weighted_values(scores, v_cache[kv], table, lo, acc)
+    for g in range(group):
+        inv = np.float32(1) / total[g]
+        h = kv * group + g
+        for e in range(hd):
+            out[t, h * hd + e] = acc[g, e] * inv
+
+
+@njit(inline="always")
+def _attention_jobs(q, k_cache, v_cache, block_tables, row_seq, positions, window, scale, out,
+                    prefill):
+    """Every job, as a prange (parallel where a parallel function inlines this: the two
+    kernels below, and kernels/decode_layer.py's layers)."""
+    for job in prange(q.shape[0] * k_cache.shape[0]):
+        _attention_job(q, k_cache, v_cache, block_tables, row_seq, positions, window, scale,
+                       out, job, prefill)
+
+
 @pnjit(error_model="numpy")
 def paged_attention(q, k_cache, v_cache, block_tables, row_seq, positions, window, scale, out):
     """Numba twin of `paged_attention_ref`, writing out (n, n_head * hd).
@@ -226,27 +265,8 @@ def paged_attention(q, k_cache, v_cache, block_tables, row_seq, positions, windo
     sequence's output does not depend on which sequences share its forward pass, nor on how
     its prompt was chunked.
     """
-    n, n_head, hd = q.shape
-    n_kv = k_cache.shape[0]
-    group = n_head // n_kv
-    for job in prange(n * n_kv):
-        t, kv = job // n_kv, job % n_kv
-        p = positions[t]
-        lo = max(0, p - window + 1) if window > 0 else 0
-        n_keys = p + 1 - lo
-        table = block_tables[row_seq[t]]
-        scores = np.empty((group, n_keys), np.float32)
-        total = np.empty(group, np.float32)
-        acc = np.empty((group, hd), np.float32)
-        _scores(q[t, kv * group:(kv + 1) * group], k_cache[kv], table, lo, n_keys, scale,
-                scores)
-        _softmax(scores, total)
-        _weighted_values(scores, v_cache[kv], table, lo, acc)
-        for g in range(group):
-            inv = np.float32(1) / total[g]
-            h = kv * group + g
-            for e in range(hd):
-                out[t, h * hd + e] = acc[g, e] * inv
+    _attention_jobs(q, k_cache, v_cache, block_tables, row_seq, positions, window, scale, out,
+                    False)
 
 
 @pnjit
@@ -364,3 +384,113 @@ def encoder_attention(qkv, starts, scale, out):
             inv = np.float32(1) / total
             for e in range(hd):
                 out[i, h * hd + e] = acc[e] * inv
+
+
+# --- prefill: the same maths per row, the value pass with its sums in registers -----------------
+
+
+def _make_accumulate_values(n_vec: int):
+    """An intrinsic `acc (16 * n_vec,) += sum_i w[w_off + i] * vc[slot0 + i]` over i < run,
+    key by key in order, one fused multiply-add per element and key: the very roundings of
+    `_weighted_values`, with the row of sums held in `n_vec` registers across the keys instead
+    of read and written back for every key (4x fewer memory operations)."""
+    f32x16 = ir.VectorType(ir.FloatType(), 16)
+
+    @intrinsic
+    def accumulate(typingctx, acc, w, w_off, vc, slot0, run):
+        if not all(a.layout == "C" for a in (acc, w, vc)):
+            return None  # the pointer arithmetic below needs contiguous rows
+        sig = types.void(acc, w, w_off, vc, slot0, run)
+
+        def codegen(context, builder, signature, args):
+            acc_, w_, w_off_, vc_, slot0_, run_ = args
+            tys = signature.args
+            i64 = ir.IntType(64)
+
+            def data(arr, ty):
+                return context.make_array(ty)(context, builder, arr).data
+
+            accp, wp, vcp = data(acc_, tys[0]), data(w_, tys[1]), data(vc_, tys[3])
+            w_off_ = context.cast(builder, w_off_, tys[2], types.int64)
+            slot0_ = context.cast(builder, slot0_, tys[4], types.int64)
+            run_ = context.cast(builder, run_, tys[5], types.int64)
+            fma = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(f32x16, [f32x16] * 3), "llvm.fma.v16f32")
+
+            def vec_at(base, index):  # <16 x float>* at float index
+                return builder.bitcast(builder.gep(base, [index]), f32x16.as_pointer())
+
+            sums = []
+            for v in range(n_vec):
+                slot = cgutils.alloca_once(builder, f32x16)
+                builder.store(builder.load(vec_at(accp, i64(16 * v)), align=4), slot)
+                sums.append(slot)
+            hd = i64(16 * n_vec)
+            with cgutils.for_range(builder, run_) as loop:
+                i = loop.index
+                wi = builder.load(builder.gep(wp, [builder.add(w_off_, i)]))
+                wv = builder.insert_element(ir.Constant(f32x16, ir.Undefined), wi,
+                                            ir.IntType(32)(0))
+                wv = builder.shuffle_vector(wv, wv, ir.Constant(ir.VectorType(ir.IntType(32),
+                                                                              16), None))
+                row = builder.mul(builder.add(slot0_, i), hd)
+                for v in range(n_vec):
+                    value = builder.load(vec_at(vcp, builder.add(row, i64(16 * v))), align=4)
+                    builder.store(builder.call(fma, [wv, value, builder.load(sums[v])]), sums[v])
+            for v in range(n_vec):
+                builder.store(builder.load(sums[v]), vec_at(accp, i64(16 * v)), align=4)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return accumulate
+
+
+# head sizes with a register-held value pass (16 floats a register); others use the loops
+_accumulate_64 = _make_accumulate_values(4)
+_accumulate_96 = _make_accumulate_values(6)
+_accumulate_128 = _make_accumulate_values(8)
+_accumulate_256 = _make_accumulate_values(16)
+
+
+@njit(error_model="numpy")
+def _weighted_values_prefill(weights, vc, table, lo, acc):
+    """`_weighted_values`, bit for bit (each sum over the keys in the same order, one FMA a
+    key), with each row of acc kept in registers over a block's keys for the head sizes that
+    have an `_accumulate_*`."""
+    group, n_keys = weights.shape
+    hd = acc.shape[1]
+    if hd not in (64, 96, 128, 256):
+        _weighted_values(weights, vc, table, lo, acc)
+        return
+    acc[:] = 0
+    j = 0
+    while j < n_keys:
+        pos = lo + j
+        block = pos // KV_BLOCK
+        first = pos - block * KV_BLOCK
+        run = min(KV_BLOCK - first, n_keys - j)
+        slot0 = table[block] * KV_BLOCK + first
+        for g in range(group):
+            if hd == 256:
+                _accumulate_256(acc[g], weights[g], j, vc, slot0, run)
+            elif hd == 128:
+                _accumulate_128(acc[g], weights[g], j, vc, slot0, run)
+            elif hd == 96:
+                _accumulate_96(acc[g], weights[g], j, vc, slot0, run)
+            else:
+                _accumulate_64(acc[g], weights[g], j, vc, slot0, run)
+        j += run
+
+
+@pnjit(error_model="numpy")
+def paged_attention_prefill(q, k_cache, v_cache, block_tables, row_seq, positions, window, scale,
+                            out):
+    """`paged_attention` for many rows (prefill), bit for bit the same numbers per row: the
+    value pass is `_weighted_values_prefill`. Separate so that the decode kernel stays as it
+    is; `FastBackend.attention` picks this one from PREFILL_ROWS rows."""
+    _attention_jobs(q, k_cache, v_cache, block_tables, row_seq, positions, window, scale, out,
+                    True)
+
+
+PREFILL_ROWS = 16  # rows from which FastBackend.attention uses paged_attention_prefill

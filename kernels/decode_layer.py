@@ -36,8 +36,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from kernels.attention import kv_store, kv_store_ref, paged_attention, paged_attention_ref
-from kernels.jit import njit
+from kernels.attention import (
+    PREFILL_ROWS,
+    _attention_jobs,
+    kv_store,
+    kv_store_ref,
+    paged_attention_ref,
+)
+from kernels.jit import njit, pnjit
 from kernels.norms import (
     gelu_gate,
     gelu_gate_ref,
@@ -91,7 +97,7 @@ def decoder_layer_ref(x, weights, meta, attn_norm, ffn_norm, q_norm, k_norm, pos
     return x + norm(linears(act, DOWN, DOWN), post_ffw_norm)
 
 
-@njit
+@njit(inline="always")
 def _linear(x, w, meta_row, terms, out, col):
     """out[:, col : col + n_out] = x (n, n_in) @ W.T for one packed matrix."""
     n_out = meta_row[META_N_OUT]
@@ -100,7 +106,7 @@ def _linear(x, w, meta_row, terms, out, col):
     out[:, col:col + n_out] = y
 
 
-@njit
+@njit(inline="always")
 def _linears(x, weights, meta, first, last, terms, out):
     """The matrices of slots first..last side by side into out (n, sum of n_out); a stacked
     group (one matrix) straight into out."""
@@ -126,7 +132,7 @@ def _norm(x, weight, eps):
     return out
 
 
-@njit
+@pnjit
 def decoder_layer(x, weights, meta, attn_norm, ffn_norm, q_norm, k_norm, post_attn_norm,
                   post_ffw_norm, shape, eps, gelu, neox, table, k_cache, v_cache, slots,
                   block_tables, row_seq, positions, window, scale, terms):
@@ -157,8 +163,10 @@ def decoder_layer(x, weights, meta, attn_norm, ffn_norm, q_norm, k_norm, post_at
     rope(k, table, neox, k_rot)
     kv_store(k_cache, v_cache, slots, k_rot, v)
     att = np.empty((n, qd), np.float32)
-    paged_attention(q_rot, k_cache, v_cache, block_tables, row_seq, positions, window, scale,
-                    att)
+    # FastBackend.attention's choice of kernel, inlined (the parallel loops must be this
+    # function's own: a cached function that calls another parallel one crashed on loading)
+    _attention_jobs(q_rot, k_cache, v_cache, block_tables, row_seq, positions, window, scale,
+                    att, n >= PREFILL_ROWS)
     o = np.empty((n, dim), np.float32)
     _linears(att, weights, meta, O, O, terms, o)
     if post_attn_norm.size > 0:

@@ -21,12 +21,12 @@ log = logging.getLogger(__name__)
 FASTMATH = {"contract", "reassoc", "nsz", "arcp"}
 
 # --- caches that know what they call ------------------------------------------------------------
-# Numba checks a cached function against its own source file only: a kernel that calls kernels
-# of other files (kernels/decode_layer.py) would keep its compiled copy of them after they
-# change, and run stale (seen here: a segfault after an edit of kernels/vnni.py). A module
-# listed in CACHE_DEPENDS is stamped with every kernels/*.py file as well, so that any change
-# there recompiles it.
-CACHE_DEPENDS = {"kernels.decode_layer"}
+# Numba checks a cached function against its own source file only: a kernel that compiles in
+# kernels of other files (kernels/decode_layer.py; kernels/vnni.py's `linear` and constants)
+# would keep its compiled copy of them after they change, and run stale (seen here: a segfault
+# after an edit of kernels/vnni.py). A module listed in CACHE_DEPENDS is stamped with every
+# kernels/*.py file as well, so that any change there recompiles it.
+CACHE_DEPENDS = {"kernels.decode_layer", "kernels.vnni"}
 
 
 class _DependentSourceLocator(numba.core.caching._CacheLocator):

@@ -362,6 +362,8 @@ TWINS: dict[Callable, Twin] = {
     norms.add_bias: Twin(norms.add_bias_ref, _add_bias_cases, rtol=1e-5, atol=1e-6),
     attention.paged_attention: Twin(attention.paged_attention_ref, _paged_attention_cases,
                                     rtol=1e-4, atol=1e-5),
+    attention.paged_attention_prefill: Twin(attention.paged_attention_ref,
+                                            _paged_attention_cases, rtol=1e-4, atol=1e-5),
     attention.paged_attention_softcap: Twin(attention.paged_attention_ref,
                                             _paged_attention_softcap_cases, rtol=1e-4,
                                             atol=1e-5),

@@ -12,8 +12,8 @@ activation terms (`kernels.qmatmul`: x = xd / 128 * (128 q1 + q2)) the integer s
 `(sum u q1) << 7 + sum u q2` (two independent vpdpbusd chains; |sum| < 2^28 per block, no
 overflow) and the scale `xd / 128`, so only the integer work doubles. Three terms (traced
 passes) add a third chain, kept as its own int32 sum (another << 7 would overflow) and added in
-float32 at the scale `xd / 128^2`. A tile of `nt` tokens
-shares each 64-byte weight load. Only call these when `jit.HAS_AVX512_VNNI`.
+float32 at the scale `xd / 128^2`. A tile of `nt` tokens shares each 64-byte weight load.
+Only call these when `jit.HAS_AVX512_VNNI`.
 
 The driver lives in this module too: Numba's `cache=True` would not notice an edit of the IR
 generator if it sat in another file.
@@ -39,7 +39,7 @@ from kernels.qpack import (
     quant_bytes,
 )
 
-PREFETCH_BYTES = 4096
+PREFETCH_BYTES = 4096  # how far ahead of the current block the weight stream is prefetched
 
 _i8, _i32, _i64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
 _f32x16 = ir.VectorType(ir.FloatType(), GROUP)
@@ -59,14 +59,23 @@ def _ptr(builder, base, offset, pointee):
     return builder.bitcast(builder.gep(base, [offset]), pointee.as_pointer())
 
 
-def _make_group_dot(layout: int, nt: int, terms: int):
-    """An intrinsic computing 16 output rows x `nt` tokens for one group (see module doc).
+def _invariant(builder, load):
+    """Mark a load as reading memory that does not change while the kernel runs, so that the
+    register allocator may load it again rather than spill it."""
+    load.set_metadata("invariant.load", builder.module.add_metadata([]))
+    return load
+
+
+def _make_group_dot(layout: int, nt: int, terms: int, groups: int = 1):
+    """An intrinsic computing `groups` x 16 output rows x `nt` tokens (see module doc).
 
     Call as `group_dot(w, w_off, xq, xd, xs, t0, n_in, q2_off, out, out_off, n_out, n_valid)`:
-    w (uint8 flat) from byte w_off; xq int8 (terms * n_tok, n_in), the second term's rows from
-    element q2_off (the third's from 2 * q2_off); xd float32 (n_tok, n_in/32); xs float32
-    (n_tok, n_in/16); tokens t0..t0+nt-1; out float32 flat, rows of length n_out, written at
-    out_off + t*n_out for the first n_valid of the 16 lanes.
+    w (uint8 flat) from byte w_off (the groups follow each other in the stream); xq int8
+    (terms * n_tok, n_in), the second term's rows from element q2_off (the third's from
+    2 * q2_off); xd float32
+    (n_tok, n_in/32); xs float32 (n_tok, n_in/16); tokens t0..t0+nt-1; out float32 flat, rows
+    of length n_out, written at out_off + t*n_out for the first n_valid of the groups * 16
+    lanes.
     """
     blk = LAYOUT_BLK[layout]
     nibble = layout == LAYOUT_NIBBLE32
@@ -103,90 +112,101 @@ def _make_group_dot(layout: int, nt: int, terms: int):
                 ir.FunctionType(ir.VoidType(), [_i8.as_pointer(), _i32, _i32, _i32]),
                 "llvm.prefetch.p0",
             )
+            fma = cgutils.get_or_insert_function(
+                mod, ir.FunctionType(_f32x16, [_f32x16] * 3), "llvm.fma.v16f32"
+            )
             n_blocks = builder.sdiv(n_in_, _i64(blk))
+            group_bytes = builder.mul(n_blocks, _i64(block_bytes))
             n_x32 = builder.sdiv(n_in_, _i64(32))
             n_x16 = builder.sdiv(n_in_, _i64(16))
-            accs = [
-                cgutils.alloca_once_value(builder, ir.Constant(_f32x16, None)) for _ in range(nt)
-            ]
+            # accs[t][g]: the float32 sums of token t0 + t, rows of group g
+            accs = [[cgutils.alloca_once_value(builder, ir.Constant(_f32x16, None))
+                     for _ in range(groups)] for _ in range(nt)]
             low4 = _splat(builder, _i8(0x0F), _i8x64)
             shift = _splat(builder, _i32(FINE_BITS), _i32x16)
             unit = _splat(builder, ir.Constant(ir.FloatType(), 2.0**-FINE_BITS), _f32x16)
             four = _splat(builder, _i8(4), _i8x64)
             with cgutils.for_range(builder, n_blocks) as loop:
                 b = loop.index
-                base = builder.add(w_off_, builder.mul(b, _i64(block_bytes)))
-                for line in range(block_bytes // 64):
-                    ahead = builder.add(base, _i64(PREFETCH_BYTES + 64 * line))
-                    builder.call(prefetch, [builder.gep(wp, [ahead]), _i32(0), _i32(3), _i32(1)])
-                # weights of this block: n_chunks x <64 x i8>, shared by all nt tokens
-                chunks = [
-                    builder.load(
-                        _ptr(builder, wp, builder.add(base, _i64(64 * k)), _i8x64), align=1
-                    )
-                    for k in range(n_chunks)
-                ]
-                if nibble:
-                    lo = [builder.and_(c, low4) for c in chunks]
-                    hi = [builder.lshr(c, four) for c in chunks]
-                sbase = builder.add(base, _i64(64 * n_chunks))
-                d = builder.fpext(builder.load(_ptr(builder, wp, sbase, _f16x16), align=1), _f32x16)
-                m = builder.fpext(
-                    builder.load(_ptr(builder, wp, builder.add(sbase, _i64(32)), _f16x16), align=1),
-                    _f32x16,
-                )
+                bases = [builder.add(builder.add(w_off_, builder.mul(_i64(g), group_bytes)),
+                                     builder.mul(b, _i64(block_bytes))) for g in range(groups)]
+                for base in bases:
+                    for line in range(block_bytes // 64):
+                        ahead = builder.add(base, _i64(PREFETCH_BYTES + 64 * line))
+                        builder.call(prefetch, [builder.gep(wp, [ahead]), _i32(0), _i32(3),
+                                                _i32(1)])
                 e0 = builder.mul(b, _i64(blk))  # first element of the block
-                for t in range(nt):
-                    tok = builder.add(t0_, _i64(t))
-                    xrow = builder.add(builder.mul(tok, n_in_), e0)
+                toks = [builder.add(t0_, _i64(t)) for t in range(nt)]
+                rows = [builder.add(builder.mul(tok, n_in_), e0) for tok in toks]
 
-                    def chain(row):  # sum_e u[r, e] * xq[row + e] over the block
-                        def xdword(e):  # 4 activations broadcast to 16 lanes
-                            v = builder.load(
-                                _ptr(builder, xqp, builder.add(row, _i64(e)), _i32), align=1
-                            )
-                            return builder.bitcast(_splat(builder, v, _i32x16), _i8x64)
+                def xdword(row, e):  # 4 activations broadcast to 16 lanes
+                    v = builder.load(_ptr(builder, xqp, builder.add(row, _i64(e)), _i32), align=1)
+                    return builder.bitcast(_splat(builder, v, _i32x16), _i8x64)
 
-                        acc = ir.Constant(_i32x16, None)
-                        for k in range(n_chunks):
-                            if nibble:
-                                acc = builder.call(dpbusd, [acc, lo[k], xdword(4 * k)])
-                                acc = builder.call(dpbusd, [acc, hi[k], xdword(16 + 4 * k)])
-                            else:
-                                acc = builder.call(dpbusd, [acc, chunks[k], xdword(4 * k)])
-                        return acc
-
-                    acc = chain(xrow)
-                    if terms >= 2:  # (sum u q1) * 128 + sum u q2
-                        fine = chain(builder.add(xrow, q2_off_))
-                        acc = builder.add(builder.shl(acc, shift), fine)
-                    if terms == 3:  # sum u q3, at 1/128 of acc's scale
-                        finer = chain(builder.add(xrow, builder.mul(q2_off_, _i64(2))))
-                    # activation scale of this block and the sum of its dequantized activations
-                    ix = builder.add(builder.mul(tok, n_x32), builder.sdiv(e0, _i64(32)))
-                    xd_t = builder.load(builder.gep(xdp, [ix]))
-                    is16 = builder.add(builder.mul(tok, n_x16), builder.sdiv(e0, _i64(16)))
-                    xsum = builder.load(builder.gep(xsp, [is16]))
-                    if blk == 32:
-                        nxt = builder.load(builder.gep(xsp, [builder.add(is16, _i64(1))]))
-                        xsum = builder.fadd(xsum, nxt)
-                    scale = builder.fmul(d, _splat(builder, xd_t, _f32x16))
-                    if terms >= 2:
-                        scale = builder.fmul(scale, unit)
-                    total = builder.load(accs[t])
-                    total = builder.fadd(total, builder.fmul(builder.sitofp(acc, _f32x16), scale))
-                    if terms == 3:
-                        fine_scale = builder.fmul(scale, unit)
-                        total = builder.fadd(
-                            total, builder.fmul(builder.sitofp(finer, _f32x16), fine_scale)
-                        )
-                    total = builder.fadd(total, builder.fmul(m, _splat(builder, xsum, _f32x16)))
-                    builder.store(total, accs[t])
+                # sums[t][g] = sum_e u[r, e] * x[t, e] over the block, in units of the last
+                # term: term by term, (sum u q1) * 128 + sum u q2 as one chain that starts the
+                # second term from the first one shifted. Each 4-activation broadcast serves
+                # the `groups` weight chunks beside it (a broadcast load per vpdpbusd would
+                # hold vpdpbusd to ~1 per cycle instead of ~2), each weight chunk the nt tokens.
+                zero = ir.Constant(_i32x16, None)
+                sums = [[zero] * groups for _ in range(nt)]
+                finer = None  # terms == 3: sum u q3, at 1/128 of the scale of sums
+                for j in range(terms):
+                    if j == 1:
+                        sums = [[builder.shl(a, shift) for a in row] for row in sums]
+                    if j == 2:
+                        finer, sums = sums, [[zero] * groups for _ in range(nt)]
+                    for k in range(n_chunks):
+                        chunks = [_invariant(builder, builder.load(_ptr(
+                            builder, wp, builder.add(base, _i64(64 * k)), _i8x64), align=1))
+                            for base in bases]
+                        if nibble:  # low nibbles: elements 4k.., high nibbles: 16 + 4k..
+                            parts = [([builder.and_(c, low4) for c in chunks], 4 * k),
+                                     ([builder.lshr(c, four) for c in chunks], 16 + 4 * k)]
+                        else:
+                            parts = [(chunks, 4 * k)]
+                        for us, e in parts:
+                            for t in range(nt):
+                                row = (rows[t] if j == 0 else builder.add(
+                                    rows[t], builder.mul(q2_off_, _i64(j))))
+                                x = xdword(row, e)
+                                for g in range(groups):
+                                    sums[t][g] = builder.call(dpbusd, [sums[t][g], us[g], x])
+                for g, base in enumerate(bases):
+                    sbase = builder.add(base, _i64(64 * n_chunks))
+                    d = builder.fpext(builder.load(_ptr(builder, wp, sbase, _f16x16), align=1),
+                                      _f32x16)
+                    m = builder.fpext(builder.load(_ptr(builder, wp, builder.add(
+                        sbase, _i64(32)), _f16x16), align=1), _f32x16)
+                    for t in range(nt):
+                        tok = toks[t]
+                        # activation scale of this block and the sum of its dequantized
+                        # activations
+                        ix = builder.add(builder.mul(tok, n_x32), builder.sdiv(e0, _i64(32)))
+                        xd_t = builder.load(builder.gep(xdp, [ix]))
+                        is16 = builder.add(builder.mul(tok, n_x16), builder.sdiv(e0, _i64(16)))
+                        xsum = builder.load(builder.gep(xsp, [is16]))
+                        if blk == 32:
+                            nxt = builder.load(builder.gep(xsp, [builder.add(is16, _i64(1))]))
+                            xsum = builder.fadd(xsum, nxt)
+                        scale = builder.fmul(d, _splat(builder, xd_t, _f32x16))
+                        if terms >= 2:  # a power of two: exact in any order
+                            scale = builder.fmul(scale, unit)
+                        # two explicit FMAs: the same rounding whatever the tile, so a row's
+                        # output does not depend on the rows beside it (free to reassociate,
+                        # LLVM chose differently for tiles of 1 and of 4)
+                        total = builder.load(accs[t][g])
+                        if terms == 3:  # sums holds the third term; finer the first two
+                            total = builder.call(fma, [builder.sitofp(finer[t][g], _f32x16),
+                                                       scale, total])
+                            total = builder.call(fma, [builder.sitofp(sums[t][g], _f32x16),
+                                                       builder.fmul(scale, unit), total])
+                        else:
+                            total = builder.call(fma, [builder.sitofp(sums[t][g], _f32x16),
+                                                       scale, total])
+                        total = builder.call(fma, [m, _splat(builder, xsum, _f32x16), total])
+                        builder.store(total, accs[t][g])
             # masked store of the first n_valid lanes
-            lanes = ir.Constant(_i32x16, list(range(GROUP)))
-            mask = builder.icmp_unsigned(
-                "<", lanes, _splat(builder, builder.trunc(n_valid_, _i32), _i32x16)
-            )
             mstore = cgutils.get_or_insert_function(
                 mod,
                 ir.FunctionType(
@@ -195,10 +215,16 @@ def _make_group_dot(layout: int, nt: int, terms: int):
                 ),
                 "llvm.masked.store.v16f32.p0",
             )
-            for t in range(nt):
-                o = builder.add(out_off_, builder.mul(_i64(t), n_out_))
-                dst = builder.bitcast(builder.gep(outp, [o]), _f32x16.as_pointer())
-                builder.call(mstore, [builder.load(accs[t]), dst, _i32(4), mask])
+            for g in range(groups):
+                lanes = ir.Constant(_i32x16, list(range(GROUP * g, GROUP * (g + 1))))
+                mask = builder.icmp_signed(
+                    "<", lanes, _splat(builder, builder.trunc(n_valid_, _i32), _i32x16)
+                )
+                for t in range(nt):
+                    o = builder.add(out_off_, builder.add(builder.mul(_i64(t), n_out_),
+                                                          _i64(GROUP * g)))
+                    dst = builder.bitcast(builder.gep(outp, [o]), _f32x16.as_pointer())
+                    builder.call(mstore, [builder.load(accs[t][g]), dst, _i32(4), mask])
             return context.get_dummy_value()
 
         return sig, codegen
@@ -207,7 +233,8 @@ def _make_group_dot(layout: int, nt: int, terms: int):
 
 
 TILE = 4  # tokens per weight load in the prefill kernel
-# one intrinsic per (layout, tile of 1 or TILE tokens, activation terms)
+PAIR = 2  # groups per call: each activation broadcast serves two weight chunks
+# one intrinsic per (layout, tile of 1 or TILE tokens, activation terms, 1 or PAIR groups)
 _dot_n32_t1 = _make_group_dot(LAYOUT_NIBBLE32, 1, 1)
 _dot_n32_t4 = _make_group_dot(LAYOUT_NIBBLE32, TILE, 1)
 _dot_b32_t1 = _make_group_dot(LAYOUT_BYTE32, 1, 1)
@@ -226,11 +253,30 @@ _dot3_b32_t1 = _make_group_dot(LAYOUT_BYTE32, 1, 3)
 _dot3_b32_t4 = _make_group_dot(LAYOUT_BYTE32, TILE, 3)
 _dot3_b16_t1 = _make_group_dot(LAYOUT_BYTE16, 1, 3)
 _dot3_b16_t4 = _make_group_dot(LAYOUT_BYTE16, TILE, 3)
+_pair_n32_t1 = _make_group_dot(LAYOUT_NIBBLE32, 1, 1, PAIR)
+_pair_n32_t4 = _make_group_dot(LAYOUT_NIBBLE32, TILE, 1, PAIR)
+_pair_b32_t1 = _make_group_dot(LAYOUT_BYTE32, 1, 1, PAIR)
+_pair_b32_t4 = _make_group_dot(LAYOUT_BYTE32, TILE, 1, PAIR)
+_pair_b16_t1 = _make_group_dot(LAYOUT_BYTE16, 1, 1, PAIR)
+_pair_b16_t4 = _make_group_dot(LAYOUT_BYTE16, TILE, 1, PAIR)
+_pair2_n32_t1 = _make_group_dot(LAYOUT_NIBBLE32, 1, 2, PAIR)
+_pair2_n32_t4 = _make_group_dot(LAYOUT_NIBBLE32, TILE, 2, PAIR)
+_pair2_b32_t1 = _make_group_dot(LAYOUT_BYTE32, 1, 2, PAIR)
+_pair2_b32_t4 = _make_group_dot(LAYOUT_BYTE32, TILE, 2, PAIR)
+_pair2_b16_t1 = _make_group_dot(LAYOUT_BYTE16, 1, 2, PAIR)
+_pair2_b16_t4 = _make_group_dot(LAYOUT_BYTE16, TILE, 2, PAIR)
+# and tiles of two tokens for the pairs: a decode step of 2 or 3 rows reads the weights once
+_pair_n32_t2 = _make_group_dot(LAYOUT_NIBBLE32, 2, 1, PAIR)
+_pair_b32_t2 = _make_group_dot(LAYOUT_BYTE32, 2, 1, PAIR)
+_pair_b16_t2 = _make_group_dot(LAYOUT_BYTE16, 2, 1, PAIR)
+_pair2_n32_t2 = _make_group_dot(LAYOUT_NIBBLE32, 2, 2, PAIR)
+_pair2_b32_t2 = _make_group_dot(LAYOUT_BYTE32, 2, 2, PAIR)
+_pair2_b16_t2 = _make_group_dot(LAYOUT_BYTE16, 2, 2, PAIR)
 
 
 @njit
 def _dot(layout, terms, tile, w, w_off, xq, xd, xs, t, n_in, q2_off, outf, o, n_out, n_valid):
-    """Dispatch one tile (`tile` = 1 or TILE tokens from t) to its intrinsic."""
+    """Dispatch one tile (`tile` = 1 or TILE tokens from t) of one group to its intrinsic."""
     a = (w, w_off, xq, xd, xs, t, n_in, q2_off, outf, o, n_out, n_valid)
     if terms == 3:  # exact (traced) passes
         if tile == TILE:
@@ -276,20 +322,95 @@ def _dot(layout, terms, tile, w, w_off, xq, xd, xs, t, n_in, q2_off, outf, o, n_
 
 
 @njit
-def _group(w, layout, group_bytes, xq, xd, xs, n_out, outf, g):
-    """Rows 16g..16g+15 for every token: tiles of TILE tokens, then the remainder one by one."""
+def _dot_pair(layout, terms, tile, w, w_off, xq, xd, xs, t, n_in, q2_off, outf, o, n_out,
+              n_valid):
+    """`_dot` for the PAIR groups from w_off (one or two activation terms; tiles of 1, 2 or
+    TILE tokens)."""
+    a = (w, w_off, xq, xd, xs, t, n_in, q2_off, outf, o, n_out, n_valid)
+    if tile == 2:
+        if terms == 1:
+            if layout == LAYOUT_NIBBLE32:
+                _pair_n32_t2(*a)
+            elif layout == LAYOUT_BYTE32:
+                _pair_b32_t2(*a)
+            else:
+                _pair_b16_t2(*a)
+        elif layout == LAYOUT_NIBBLE32:
+            _pair2_n32_t2(*a)
+        elif layout == LAYOUT_BYTE32:
+            _pair2_b32_t2(*a)
+        else:
+            _pair2_b16_t2(*a)
+    elif terms == 1:
+        if tile == TILE:
+            if layout == LAYOUT_NIBBLE32:
+                _pair_n32_t4(*a)
+            elif layout == LAYOUT_BYTE32:
+                _pair_b32_t4(*a)
+            else:
+                _pair_b16_t4(*a)
+        elif layout == LAYOUT_NIBBLE32:
+            _pair_n32_t1(*a)
+        elif layout == LAYOUT_BYTE32:
+            _pair_b32_t1(*a)
+        else:
+            _pair_b16_t1(*a)
+    elif tile == TILE:
+        if layout == LAYOUT_NIBBLE32:
+            _pair2_n32_t4(*a)
+        elif layout == LAYOUT_BYTE32:
+            _pair2_b32_t4(*a)
+        else:
+            _pair2_b16_t4(*a)
+    elif layout == LAYOUT_NIBBLE32:
+        _pair2_n32_t1(*a)
+    elif layout == LAYOUT_BYTE32:
+        _pair2_b32_t1(*a)
+    else:
+        _pair2_b16_t1(*a)
+
+
+@njit
+def _group(w, layout, group_bytes, xq, xd, xs, n_out, outf, g, n_groups):
+    """Rows 16g.. of `n_groups` (1 or PAIR) groups for every token: tiles of TILE tokens,
+    then the remainder (by two for a pair, else one by one)."""
     n_tok = xd.shape[0]
     n_in = xq.shape[1]
     terms = xq.shape[0] // n_tok
     q2_off = n_tok * n_in  # first element of the second term's rows
     w_off = g * group_bytes
-    n_valid = min(GROUP, n_out - g * GROUP)
+    n_valid = min(n_groups * GROUP, n_out - g * GROUP)
+    pair = n_groups == PAIR and terms < 3
     t = 0
     while t < n_tok:
-        tile = TILE if t + TILE <= n_tok else 1
+        if t + TILE <= n_tok:
+            tile = TILE
+        elif pair and t + 2 <= n_tok:
+            tile = 2
+        else:
+            tile = 1
         o = t * n_out + g * GROUP
-        _dot(layout, terms, tile, w, w_off, xq, xd, xs, t, n_in, q2_off, outf, o, n_out, n_valid)
+        if pair:
+            _dot_pair(layout, terms, tile, w, w_off, xq, xd, xs, t, n_in, q2_off, outf, o,
+                      n_out, n_valid)
+        else:  # one group at a time (three terms: too many sums for the registers of two)
+            for i in range(n_groups):
+                _dot(layout, terms, tile, w, w_off + i * group_bytes, xq, xd, xs, t, n_in,
+                     q2_off, outf, o + i * GROUP, n_out, n_valid - i * GROUP)
         t += tile
+
+
+@njit(inline="always")
+def _all_groups(w, layout, block_bytes, xq, xd, xs, n_out, out):
+    """Every pair of groups, as a prange: parallel in a parallel function (its body is
+    inlined, so a fused layer's own parallel regions run it, kernels/decode_layer.py), a
+    plain loop in a serial one."""
+    group_bytes = block_bytes * (xq.shape[1] // LAYOUT_BLK[layout])
+    outf = out.reshape(-1)
+    n_groups = (n_out + GROUP - 1) // GROUP
+    for p in prange((n_groups + PAIR - 1) // PAIR):
+        g = PAIR * p
+        _group(w, layout, group_bytes, xq, xd, xs, n_out, outf, g, min(PAIR, n_groups - g))
 
 
 @pnjit
@@ -297,30 +418,24 @@ def qmatmul_vnni(w, layout, block_bytes, xq, xd, xs, n_out, out):
     """out (n_tok, n_out) = x @ W.T for a packed W and quantized x (see kernels.qmatmul).
 
     w: uint8 group stream; xq (terms * n_tok, n_in) int8; xd (n_tok, n_in/32),
-    xs (n_tok, n_in/16). Groups of 16 rows are shared out between the threads.
+    xs (n_tok, n_in/16). Pairs of groups of 16 rows are shared out between the threads.
     """
-    group_bytes = block_bytes * (xq.shape[1] // LAYOUT_BLK[layout])
-    outf = out.reshape(-1)
-    for g in prange((n_out + GROUP - 1) // GROUP):
-        _group(w, layout, group_bytes, xq, xd, xs, n_out, outf, g)
+    _all_groups(w, layout, block_bytes, xq, xd, xs, n_out, out)
 
 
 @njit
 def qmatmul_vnni_serial(w, layout, block_bytes, xq, xd, xs, n_out, out):
     """`qmatmul_vnni` on the calling thread: for small matrices, where waking the other
     threads (~3 us) costs more than it saves."""
-    group_bytes = block_bytes * (xq.shape[1] // LAYOUT_BLK[layout])
-    outf = out.reshape(-1)
-    for g in range((n_out + GROUP - 1) // GROUP):
-        _group(w, layout, group_bytes, xq, xd, xs, n_out, outf, g)
+    _all_groups(w, layout, block_bytes, xq, xd, xs, n_out, out)
 
 
-@njit
+@pnjit(inline="always")
 def linear(x, w, layout, block_bytes, n_out, terms, out):
     """out (n, n_out) = x (n, n_in) float32 @ W.T for a packed W: the activations quantized to
     `terms` terms, then the kernel on all threads, or on this one for small products where
     waking the others costs more than it saves. What `kernels.qmatmul.matmul` runs here, and
-    what `kernels.decode_layer` calls inside a layer."""
+    what `kernels.decode_layer` inlines into a layer."""
     n, n_in = x.shape
     xq = np.empty((terms * n, n_in), np.int8)  # term k of token t is row k*n + t
     xd = np.empty((n, n_in // 32), np.float32)
@@ -329,4 +444,4 @@ def linear(x, w, layout, block_bytes, n_out, terms, out):
     if terms * n * w.size < SERIAL_BYTES:
         qmatmul_vnni_serial(w, layout, block_bytes, xq, xd, xs, n_out, out)
     else:
-        qmatmul_vnni(w, layout, block_bytes, xq, xd, xs, n_out, out)
+        _all_groups(w, layout, block_bytes, xq, xd, xs, n_out, out)

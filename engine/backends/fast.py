@@ -265,9 +265,11 @@ class FastBackend:
                                                  batch.row_seq, batch.positions, int(window),
                                                  float(scale), float(softcap), out)
             return out
-        attn_kernels.paged_attention(q, kv.k[layer], kv.v[layer], batch.block_tables,
-                                     batch.row_seq, batch.positions, int(window), float(scale),
-                                     out)
+        # many rows (prefill): the same numbers per row, a faster value pass
+        kernel = (attn_kernels.paged_attention_prefill if n >= attn_kernels.PREFILL_ROWS
+                  else attn_kernels.paged_attention)
+        kernel(q, kv.k[layer], kv.v[layer], batch.block_tables, batch.row_seq,
+               batch.positions, int(window), float(scale), out)
         return out
 
     # -- a layer per call (kernels/decode_layer.py, AVX-512 VNNI only) ---------------------

@@ -50,6 +50,25 @@ def test_paged_attention_rows(window):
     np.testing.assert_allclose(batched, ref, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("hd", [256, 64, 80])  # 80: no register-held value pass, the loops
+@pytest.mark.parametrize("window", [0, 20])
+def test_paged_attention_prefill_is_the_decode_kernel(window, hd):
+    """The prefill kernel gives every row the very numbers of `paged_attention` (so a prompt's
+    result does not depend on how it was chunked, nor on which kernel ran each chunk)."""
+    n_kv, group = 1, 4
+    k_cache, v_cache = randn(n_kv, 24 * BLOCK, hd), randn(n_kv, 24 * BLOCK, hd)
+    tables = RNG.permutation(24).astype(np.int32).reshape(2, 12)
+    row_seq = np.array([0] * 40 + [1] * 3, np.int32)  # a prefill chunk, and a short one
+    positions = np.concatenate([np.arange(150, 190), np.arange(7, 10)])
+    q = randn(len(positions), n_kv * group, hd)
+    outs = []
+    for kernel in (attention.paged_attention, attention.paged_attention_prefill):
+        out = np.empty((len(q), n_kv * group * hd), np.float32)
+        kernel(q, k_cache, v_cache, tables, row_seq, positions, window, 0.0625, out)
+        outs.append(out)
+    np.testing.assert_array_equal(outs[1], outs[0])
+
+
 def test_exp_matches_numpy():
     x = np.linspace(-80, 0, 20001, dtype=np.float32)
     scores = x.reshape(1, -1).copy()
@@ -130,10 +149,11 @@ ISAS = ["generic"] + (["vnni", "vnni-serial"] if jit.HAS_AVX512_VNNI else [])
 
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("qtype", [Q.Q4_1, Q.Q8_0, Q.Q6_K], ids=["Q4_1", "Q8_0", "Q6_K"])
-@pytest.mark.parametrize("n", [8, 5])  # 5: a tile of four tokens and one on its own
+@pytest.mark.parametrize("n", [8, 5, 6, 3])  # VNNI tiles: 4+4, 4+1, 4+2, 2+1 tokens
 def test_matmul_rows(isa, qtype, n):
-    """Eight decode rows in one matmul (VNNI: two tiles of four tokens) give each row what a
-    one-row matmul (a matvec) gives, for every layout."""
+    """Decode rows in one matmul (VNNI: tiles of four, two and one tokens; 80 rows = two
+    pairs of groups and one group alone) give each row what a one-row matmul (a matvec)
+    gives, for every layout."""
     w = repack(random_tensor(qtype, (80, 256), seed=3), qtype, (80, 256))
     x = randn(n, 256)
     batched = qmatmul.matmul(x, w, isa=isa)
