@@ -216,44 +216,6 @@ def _weighted_values(weights, vc, table, lo, acc):
         j += run
 
 
-@njit(error_model="numpy")
-def _attention_job(q, k_cache, v_cache, block_tables, row_seq, positions, window, scale, out,
-                   job, prefill):
-    """Job `job` = (query row, kv head) of `paged_attention`: its `group` query heads."""
-    n_head, hd = q.shape[1], q.shape[2]
-    n_kv = k_cache.shape[0]
-    group = n_head // n_kv
-    t, kv = job // n_kv, job % n_kv
-    p = positions[t]
-    lo = max(0, p - window + 1) if window > 0 else 0
-    n_keys = p + 1 - lo
-    table = block_tables[row_seq[t]]
-    scores = np.empty((group, n_keys), np.float32)
-    total = np.empty(group, np.float32)
-    acc = np.empty((group, hd), np.float32)
-    _scores(q[t, kv * group:(kv + 1) * group], k_cache[kv], table, lo, n_keys, scale, scores)
-    _softmax(scores, total)
-    if prefill:  # the same sums, held in registers (paged_attention_prefill)
-        _weighted_values_prefill(scores, v_cache[kv], table, lo, acc)
-    else:
-        _weighted_values(scores, v_cache[kv], table, lo, acc)
-    for g in range(group):
-        inv = np.float32(1) / total[g]
-        h = kv * group + g
-        for e in range(hd):
-            out[t, h * hd + e] = acc[g, e] * inv
-
-
-@njit(inline="always")
-def _attention_jobs(q, k_cache, v_cache, block_tables, row_seq, positions, window, scale, out,
-                    prefill):
-    """Every job, as a prange (parallel where a parallel function inlines this: the two
-    kernels below, and kernels/decode_layer.py's layers)."""
-    for job in prange(q.shape[0] * k_cache.shape[0]):
-        _attention_job(q, k_cache, v_cache, block_tables, row_seq, positions, window, scale,
-                       out, job, prefill)
-
-
 @pnjit(error_model="numpy")
 def paged_attention(q, k_cache, v_cache, block_tables, row_seq, positions, window, scale, out):
     """Numba twin of `paged_attention_ref`, writing out (n, n_head * hd).
@@ -265,8 +227,27 @@ def paged_attention(q, k_cache, v_cache, block_tables, row_seq, positions, windo
     sequence's output does not depend on which sequences share its forward pass, nor on how
     its prompt was chunked.
     """
-    _attention_jobs(q, k_cache, v_cache, block_tables, row_seq, positions, window, scale, out,
-                    False)
+    n, n_head, hd = q.shape
+    n_kv = k_cache.shape[0]
+    group = n_head // n_kv
+    for job in prange(n * n_kv):
+        t, kv = job // n_kv, job % n_kv
+        p = positions[t]
+        lo = max(0, p - window + 1) if window > 0 else 0
+        n_keys = p + 1 - lo
+        table = block_tables[row_seq[t]]
+        scores = np.empty((group, n_keys), np.float32)
+        total = np.empty(group, np.float32)
+        acc = np.empty((group, hd), np.float32)
+        _scores(q[t, kv * group:(kv + 1) * group], k_cache[kv], table, lo, n_keys, scale,
+                scores)
+        _softmax(scores, total)
+        _weighted_values(scores, v_cache[kv], table, lo, acc)
+        for g in range(group):
+            inv = np.float32(1) / total[g]
+            h = kv * group + g
+            for e in range(hd):
+                out[t, h * hd + e] = acc[g, e] * inv
 
 
 @pnjit
@@ -489,8 +470,34 @@ def paged_attention_prefill(q, k_cache, v_cache, block_tables, row_seq, position
     """`paged_attention` for many rows (prefill), bit for bit the same numbers per row: the
     value pass is `_weighted_values_prefill`. Separate so that the decode kernel stays as it
     is; `FastBackend.attention` picks this one from PREFILL_ROWS rows."""
-    _attention_jobs(q, k_cache, v_cache, block_tables, row_seq, positions, window, scale, out,
-                    True)
+    _prefill_jobs(q, k_cache, v_cache, block_tables, row_seq, positions, window, scale, out)
+
+
+@njit(inline="always", error_model="numpy")
+def _prefill_jobs(q, k_cache, v_cache, block_tables, row_seq, positions, window, scale, out):
+    """The body of `paged_attention_prefill`, inlined where it is called: a parallel loop of
+    the caller's own (kernels/decode_layer.py runs every row of a layer through it)."""
+    n, n_head, hd = q.shape
+    n_kv = k_cache.shape[0]
+    group = n_head // n_kv
+    for job in prange(n * n_kv):
+        t, kv = job // n_kv, job % n_kv
+        p = positions[t]
+        lo = max(0, p - window + 1) if window > 0 else 0
+        n_keys = p + 1 - lo
+        table = block_tables[row_seq[t]]
+        scores = np.empty((group, n_keys), np.float32)
+        total = np.empty(group, np.float32)
+        acc = np.empty((group, hd), np.float32)
+        _scores(q[t, kv * group:(kv + 1) * group], k_cache[kv], table, lo, n_keys, scale,
+                scores)
+        _softmax(scores, total)
+        _weighted_values_prefill(scores, v_cache[kv], table, lo, acc)
+        for g in range(group):
+            inv = np.float32(1) / total[g]
+            h = kv * group + g
+            for e in range(hd):
+                out[t, h * hd + e] = acc[g, e] * inv
 
 
 PREFILL_ROWS = 16  # rows from which FastBackend.attention uses paged_attention_prefill

@@ -36,13 +36,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from kernels.attention import (
-    PREFILL_ROWS,
-    _attention_jobs,
-    kv_store,
-    kv_store_ref,
-    paged_attention_ref,
-)
+from kernels.attention import _prefill_jobs, kv_store, kv_store_ref, paged_attention_ref
 from kernels.jit import njit, pnjit
 from kernels.norms import (
     gelu_gate,
@@ -163,10 +157,11 @@ def decoder_layer(x, weights, meta, attn_norm, ffn_norm, q_norm, k_norm, post_at
     rope(k, table, neox, k_rot)
     kv_store(k_cache, v_cache, slots, k_rot, v)
     att = np.empty((n, qd), np.float32)
-    # FastBackend.attention's choice of kernel, inlined (the parallel loops must be this
-    # function's own: a cached function that calls another parallel one crashed on loading)
-    _attention_jobs(q_rot, k_cache, v_cache, block_tables, row_seq, positions, window, scale,
-                    att, n >= PREFILL_ROWS)
+    # paged_attention_prefill's body, inlined, for every row (one kernel, so a row's numbers do
+    # not depend on how many share the pass; and the parallel loop must be this function's
+    # own: a cached function that called another parallel one crashed when loaded)
+    _prefill_jobs(q_rot, k_cache, v_cache, block_tables, row_seq, positions, window, scale,
+                  att)
     o = np.empty((n, dim), np.float32)
     _linears(att, weights, meta, O, O, terms, o)
     if post_attn_norm.size > 0:
