@@ -470,6 +470,13 @@ def paged_attention_prefill(q, k_cache, v_cache, block_tables, row_seq, position
     """`paged_attention` for many rows (prefill), bit for bit the same numbers per row: the
     value pass is `_weighted_values_prefill`. Separate so that the decode kernel stays as it
     is; `FastBackend.attention` picks this one from PREFILL_ROWS rows."""
+    _prefill_jobs(q, k_cache, v_cache, block_tables, row_seq, positions, window, scale, out)
+
+
+@njit(inline="always", error_model="numpy")
+def _prefill_jobs(q, k_cache, v_cache, block_tables, row_seq, positions, window, scale, out):
+    """The body of `paged_attention_prefill`, inlined where it is called: a parallel loop of
+    the caller's own (kernels/decode_layer.py runs every row of a layer through it)."""
     n, n_head, hd = q.shape
     n_kv = k_cache.shape[0]
     group = n_head // n_kv

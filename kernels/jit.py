@@ -12,6 +12,7 @@ import logging
 import os
 
 import numba
+import numba.core.caching
 
 log = logging.getLogger(__name__)
 
@@ -19,12 +20,61 @@ log = logging.getLogger(__name__)
 # keep NaN/Inf semantics so a bad activation still shows up as NaN rather than garbage.
 FASTMATH = {"contract", "reassoc", "nsz", "arcp"}
 
+# --- caches that know what they call ------------------------------------------------------------
+# Numba checks a cached function against its own source file only: a kernel that compiles in
+# kernels of other files (kernels/decode_layer.py; kernels/vnni.py's `linear` and constants)
+# would keep its compiled copy of them after they change, and run stale (seen here: a segfault
+# after an edit of kernels/vnni.py). A module listed in CACHE_DEPENDS is stamped with every
+# kernels/*.py file as well, so that any change there recompiles it.
+CACHE_DEPENDS = {"kernels.decode_layer", "kernels.vnni"}
+
+
+class _DependentSourceLocator(numba.core.caching._CacheLocator):
+    """Numba's own choice of cache directory, with a source stamp that covers kernels/."""
+
+    def __init__(self, inner):
+        self._inner = inner
+
+    def ensure_cache_path(self):
+        self._inner.ensure_cache_path()
+
+    def get_cache_path(self):
+        return self._inner.get_cache_path()
+
+    def get_disambiguator(self):
+        return self._inner.get_disambiguator()
+
+    def get_source_stamp(self):
+        here = os.path.dirname(os.path.abspath(__file__))
+        files = sorted(f for f in os.listdir(here) if f.endswith(".py"))
+        stamps = [(f, os.stat(os.path.join(here, f)).st_mtime_ns,
+                   os.stat(os.path.join(here, f)).st_size) for f in files]
+        return self._inner.get_source_stamp(), tuple(stamps)
+
+    @classmethod
+    def from_function(cls, py_func, py_file):
+        if py_func.__module__ not in CACHE_DEPENDS:
+            return None
+        for locator in numba.core.caching.CacheImpl._locator_classes:
+            if locator is not cls:
+                inner = locator.from_function(py_func, py_file)
+                if inner is not None:
+                    return cls(inner)
+        return None
+
+
+if _DependentSourceLocator not in numba.core.caching.CacheImpl._locator_classes:
+    numba.core.caching.CacheImpl._locator_classes.insert(0, _DependentSourceLocator)
+
 njit = functools.partial(numba.njit, cache=True, fastmath=FASTMATH, nogil=True)
 pnjit = functools.partial(numba.njit, cache=True, fastmath=FASTMATH, nogil=True, parallel=True)
 # No fastmath, for kernels whose rounding decisions must match their NumPy twin bit for bit
-# (`arcp` alone turns x * (1 / d) into x / d, which moves a rounding tie).
-njit_strict = functools.partial(numba.njit, cache=True, nogil=True)
-pnjit_strict = functools.partial(numba.njit, cache=True, nogil=True, parallel=True)
+# (`arcp` alone turns x * (1 / d) into x / d, which moves a rounding tie). Said explicitly:
+# a callee that leaves fastmath unset inherits its caller's when compiled for it (Numba's
+# flag inheritance), and a strict kernel called from a fastmath one would lose its rounding.
+njit_strict = functools.partial(numba.njit, cache=True, nogil=True, fastmath=False)
+pnjit_strict = functools.partial(numba.njit, cache=True, nogil=True, parallel=True,
+                                 fastmath=False)
 
 
 def cpu_flags() -> set[str]:

@@ -209,6 +209,22 @@ def quantize_activations_parallel(x, xq, xd, xs):
         _quantize_rows(x, xq, xd, xs, 16 * c, min(n, 16 * c + 16))
 
 
+PARALLEL_ROWS = 32  # from this many tokens on, quantize them on all threads
+
+
+@jit.njit_strict(inline="always")
+def quantize_activations_auto(x, xq, xd, xs):
+    """`quantize_activations`, on all threads for PARALLEL_ROWS tokens or more (its prange
+    runs in parallel where a parallel function inlines it, e.g. `kernels.vnni.linear`). Only
+    the loop is inlined: the rounding stays in `_quantize_rows`, compiled strict."""
+    n = x.shape[0]
+    if n >= PARALLEL_ROWS:
+        for c in prange((n + 15) // 16):
+            _quantize_rows(x, xq, xd, xs, 16 * c, min(n, 16 * c + 16))
+    else:
+        _quantize_rows(x, xq, xd, xs, 0, n)
+
+
 # --- portable fallback over the packed layout ----------------------------------------------------
 
 
@@ -301,14 +317,16 @@ def matmul(x: np.ndarray, w: PackedWeight, out: np.ndarray | None = None, isa: s
         return np.matmul(x, w.dense.T, out=out)
     if terms not in (1, 2, 3):
         raise ValueError(f"terms must be 1, 2 or 3, not {terms}")
+    if isa is None:
+        isa = jit.ISA
+        if isa == "vnni":  # quantize + the kernel on as many threads as pay, in one call
+            _load_kernel("vnni")
+            _KERNELS["linear"](x, w.data, w.layout, w.block_bytes, w.n_out, terms, out)
+            return out
     xq = np.empty((terms * n, n_in), np.int8)  # term k of token t is row k*n + t
     xd = np.empty((n, n_in // 32), np.float32)
     xs = np.empty((n, n_in // 16), np.float32)
-    (quantize_activations_parallel if n >= 32 else quantize_activations)(x, xq, xd, xs)
-    if isa is None:
-        isa = jit.ISA
-        if isa == "vnni" and terms * n * w.data.size < SERIAL_BYTES:
-            isa = "vnni-serial"
+    (quantize_activations_parallel if n >= PARALLEL_ROWS else quantize_activations)(x, xq, xd, xs)
     kernel = _KERNELS.get(isa) or _load_kernel(isa)
     kernel(w.data, w.layout, w.block_bytes, xq, xd, xs, w.n_out, out)
     return out
@@ -374,7 +392,7 @@ def _load_kernel(isa: str):
     """The VNNI module is imported on first use (its intrinsics only compile on such CPUs)."""
     if isa not in ("vnni", "vnni-serial"):
         raise ValueError(f"unknown isa {isa!r}")
-    from kernels.vnni import qmatmul_vnni, qmatmul_vnni_serial
+    from kernels.vnni import linear, qmatmul_vnni, qmatmul_vnni_serial
 
-    _KERNELS.update({"vnni": qmatmul_vnni, "vnni-serial": qmatmul_vnni_serial})
+    _KERNELS.update({"vnni": qmatmul_vnni, "vnni-serial": qmatmul_vnni_serial, "linear": linear})
     return _KERNELS[isa]

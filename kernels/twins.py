@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kernels import attention, jit, mask, norms, qmatmul, strings, vnni
+from kernels import attention, decode_layer, jit, mask, norms, qmatmul, strings, vnni
 from kernels.qpack import SPLIT, repack, unpack_ref
 from kernels.testing import random_tensor
 
@@ -260,6 +260,57 @@ def _matmul_scale(x, w, terms):
     return np.abs(x) @ np.abs(unpack_ref(w)).T
 
 
+def _linear_cases():
+    return {name: args for name, args in _matmul_cases().items() if "n=37" not in name}
+
+
+def _linear_run(kernel, args, want):
+    """`vnni.linear` quantizes x itself."""
+    x, w, terms = args
+    out = np.full_like(want, np.nan)
+    kernel(x, w.data, w.layout, w.block_bytes, w.n_out, terms, out)
+    return out
+
+
+def _decoder_layer_cases():
+    """A llama layer (SiLU, no extra norms) and a gemma3 one (GELU, per-head and post norms,
+    NeoX RoPE, a window of 4): 3 sequences of 1, 2 and 5 rows over their cached positions."""
+    from gguf.constants import GGMLQuantizationType as Q
+
+    rng = np.random.default_rng(5)
+    dim, n_heads, n_kv, hd, ffn = 64, 4, 2, 16, 96
+    qd, kvd = n_heads * hd, n_kv * hd
+    shapes = {decode_layer.Q: (qd + 2 * kvd, dim), decode_layer.O: (dim, qd),
+              decode_layer.GATE: (2 * ffn, dim), decode_layer.DOWN: (dim, ffn)}
+    weights, meta = [np.zeros(0, np.uint8)] * 7, np.zeros((7, 3), np.int64)
+    for slot, shape in shapes.items():
+        w = repack(random_tensor(Q.Q8_0, shape, seed=slot), Q.Q8_0, shape)
+        weights[slot], meta[slot] = w.data, (w.layout, w.block_bytes, w.n_out)
+    starts, lengths = np.array([3, 0, 6]), np.array([1, 2, 5])  # positions already cached
+    positions = np.concatenate([np.arange(a, a + n) for a, n in zip(starts, lengths)])
+    row_seq = np.repeat(np.arange(3, dtype=np.int32), lengths)
+    tables = np.arange(6, dtype=np.int32).reshape(3, 2)  # 2 blocks of 16 per sequence
+    slots = (tables[row_seq, positions // 16] * 16 + positions % 16).astype(np.int64)
+    table = norms.rope_table_ref(positions, norms.rope_inv_freq(10000.0, hd)).astype(np.float32)
+    none = np.zeros(0, np.float32)
+    cases = {}
+    for name, gelu, extra, neox, window in (("llama", False, False, False, 0),
+                                            ("gemma3", True, True, True, 4)):
+        hd_norm, dim_norm = (_randn(rng, hd), _randn(rng, dim)) if extra else (none, none)
+        caches = _randn(rng, n_kv, 6 * 16, hd), _randn(rng, n_kv, 6 * 16, hd)
+        cases[name] = (_randn(rng, len(positions), dim), tuple(weights), meta,
+                       _randn(rng, dim), _randn(rng, dim), hd_norm, hd_norm * 0.5, dim_norm,
+                       dim_norm * 2, np.array([n_heads, n_kv, hd, ffn], np.int64), 1e-6, gelu,
+                       neox, table, *caches, slots, tables, row_seq, positions.astype(np.int64),
+                       window, 0.25, 2)
+    return cases
+
+
+def _layer_after(fn, args, want=None):
+    """The layer's output and the caches it wrote, run on copies of the caches."""
+    args = list(args)
+    args[14], args[15] = args[14].copy(), args[15].copy()
+    return fn(*args), args[14], args[15]
 # --- GGUF string arrays ------------------------------------------------------------------------
 
 
@@ -330,4 +381,10 @@ TWINS: dict[Callable, Twin] = {
     vnni.qmatmul_vnni: Twin(qmatmul.matmul_ref, **_MATMUL, available=jit.HAS_AVX512_VNNI),
     vnni.qmatmul_vnni_serial: Twin(qmatmul.matmul_ref, **_MATMUL,
                                    available=jit.HAS_AVX512_VNNI),
+    qmatmul.quantize_activations_auto: Twin(qmatmul.quantize_activations_ref, **_QUANTIZE),
+    vnni.linear: Twin(qmatmul.matmul_ref, _linear_cases, rtol=1e-5, atol=1e-6,
+                      scale=_matmul_scale, run=_linear_run, available=jit.HAS_AVX512_VNNI),
+    decode_layer.decoder_layer: Twin(decode_layer.decoder_layer_ref, _decoder_layer_cases,
+                                     rtol=1e-3, atol=1e-3, run=_layer_after,
+                                     run_ref=_layer_after, available=jit.HAS_AVX512_VNNI),
 }

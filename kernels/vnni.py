@@ -21,13 +21,14 @@ generator if it sat in another file.
 
 from __future__ import annotations
 
+import numpy as np
 from llvmlite import ir
 from numba import prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
 from kernels.jit import njit, pnjit
-from kernels.qmatmul import FINE_BITS
+from kernels.qmatmul import FINE_BITS, SERIAL_BYTES, quantize_activations_auto
 from kernels.qpack import (
     GROUP,
     LAYOUT_BLK,
@@ -399,13 +400,11 @@ def _group(w, layout, group_bytes, xq, xd, xs, n_out, outf, g, n_groups):
         t += tile
 
 
-@pnjit
-def qmatmul_vnni(w, layout, block_bytes, xq, xd, xs, n_out, out):
-    """out (n_tok, n_out) = x @ W.T for a packed W and quantized x (see kernels.qmatmul).
-
-    w: uint8 group stream; xq (terms * n_tok, n_in) int8; xd (n_tok, n_in/32),
-    xs (n_tok, n_in/16). Pairs of groups of 16 rows are shared out between the threads.
-    """
+@njit(inline="always")
+def _all_groups(w, layout, block_bytes, xq, xd, xs, n_out, out):
+    """Every pair of groups, as a prange: parallel in a parallel function (its body is
+    inlined, so a fused layer's own parallel regions run it, kernels/decode_layer.py), a
+    plain loop in a serial one."""
     group_bytes = block_bytes * (xq.shape[1] // LAYOUT_BLK[layout])
     outf = out.reshape(-1)
     n_groups = (n_out + GROUP - 1) // GROUP
@@ -414,13 +413,35 @@ def qmatmul_vnni(w, layout, block_bytes, xq, xd, xs, n_out, out):
         _group(w, layout, group_bytes, xq, xd, xs, n_out, outf, g, min(PAIR, n_groups - g))
 
 
+@pnjit
+def qmatmul_vnni(w, layout, block_bytes, xq, xd, xs, n_out, out):
+    """out (n_tok, n_out) = x @ W.T for a packed W and quantized x (see kernels.qmatmul).
+
+    w: uint8 group stream; xq (terms * n_tok, n_in) int8; xd (n_tok, n_in/32),
+    xs (n_tok, n_in/16). Pairs of groups of 16 rows are shared out between the threads.
+    """
+    _all_groups(w, layout, block_bytes, xq, xd, xs, n_out, out)
+
+
 @njit
 def qmatmul_vnni_serial(w, layout, block_bytes, xq, xd, xs, n_out, out):
     """`qmatmul_vnni` on the calling thread: for small matrices, where waking the other
     threads (~3 us) costs more than it saves."""
-    group_bytes = block_bytes * (xq.shape[1] // LAYOUT_BLK[layout])
-    outf = out.reshape(-1)
-    n_groups = (n_out + GROUP - 1) // GROUP
-    for p in range((n_groups + PAIR - 1) // PAIR):
-        g = PAIR * p
-        _group(w, layout, group_bytes, xq, xd, xs, n_out, outf, g, min(PAIR, n_groups - g))
+    _all_groups(w, layout, block_bytes, xq, xd, xs, n_out, out)
+
+
+@pnjit(inline="always")
+def linear(x, w, layout, block_bytes, n_out, terms, out):
+    """out (n, n_out) = x (n, n_in) float32 @ W.T for a packed W: the activations quantized to
+    `terms` terms, then the kernel on all threads, or on this one for small products where
+    waking the others costs more than it saves. What `kernels.qmatmul.matmul` runs here, and
+    what `kernels.decode_layer` inlines into a layer."""
+    n, n_in = x.shape
+    xq = np.empty((terms * n, n_in), np.int8)  # term k of token t is row k*n + t
+    xd = np.empty((n, n_in // 32), np.float32)
+    xs = np.empty((n, n_in // 16), np.float32)
+    quantize_activations_auto(x, xq, xd, xs)
+    if terms * n * w.size < SERIAL_BYTES:
+        qmatmul_vnni_serial(w, layout, block_bytes, xq, xd, xs, n_out, out)
+    else:
+        _all_groups(w, layout, block_bytes, xq, xd, xs, n_out, out)

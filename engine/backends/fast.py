@@ -69,6 +69,48 @@ class FusedWeight:
         return [self.stacked] if self.stacked is not None else self.parts
 
 
+class FusedLayer:
+    """A `LayerSpec` (engine/models/llama.py) as `kernels.decode_layer.decoder_layer`'s
+    arguments: the seven weight slots' streams and (layout, block bytes, n_out) each, and the
+    norm weights (empty where the model has none)."""
+
+    NO_WEIGHT = np.zeros(0, np.uint8)
+    NO_NORM = np.zeros(0, np.float32)
+
+    def __init__(self, spec):
+        from kernels import decode_layer as dl
+
+        self.weights = [self.NO_WEIGHT] * 7
+        self.meta = np.zeros((7, 3), np.int64)
+        for first, prepared in ((dl.Q, spec.qkv), (dl.O, spec.attn_output),
+                                (dl.GATE, spec.gate_up), (dl.DOWN, spec.down)):
+            parts = _packed_parts(prepared)
+            if parts is None:
+                raise ValueError("a dense matrix")
+            for slot, w in enumerate(parts, first):
+                self.weights[slot] = w.data
+                self.meta[slot] = (w.layout, w.block_bytes, w.n_out)
+        self.weights = tuple(self.weights)
+
+        def norm(v):
+            return self.NO_NORM if v is None else np.ascontiguousarray(v, np.float32)
+
+        self.norms = tuple(norm(v) for v in (spec.attn_norm, spec.ffn_norm, spec.q_norm,
+                                             spec.k_norm, spec.post_attention_norm,
+                                             spec.post_ffw_norm))
+        self.shape = np.array(spec.shape, np.int64)  # heads, kv heads, head_dim, ffn_dim
+        self.spec = spec
+
+
+def _packed_parts(prepared) -> list[PackedWeight] | None:
+    """The packed matrices of a prepared weight, in order, or None if one is dense."""
+    if isinstance(prepared, FusedWeight):
+        parts = [prepared.stacked] if prepared.stacked is not None else prepared.parts
+    else:
+        parts = [prepared]
+    return None if any(p.data is None for p in parts) else parts
+
+
 class FastBackend:
     name = "fast"
     # 8-bit terms per activation block in `linear` (kernels.qmatmul): 2 is float-like, 1 is
@@ -229,6 +271,37 @@ class FastBackend:
         kernel(q, kv.k[layer], kv.v[layer], batch.block_tables, batch.row_seq,
                batch.positions, int(window), float(scale), out)
         return out
+
+    # -- a layer per call (kernels/decode_layer.py, AVX-512 VNNI only) ---------------------
+
+    def fuse_layer(self, spec) -> FusedLayer | None:
+        """`spec` (engine.models.llama.LayerSpec) ready for `decoder_layer`, or None where
+        this CPU or these weights have no fused path (the model then runs op by op)."""
+        if not jit.HAS_AVX512_VNNI:
+            return None
+        try:
+            return FusedLayer(spec)
+        except ValueError:  # a dense (float) matrix among them
+            return None
+
+    def runs_fused(self, batch) -> bool:
+        """Whether an untraced pass runs fused layers: whenever VNNI is the selected path (so
+        that no sequence meets both paths, see kernels/decode_layer.py), and never inside
+        `exact()`, whose products the fused layer does not run."""
+        return jit.ISA == "vnni" and not self.exact_mode
+
+    def decoder_layer(self, fused: FusedLayer, x: np.ndarray, batch, layer: int,
+                      tables: dict) -> np.ndarray:
+        """Layer `layer` of an untraced pass in one call: x (n, dim) -> (n, dim)."""
+        from kernels.decode_layer import decoder_layer
+
+        spec, kv = fused.spec, batch.kv
+        return decoder_layer(
+            np.ascontiguousarray(x, np.float32), fused.weights, fused.meta, *fused.norms,
+            fused.shape, float(spec.eps), bool(spec.gelu), bool(spec.rope.neox),
+            tables[spec.rope], kv.k[layer], kv.v[layer], batch.slots, batch.block_tables,
+            batch.row_seq, batch.positions, int(spec.window), float(spec.scale),
+            int(self.act_terms))
 
     def silu_gate(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
         """SwiGLU: silu(gate) * up, (n, ffn) float32."""

@@ -76,6 +76,13 @@ class ReferenceBackend:
                                                 batch.row_seq, batch.positions, window, scale,
                                                 softcap)
 
+    def fuse_layer(self, spec):
+        """No fused layers here: the reference runs the model's code op by op."""
+        return None
+
+    def runs_fused(self, batch) -> bool:
+        return False
+
     def silu_gate(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
         """SwiGLU, silu(gate) * up: `kernels.norms.silu_gate_ref`."""
         return norms.silu_gate_ref(gate, up)

@@ -57,6 +57,18 @@ class Model(llama.Model):
         x = super().embed(ids)  # (n, dim)
         return x * np.float32(math.sqrt(self.args.dim))
 
+    def layer_spec(self, i: int, layer) -> llama.LayerSpec | None:
+        if not llama.runs_own(self, Model, ("attention_block", "ffn_block", "qkv")):
+            return None  # gemma2's soft-capping
+        a = self.args
+        sliding = a.is_sliding(i)
+        return llama.LayerSpec(
+            layer.attn_qkv, layer.attn_output, layer.ffn_gate_up, layer.ffn_down,
+            layer.attn_norm, layer.ffn_norm, LOCAL_ROPE if sliding else self.rope,
+            a.sliding_window if sliding else 0, 1.0 / math.sqrt(a.head_dim), a.norm_eps,
+            a.layer_shape(), gelu=True, q_norm=layer.attn_q_norm, k_norm=layer.attn_k_norm,
+            post_attention_norm=layer.post_attention_norm, post_ffw_norm=layer.post_ffw_norm)
+
     def ropes(self) -> tuple[Rope, ...]:
         return (LOCAL_ROPE, self.rope)  # sliding layers, global ones
 

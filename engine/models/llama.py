@@ -47,6 +47,9 @@ class ModelArgs:
     rope_neox: bool = False  # llama in GGUF rotates adjacent pairs
     sliding_window: int = 0  # every layer attends to this many positions (0: all; Mistral)
 
+    def layer_shape(self) -> tuple[int, int, int, int]:
+        return self.n_heads, self.n_kv_heads, self.head_dim, self.ffn_dim
+
     @classmethod
     def from_gguf(cls, gf: GGUFFile) -> ModelArgs:
         dim = int(gf.arch("embedding_length"))
@@ -98,6 +101,36 @@ class Layer:
             setattr(self, name, dequantize(t.data, t.qtype, t.shape).reshape(-1))
 
 
+@dataclass(frozen=True, eq=False)
+class LayerSpec:
+    """One layer as `backend.fuse_layer` reads it, to run a pass a layer per call:
+    llama's maths (`attention_block`, `ffn_block` below), with what gemma3 adds. The
+    prepared weights are the layer's own (nothing is copied)."""
+
+    qkv: object  # q|k|v as `backend.prepare_many` made it
+    attn_output: object
+    gate_up: object  # gate|up as `backend.prepare_many` made it
+    down: object
+    attn_norm: np.ndarray  # (dim,)
+    ffn_norm: np.ndarray
+    rope: Rope
+    window: int  # sliding window (0: every position)
+    scale: float  # on the attention scores
+    eps: float
+    shape: tuple[int, int, int, int]  # n_heads, n_kv_heads, head_dim, ffn_dim
+    gelu: bool = False  # the FFN gate: GELU (tanh) instead of SiLU
+    q_norm: np.ndarray | None = None  # per-head norms before RoPE, (head_dim,)
+    k_norm: np.ndarray | None = None
+    post_attention_norm: np.ndarray | None = None  # norms after each sub-block, (dim,)
+    post_ffw_norm: np.ndarray | None = None
+
+
+def runs_own(model, cls, names: tuple[str, ...]) -> bool:
+    """True when `model` runs `cls`'s own version of each method in `names` (a subclass that
+    overrides one changes the maths, and a fused layer written for `cls` would not follow)."""
+    return all(getattr(type(model), n) is getattr(cls, n) for n in names)
+
+
 class Model:
     MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
     VECTORS = ("attn_norm", "ffn_norm")
@@ -117,6 +150,25 @@ class Model:
         head = gf.tensors.get("output.weight", gf.tensors["token_embd.weight"])
         self.output = backend.prepare(head)
         self.rope = rope_from_gguf(gf, args.rope_base, args.head_dim, args.rope_neox, args.n_ctx)
+        self.fused = self.fuse_layers()
+
+    def fuse_layers(self) -> list | None:
+        """Each layer as one call of the backend for untraced passes (kernels/decode_layer.py),
+        or None where the backend or this architecture has no such path."""
+        specs = [self.layer_spec(i, layer) for i, layer in enumerate(self.layers)]
+        if any(s is None for s in specs):
+            return None
+        fused = [self.backend.fuse_layer(s) for s in specs]
+        return None if any(f is None for f in fused) else fused
+
+    def layer_spec(self, i: int, layer: Layer) -> LayerSpec | None:
+        """Layer i for `backend.fuse_layer`, or None when a subclass changed the maths."""
+        if not runs_own(self, Model, ("attention_block", "ffn_block", "qkv")):
+            return None
+        a = self.args
+        return LayerSpec(layer.attn_qkv, layer.attn_output, layer.ffn_gate_up, layer.ffn_down,
+                         layer.attn_norm, layer.ffn_norm, self.rope, a.sliding_window,
+                         1.0 / math.sqrt(a.head_dim), a.norm_eps, a.layer_shape())
 
     @classmethod
     def matrix_shapes(cls, a: ModelArgs) -> dict[str, tuple[int, int]]:
@@ -155,7 +207,11 @@ class Model:
         rec = batch.recorder  # None unless this pass is traced (engine/trace.py)
         x = self.embed(batch.ids)  # (n, dim)
         rope = self.rope_tables(batch.positions)  # every layer turns by the same angles
+        fused = self.fused if rec is None and self.backend.runs_fused(batch) else None
         for i, layer in enumerate(self.layers):
+            if fused is not None:  # the same maths, a layer per kernel call
+                x = self.backend.decoder_layer(fused[i], x, batch, i, rope)
+                continue
             attn = self.attention_block(i, layer, x, batch, rope)
             x = x + (attn if rec is None else rec.attn_out(i, attn))
             mlp = self.ffn_block(layer, x)
