@@ -63,10 +63,13 @@ from numba import prange
 
 from kernels import jit
 from kernels.qpack import (
+    BYTE32_M,
     GROUP,
     LAYOUT_BLK,
+    LAYOUT_BYTE32,
     LAYOUT_NIBBLE32,
-    SCALE_BYTES,
+    LAYOUT_NIBBLE32_HI,
+    LAYOUT_SCALE_BYTES,
     PackedWeight,
     decompose,
     pack,
@@ -222,6 +225,22 @@ def _half(lo, hi):
     return np.float32(-v if bits & 0x8000 else v)
 
 
+@jit.njit
+def _quant(w, base, n_chunks, nibble, hi, k, r, i):
+    """u of row r at element 4k + i of a block record at `base` (kernels.qpack), and (nibble
+    layouts) u at element 16 + 4k + i; the 5th bits from the hi plane after the nibbles."""
+    byte = np.int32(w[base + 64 * k + 4 * r + i])
+    if not nibble:
+        return byte, np.int32(0)
+    lo, up = byte & 15, byte >> 4
+    if hi:
+        lane = 4 * r + i  # bit `lane` of little-endian uint64 2k (low nibbles) and 2k + 1
+        plane = base + 64 * n_chunks + lane // 8
+        lo |= ((np.int32(w[plane + 16 * k]) >> (lane % 8)) & 1) << 4
+        up |= ((np.int32(w[plane + 16 * k + 8]) >> (lane % 8)) & 1) << 4
+    return np.int32(lo), np.int32(up)
+
+
 @jit.pnjit
 def qmatmul_generic(w, layout, block_bytes, xq, xd, xs, n_out, out):
     """Same contract as `kernels.vnni.qmatmul_vnni`, in plain Numba: one group per iteration."""
@@ -230,8 +249,10 @@ def qmatmul_generic(w, layout, block_bytes, xq, xd, xs, n_out, out):
     terms = xq.shape[0] // n_tok
     unit = np.float32(1.0 / FINE) if terms >= 2 else np.float32(1)  # of the first two terms
     blk = LAYOUT_BLK[layout]
-    nibble = layout == LAYOUT_NIBBLE32
-    n_chunks = (block_bytes - SCALE_BYTES) // 64  # 64-byte chunks of quants per block
+    hi = layout == LAYOUT_NIBBLE32_HI
+    nibble = layout == LAYOUT_NIBBLE32 or hi
+    n_chunks = blk // 8 if nibble else blk // 4  # 64-byte chunks of quants per block
+    sbase0 = block_bytes - LAYOUT_SCALE_BYTES[layout]  # the scales' offset in a record
     nb = n_in // blk
     n_groups = (n_out + GROUP - 1) // GROUP
     for g in prange(n_groups):
@@ -240,7 +261,7 @@ def qmatmul_generic(w, layout, block_bytes, xq, xd, xs, n_out, out):
         isum_lo = np.zeros(GROUP, np.int32)  # the third term's, at scale xd / FINE^2
         for b in range(nb):
             base = (g * nb + b) * block_bytes
-            sbase = base + 64 * n_chunks
+            sbase = base + sbase0
             e0 = b * blk
             for t in range(n_tok):
                 isum[:] = 0
@@ -254,17 +275,18 @@ def qmatmul_generic(w, layout, block_bytes, xq, xd, xs, n_out, out):
                     for k in range(n_chunks):
                         for r in range(GROUP):
                             for i in range(4):
-                                byte = np.int32(w[base + 64 * k + 4 * r + i])
+                                lo, up = _quant(w, base, n_chunks, nibble, hi, k, r, i)
+                                into[r] += lo * np.int32(xq[row, e0 + 4 * k + i])
                                 if nibble:
-                                    into[r] += (byte & 15) * np.int32(xq[row, e0 + 4 * k + i])
-                                    into[r] += (byte >> 4) * np.int32(xq[row, e0 + 16 + 4 * k + i])
-                                else:
-                                    into[r] += byte * np.int32(xq[row, e0 + 4 * k + i])
+                                    into[r] += up * np.int32(xq[row, e0 + 16 + 4 * k + i])
                 xd_t = xd[t, e0 // 32] * unit
                 xsum = xs[t, e0 // 16] + (xs[t, e0 // 16 + 1] if blk == 32 else np.float32(0))
                 for r in range(GROUP):
                     d = _half(w[sbase + 2 * r], w[sbase + 2 * r + 1])
-                    m = _half(w[sbase + 32 + 2 * r], w[sbase + 33 + 2 * r])
+                    if layout == LAYOUT_BYTE32:  # m implied (kernels.qpack)
+                        m = d * np.float32(BYTE32_M)
+                    else:
+                        m = _half(w[sbase + 32 + 2 * r], w[sbase + 33 + 2 * r])
                     acc[t, r] += d * xd_t * np.float32(isum[r]) + m * xsum
                     if terms == 3:
                         acc[t, r] += d * (xd_t * unit) * np.float32(isum_lo[r])

@@ -29,13 +29,17 @@ from numba.extending import intrinsic
 from kernels.jit import njit, pnjit
 from kernels.qmatmul import FINE_BITS
 from kernels.qpack import (
+    BYTE32_M,
     GROUP,
+    HI_BYTES,
     LAYOUT_BLK,
     LAYOUT_BYTE16,
     LAYOUT_BYTE32,
     LAYOUT_NIBBLE32,
-    SCALE_BYTES,
+    LAYOUT_NIBBLE32_HI,
+    is_nibble,
     quant_bytes,
+    record_bytes,
 )
 
 PREFETCH_BYTES = 4096  # how far ahead of the current block the weight stream is prefetched
@@ -68,9 +72,10 @@ def _make_group_dot(layout: int, nt: int, terms: int):
     out_off + t*n_out for the first n_valid of the 16 lanes.
     """
     blk = LAYOUT_BLK[layout]
-    nibble = layout == LAYOUT_NIBBLE32
-    n_chunks = quant_bytes(layout) // 64  # 64-byte loads per block
-    block_bytes = quant_bytes(layout) + SCALE_BYTES
+    nibble = is_nibble(layout)
+    hi_bits = layout == LAYOUT_NIBBLE32_HI  # 5th bits after the nibbles
+    n_chunks = (quant_bytes(layout) - (HI_BYTES if hi_bits else 0)) // 64  # 64-byte quant loads
+    block_bytes = record_bytes(layout)
 
     @intrinsic
     def group_dot(typingctx, w, w_off, xq, xd, xs, t0, n_in, q2_off, out, out_off, n_out,
@@ -112,6 +117,8 @@ def _make_group_dot(layout: int, nt: int, terms: int):
             shift = _splat(builder, _i32(FINE_BITS), _i32x16)
             unit = _splat(builder, ir.Constant(ir.FloatType(), 2.0**-FINE_BITS), _f32x16)
             four = _splat(builder, _i8(4), _i8x64)
+            sixteen = _splat(builder, _i8(16), _i8x64)
+            no_bits = ir.Constant(_i8x64, None)
             with cgutils.for_range(builder, n_blocks) as loop:
                 b = loop.index
                 base = builder.add(w_off_, builder.mul(b, _i64(block_bytes)))
@@ -128,12 +135,28 @@ def _make_group_dot(layout: int, nt: int, terms: int):
                 if nibble:
                     lo = [builder.and_(c, low4) for c in chunks]
                     hi = [builder.lshr(c, four) for c in chunks]
-                sbase = builder.add(base, _i64(64 * n_chunks))
+                if hi_bits:  # or in 16 where the lane's bit in the plane is set: a masked op
+                    hbase = builder.add(base, _i64(64 * n_chunks))
+
+                    def fifth(vec, index):  # vec | (bit j of uint64 `index` ? 16 : 0), per lane j
+                        word = builder.load(
+                            _ptr(builder, wp, builder.add(hbase, _i64(8 * index)), _i64), align=1
+                        )
+                        mask = builder.bitcast(word, ir.VectorType(ir.IntType(1), 64))
+                        return builder.or_(vec, builder.select(mask, sixteen, no_bits))
+
+                    lo = [fifth(lo[k], 2 * k) for k in range(n_chunks)]
+                    hi = [fifth(hi[k], 2 * k + 1) for k in range(n_chunks)]
+                sbase = builder.add(base, _i64(quant_bytes(layout)))
                 d = builder.fpext(builder.load(_ptr(builder, wp, sbase, _f16x16), align=1), _f32x16)
-                m = builder.fpext(
-                    builder.load(_ptr(builder, wp, builder.add(sbase, _i64(32)), _f16x16), align=1),
-                    _f32x16,
-                )
+                if layout == LAYOUT_BYTE32:  # m = -128 d, not stored: m xsum = d (-128 xsum)
+                    m = d
+                else:
+                    m = builder.fpext(
+                        builder.load(_ptr(builder, wp, builder.add(sbase, _i64(32)), _f16x16),
+                                     align=1),
+                        _f32x16,
+                    )
                 e0 = builder.mul(b, _i64(blk))  # first element of the block
                 for t in range(nt):
                     tok = builder.add(t0_, _i64(t))
@@ -169,6 +192,8 @@ def _make_group_dot(layout: int, nt: int, terms: int):
                     if blk == 32:
                         nxt = builder.load(builder.gep(xsp, [builder.add(is16, _i64(1))]))
                         xsum = builder.fadd(xsum, nxt)
+                    if layout == LAYOUT_BYTE32:  # exact, and the same per token in any tile
+                        xsum = builder.fmul(xsum, ir.Constant(ir.FloatType(), BYTE32_M))
                     scale = builder.fmul(d, _splat(builder, xd_t, _f32x16))
                     if terms >= 2:
                         scale = builder.fmul(scale, unit)
@@ -225,6 +250,12 @@ _dot3_b32_t1 = _make_group_dot(LAYOUT_BYTE32, 1, 3)
 _dot3_b32_t4 = _make_group_dot(LAYOUT_BYTE32, TILE, 3)
 _dot3_b16_t1 = _make_group_dot(LAYOUT_BYTE16, 1, 3)
 _dot3_b16_t4 = _make_group_dot(LAYOUT_BYTE16, TILE, 3)
+_dot_h32_t1 = _make_group_dot(LAYOUT_NIBBLE32_HI, 1, 1)  # 5-bit formats
+_dot_h32_t4 = _make_group_dot(LAYOUT_NIBBLE32_HI, TILE, 1)
+_dot2_h32_t1 = _make_group_dot(LAYOUT_NIBBLE32_HI, 1, 2)
+_dot2_h32_t4 = _make_group_dot(LAYOUT_NIBBLE32_HI, TILE, 2)
+_dot3_h32_t1 = _make_group_dot(LAYOUT_NIBBLE32_HI, 1, 3)
+_dot3_h32_t4 = _make_group_dot(LAYOUT_NIBBLE32_HI, TILE, 3)
 
 
 @njit
@@ -237,12 +268,16 @@ def _dot(layout, terms, tile, w, w_off, xq, xd, xs, t, n_in, q2_off, outf, o, n_
                 _dot3_n32_t4(*a)
             elif layout == LAYOUT_BYTE32:
                 _dot3_b32_t4(*a)
+            elif layout == LAYOUT_NIBBLE32_HI:
+                _dot3_h32_t4(*a)
             else:
                 _dot3_b16_t4(*a)
         elif layout == LAYOUT_NIBBLE32:
             _dot3_n32_t1(*a)
         elif layout == LAYOUT_BYTE32:
             _dot3_b32_t1(*a)
+        elif layout == LAYOUT_NIBBLE32_HI:
+            _dot3_h32_t1(*a)
         else:
             _dot3_b16_t1(*a)
     elif terms == 1:
@@ -251,12 +286,16 @@ def _dot(layout, terms, tile, w, w_off, xq, xd, xs, t, n_in, q2_off, outf, o, n_
                 _dot_n32_t4(*a)
             elif layout == LAYOUT_BYTE32:
                 _dot_b32_t4(*a)
+            elif layout == LAYOUT_NIBBLE32_HI:
+                _dot_h32_t4(*a)
             else:
                 _dot_b16_t4(*a)
         elif layout == LAYOUT_NIBBLE32:
             _dot_n32_t1(*a)
         elif layout == LAYOUT_BYTE32:
             _dot_b32_t1(*a)
+        elif layout == LAYOUT_NIBBLE32_HI:
+            _dot_h32_t1(*a)
         else:
             _dot_b16_t1(*a)
     elif tile == TILE:
@@ -264,12 +303,16 @@ def _dot(layout, terms, tile, w, w_off, xq, xd, xs, t, n_in, q2_off, outf, o, n_
             _dot2_n32_t4(*a)
         elif layout == LAYOUT_BYTE32:
             _dot2_b32_t4(*a)
+        elif layout == LAYOUT_NIBBLE32_HI:
+            _dot2_h32_t4(*a)
         else:
             _dot2_b16_t4(*a)
     elif layout == LAYOUT_NIBBLE32:
         _dot2_n32_t1(*a)
     elif layout == LAYOUT_BYTE32:
         _dot2_b32_t1(*a)
+    elif layout == LAYOUT_NIBBLE32_HI:
+        _dot2_h32_t1(*a)
     else:
         _dot2_b16_t1(*a)
 

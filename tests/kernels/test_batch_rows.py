@@ -129,7 +129,7 @@ ISAS = ["generic"] + (["vnni", "vnni-serial"] if jit.HAS_AVX512_VNNI else [])
 
 
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("qtype", [Q.Q4_1, Q.Q8_0, Q.Q6_K], ids=["Q4_1", "Q8_0", "Q6_K"])
+@pytest.mark.parametrize("qtype", [Q.Q4_1, Q.Q8_0, Q.Q6_K, Q.Q5_0], ids=lambda q: q.name)
 @pytest.mark.parametrize("n", [8, 5])  # 5: a tile of four tokens and one on its own
 def test_matmul_rows(isa, qtype, n):
     """Eight decode rows in one matmul (VNNI: two tiles of four tokens) give each row what a
