@@ -155,6 +155,7 @@ class GGUFFile:
 
 
 _U64 = struct.Struct("<Q")
+MANY_STRINGS = 4096  # a string array this long is read by `_Cursor._strings_at_once`
 
 
 class _Cursor:
@@ -196,7 +197,12 @@ class _Cursor:
 
     def strings(self, count: int, what: str) -> list[str]:
         """`count` strings in a row (a vocabulary: 262k for Gemma-3). The same reads as
-        `string`, in one loop with local names: ~4x faster, which a model load feels."""
+        `string`, in one loop with local names: ~4x faster, which a model load feels; a
+        vocabulary goes through `_strings_at_once`, ~4x faster again."""
+        if count >= MANY_STRINGS:
+            out = self._strings_at_once(count)
+            if out is not None:
+                return out
         buf, pos, end = self.buf, self.pos, len(self.buf)
         length_at = _U64.unpack_from
         out = []
@@ -215,6 +221,33 @@ class _Cursor:
             pos += n
         self.pos = pos
         return out
+
+    def _strings_at_once(self, count: int) -> list[str] | None:
+        """`strings` without a Python step per string: a kernel finds where each starts
+        (kernels.strings), the 8-byte length fields are cut to one NUL each, and one UTF-8
+        decode and one split make every `str`. None when that cannot give the same answer
+        as the loop (a length out of bounds, which the loop reports; a string that holds a
+        NUL or is not valid UTF-8, which it decodes one by one)."""
+        from kernels.strings import string_starts
+
+        buf = np.frombuffer(self.buf, np.uint8)  # (file bytes,) no copy
+        starts = np.empty(count + 1, np.int64)
+        if string_starts(buf, self.pos, count, MAX_STRING, starts) >= 0:
+            return None
+        region = buf[self.pos:starts[count]].copy()  # the records: length | bytes, ...
+        fields = starts[:-1] - 8 - self.pos  # where each length field starts in `region`
+        region[fields] = 0  # the NUL in front of each string
+        keep = np.ones(len(region), bool)
+        keep[(fields[:, None] + np.arange(1, 8)).reshape(-1)] = False  # the rest of the field
+        try:
+            text = region[keep].tobytes().decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+        out = text.split("\0")  # "", then the strings
+        if len(out) != count + 1:
+            return None  # a string held a NUL
+        self.pos = int(starts[count])
+        return out[1:]
 
     def value_type(self, what: str) -> GGUFValueType:
         raw = self.u32(f"type of {what}")

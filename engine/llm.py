@@ -15,7 +15,7 @@ from dataclasses import asdict
 import numpy as np
 
 from . import chat
-from .backends import get_backend
+from .backends import DEFAULT_BACKEND, get_backend
 from .batch import scratch_batch
 from .compute import COMPUTE
 from .errors import CapabilityError, ContextOverflowError, EngineError, GGUFError, TokenizerError
@@ -23,6 +23,7 @@ from .generate import Decoding, GeneratedToken, check_prompt
 from .gguf_file import GGUFFile, open_gguf
 from .kv import BLOCK, KVPool
 from .models import build_model, capabilities, no_chat_message
+from .repack_cache import RepackCache
 from .sampling import SamplingParams
 from .scheduler import STEP_TOKENS, Scheduler, TokenStream
 from .tokenizer import Tokenizer, check_token_ids
@@ -38,19 +39,33 @@ class LLM:
 
     def __init__(self, gf: GGUFFile, backend: str | None = None, model_id: str | None = None,
                  n_ctx: int | None = None, kv_cache_mb: float = KV_CACHE_MB,
-                 step_tokens: int = STEP_TOKENS, chat_template: str | None = None):
+                 step_tokens: int = STEP_TOKENS, chat_template: str | None = None,
+                 repack_cache: RepackCache | None = None):
         started = time.perf_counter()
         self.id = model_id or os.path.splitext(os.path.basename(gf.path))[0]
         self.path = gf.path
         self.architecture = gf.architecture
         self.metadata = gf.metadata
+        self.backend = get_backend(backend)
+        self.backend_name: str = self.backend.name
+        # the fast backend's repacked weights, mapped from disk when an earlier load wrote
+        # them (engine/repack_cache.py; `load_model` opens it)
+        cache = repack_cache if self.backend_name == "fast" else None
+        if cache is not None:
+            cache.match(gf)
         try:
             self.tokenizer = Tokenizer.from_metadata(gf.metadata)
         except TokenizerError as e:  # the vocabulary is part of the file
             raise GGUFError(f"{gf.path}: {e}") from None
-        self.backend = get_backend(backend)
-        self.backend_name: str = self.backend.name
-        _, self.args, self.model = build_model(gf, self.backend)
+        if cache is None:
+            _, self.args, self.model = build_model(gf, self.backend)
+        else:
+            self.backend.repack_cache = cache
+            try:
+                _, self.args, self.model = build_model(gf, self.backend)
+            finally:
+                self.backend.repack_cache = None
+            cache.close()  # writes the file when weights had to be repacked
         self._encoder_pool: ThreadPoolExecutor | None = None  # made on first big batch
         self.n_ctx = min(n_ctx or self.args.n_ctx, self.args.n_ctx)
         self.n_vocab = self.args.n_vocab
@@ -323,15 +338,24 @@ def split_tokens(first: int, last: int, ids_lists: list[list[int]],
 
 def load_model(name_or_path: str, backend: str | None = None, n_ctx: int | None = None,
                kv_cache_mb: float = KV_CACHE_MB, step_tokens: int = STEP_TOKENS,
-               chat_template: str | None = None) -> LLM:
+               chat_template: str | None = None, repack_cache: bool | None = None) -> LLM:
     """A registry id, alias or path to a .gguf file → a loaded model. `kv_cache_mb` bounds
     the KV cache of all its running generations together; `step_tokens` is how many prompt
     tokens one batched step may prefill (engine/scheduler.py). `chat_template` (a Jinja
     template's text, e.g. from `engine.chat.read_template`) replaces the file's own; a model
-    with neither does not chat."""
-    from .registry import canonical_id, resolve_model_path
+    with neither does not chat. `repack_cache=False` repacks the fast backend's weights
+    without keeping them on disk (None: on unless $NUMBALM_REPACK_CACHE=0;
+    engine/repack_cache.py)."""
+    from .registry import Registry, canonical_id
 
-    path = resolve_model_path(name_or_path)
-    model_id = None if os.path.exists(name_or_path) else canonical_id(name_or_path)
-    return LLM(open_gguf(path), backend=backend, model_id=model_id, n_ctx=n_ctx,
-               kv_cache_mb=kv_cache_mb, step_tokens=step_tokens, chat_template=chat_template)
+    registry = Registry()
+    path = registry.resolve(name_or_path)
+    is_path = os.path.exists(name_or_path)
+    entry = None if is_path else registry.find(name_or_path)  # its sha256 keys the cache
+    model_id = None if is_path else canonical_id(name_or_path)
+    # opened first: its checksums (a thread, without the GIL) overlap the parse below
+    cache = RepackCache.for_file(path, entry.sha256 if entry else None, repack_cache) \
+        if (backend or DEFAULT_BACKEND) == "fast" else None
+    return LLM(open_gguf(path), backend=backend, model_id=model_id,
+               n_ctx=n_ctx, kv_cache_mb=kv_cache_mb, step_tokens=step_tokens,
+               chat_template=chat_template, repack_cache=cache)

@@ -6,10 +6,13 @@ Layout of the cache directory (`cache_dir()`):
     manifest.json.lock   a file lock held while the manifest is read, changed and written
     models/              GGUF files the cache owns (downloaded, pulled, or added with --copy)
     downloads/           work in progress: resumable `.part` files, pip's wheels; never a model
+    repacked/            the fast backend's repacked weights, one file per model file
+                         (engine/repack_cache.py); `rm` deletes a model's
 
 Serving only reads the cache: it may be a volume mounted read-only in many replicas, and mounted
 at another path than the one it was filled at (a file the cache owns is found in this cache's
-`models/` by name). Only `pull`, `add` and `rm` write, and on a read-only cache they say so.
+`models/` by name). Only `pull`, `add` and `rm` write, and on a read-only cache they say so;
+the one exception is `repacked/`, derived data a load writes when it can and skips when not.
 
 A local file is *referenced* by default: the manifest records its absolute path and sha256 and
 the file stays where it is (`rm` leaves it alone). `copy=True` copies it into `models/`.
@@ -61,6 +64,7 @@ from .download import (
 from .errors import GGUFError, ModelNotFoundError, RegistryError, clean_text
 from .gguf_file import open_gguf
 from .models import capabilities
+from .repack_cache import remove as remove_repacked
 
 MANIFEST_VERSION = 1
 LOCK_TIMEOUT = 60.0  # seconds to wait for another numbalm process to release the manifest
@@ -649,6 +653,9 @@ class Registry:
         with self._edit() as models:
             models.pop(entry.id, None)
             still_used = any(d["path"] == entry.path for d in models.values())
+            same_bytes = any(d["sha256"] == entry.sha256 for d in models.values())
+        # the fast backend's repacked weights (engine/repack_cache.py)
+        remove_repacked(self.root, None if same_bytes else entry.sha256, entry.path)
         path = Path(entry.path)
         owned = _inside(path, self.models_dir) and not still_used
         if owned and path.exists():

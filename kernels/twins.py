@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kernels import attention, jit, mask, norms, qmatmul, vnni
+from kernels import attention, jit, mask, norms, qmatmul, strings, vnni
 from kernels.qpack import SPLIT, repack, unpack_ref
 from kernels.testing import random_tensor
 
@@ -260,6 +260,36 @@ def _matmul_scale(x, w, terms):
     return np.abs(x) @ np.abs(unpack_ref(w)).T
 
 
+# --- GGUF string arrays ------------------------------------------------------------------------
+
+
+def _string_records(texts: list[bytes], lie: dict | None = None) -> np.ndarray:
+    """`u64 length | bytes` records (a length replaced where `lie` says) -> uint8 buffer."""
+    lie = lie or {}
+    return np.frombuffer(b"".join(lie.get(i, len(t)).to_bytes(8, "little") + t
+                                  for i, t in enumerate(texts)), np.uint8)
+
+
+def _string_starts_cases():
+    words = [b"", b"a", b"\xe2\x96\x81the", b"x" * 300, b"\0\0", b""]
+    good = _string_records(words)
+    return {"vocabulary": (good, 0, len(words), 1000),
+            "at an offset": (np.concatenate([np.zeros(5, np.uint8), good]), 5, 4, 1000),
+            "none": (good, 0, 0, 1000),
+            "one too many": (good, 0, len(words) + 1, 1000),
+            "over max_len": (good, 0, len(words), 299),
+            "length past the end": (_string_records(words, {2: 10**6}), 0, len(words), 10**7),
+            "length of 2**64 - 1": (_string_records(words, {1: 2**64 - 1}), 0, len(words), 10),
+            "cut in a length": (good[:20], 0, len(words), 1000)}
+
+
+def _walk(f, args, want=None):
+    """Both write the starts and return where they stopped: compare the two."""
+    buf, pos, count, max_len = args
+    starts = np.full(count + 1, -1, np.int64)
+    return starts, np.array([f(buf, pos, count, max_len, starts)])
+
+
 # --- the table -----------------------------------------------------------------------------------
 
 _GATE = {"cases": _gate_cases, "rtol": 1e-6, "atol": 1e-6, "scale": _gate_scale}
@@ -293,6 +323,8 @@ TWINS: dict[Callable, Twin] = {
     qmatmul.quantize_activations: Twin(qmatmul.quantize_activations_ref, **_QUANTIZE),
     qmatmul.quantize_activations_parallel: Twin(qmatmul.quantize_activations_ref, **_QUANTIZE),
     qmatmul.qmatmul_generic: Twin(qmatmul.matmul_ref, **_MATMUL),
+    strings.string_starts: Twin(strings.string_starts_ref, _string_starts_cases, run=_walk,
+                                run_ref=_walk),
     vnni.qmatmul_vnni: Twin(qmatmul.matmul_ref, **_MATMUL, available=jit.HAS_AVX512_VNNI),
     vnni.qmatmul_vnni_serial: Twin(qmatmul.matmul_ref, **_MATMUL,
                                    available=jit.HAS_AVX512_VNNI),

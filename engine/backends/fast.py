@@ -37,25 +37,36 @@ from .reference import ReferenceBackend
 
 
 class FusedWeight:
-    """Matrices sharing one input, stacked row-wise into one PackedWeight when possible."""
+    """Matrices sharing one input (`sizes`: each one's n_out), stacked row-wise into one
+    PackedWeight when possible (`stacked`), else kept as `parts`."""
 
-    def __init__(self, parts: list[PackedWeight]):
+    def __init__(self, sizes: list[int], parts: list[PackedWeight] | None = None,
+                 stacked: PackedWeight | None = None):
+        self.sizes = sizes
         self.parts = parts
-        self.sizes = [p.n_out for p in parts]
-        ends = np.cumsum(self.sizes)
-        self.columns = [slice(int(e - n), int(e)) for e, n in zip(ends, self.sizes)]
+        self.stacked = stacked  # then parts is None: one copy of the weights, not two
+        ends = np.cumsum(sizes)
+        self.columns = [slice(int(e - n), int(e)) for e, n in zip(ends, sizes)]
+
+    @classmethod
+    def fuse(cls, parts: list[PackedWeight]) -> FusedWeight:
+        sizes = [p.n_out for p in parts]
         same = len({(p.layout, p.n_in) for p in parts}) == 1
         aligned = all(p.n_out % GROUP == 0 for p in parts[:-1])
-        self.stacked = None
         first = parts[0]
         if same and first.data is None:  # dense float: stack the rows
-            self.stacked = PackedWeight(first.qtype, sum(self.sizes), first.n_in, first.layout,
-                                        dense=np.concatenate([p.dense for p in parts]))
-        elif same and aligned:  # group streams simply concatenate
-            self.stacked = PackedWeight(first.qtype, sum(self.sizes), first.n_in, first.layout,
-                                        data=np.concatenate([p.data for p in parts]))
-        if self.stacked is not None:
-            self.parts = None  # keep one copy of the weights, not two
+            return cls(sizes, stacked=PackedWeight(
+                first.qtype, sum(sizes), first.n_in, first.layout,
+                dense=np.concatenate([p.dense for p in parts])))
+        if same and aligned:  # group streams simply concatenate
+            return cls(sizes, stacked=PackedWeight(
+                first.qtype, sum(sizes), first.n_in, first.layout,
+                data=np.concatenate([p.data for p in parts])))
+        return cls(sizes, parts=parts)
+
+    def weights(self) -> list[PackedWeight]:
+        """What the repack cache stores: [stacked], or the parts."""
+        return [self.stacked] if self.stacked is not None else self.parts
 
 
 class FastBackend:
@@ -86,9 +97,19 @@ class FastBackend:
 
     # -- load time -------------------------------------------------------------------------
 
+    # while a model loads, its file's repacked weights on disk (engine/repack_cache.py,
+    # set by engine/llm.py): `prepare` maps them from there instead of repacking
+    repack_cache = None
+
     def prepare(self, t: TensorInfo) -> PackedWeight:
         """Repack a weight matrix `(n_out, n_in)` for `linear` (dense float32 if no layout)."""
-        return self._remember(repack(t.data, t.qtype, t.shape), [t])
+        cached = self._cached(t.name, [t])
+        if cached is not None:
+            return self._remember(cached[0], [t])
+        w = repack(t.data, t.qtype, t.shape)
+        if self.repack_cache is not None:
+            self.repack_cache.put(t.name, [w])
+        return self._remember(w, [t])
 
     def _remember(self, w: PackedWeight, ts: list[TensorInfo]) -> PackedWeight:
         """Note the (memory-mapped) tensors `w` was packed from, for its exact residual."""
@@ -101,13 +122,35 @@ class FastBackend:
 
     def prepare_many(self, ts: list[TensorInfo]) -> FusedWeight:
         """Matrices that read the same input (q, k, v or gate, up), for `linear_many`."""
-        fused = FusedWeight([repack(t.data, t.qtype, t.shape) for t in ts])
+        key = "+".join(t.name for t in ts)
+        sizes = [_rows(t) for t in ts]
+        cached = self._cached(key, ts)
+        if cached is not None:
+            fused = FusedWeight(sizes, stacked=cached[0]) if len(cached) == 1 and len(ts) > 1 \
+                else FusedWeight(sizes, parts=cached)
+        else:
+            fused = FusedWeight.fuse([repack(t.data, t.qtype, t.shape) for t in ts])
+            if self.repack_cache is not None:
+                self.repack_cache.put(key, fused.weights())
         if fused.stacked is not None:
             self._remember(fused.stacked, ts)
         else:
             for p, t in zip(fused.parts, ts, strict=True):
                 self._remember(p, [t])
         return fused
+
+    def _cached(self, key: str, ts: list[TensorInfo]) -> list[PackedWeight] | None:
+        """The repack cache's weights for `ts`: one per tensor, or one stacking them all;
+        None when there are none, or when they are not the shape and type of `ts`."""
+        if self.repack_cache is None:
+            return None
+        ws = self.repack_cache.get(key)
+        if ws is None:
+            return None
+        want = [(t.qtype, _rows(t), _cols(t)) for t in ts]
+        if len(ws) == 1 and len(ts) > 1:  # stacked
+            want = [(ts[0].qtype, sum(r for _, r, _ in want), want[0][2])]
+        return ws if [(w.qtype, w.n_out, w.n_in) for w in ws] == want else None
 
     # -- the operations --------------------------------------------------------------------
 
@@ -238,6 +281,15 @@ class FastBackend:
         """Threads an encoder may split a batch of sentences over (each runs single-threaded
         kernels and one-thread BLAS, without the GIL): Numba's thread count."""
         return numba.get_num_threads()
+
+
+def _rows(t: TensorInfo) -> int:
+    """n_out of a weight as `repack` sees it (a vector is one row)."""
+    return 1 if len(t.shape) == 1 else t.shape[0]
+
+
+def _cols(t: TensorInfo) -> int:
+    return t.shape[-1]
 
 
 def _gate(kernel, gate: np.ndarray, up: np.ndarray) -> np.ndarray:

@@ -377,3 +377,42 @@ def test_long_tensor_name_is_refused_and_shown_short(tmp_path):
     path.write_bytes(bytes(data) + bytes(8192))
     msg = open_fails(path, "bytes long (at most 1024 are read)")
     assert len(msg) < 300
+
+
+# --- a vocabulary read at once (kernels.strings) gives what the string-by-string loop gives ---
+
+
+def _records(texts: list[bytes]) -> memoryview:
+    return memoryview(b"".join(struct.pack("<Q", len(t)) + t for t in texts) + b"tail")
+
+
+@pytest.mark.parametrize("texts", [
+    [b"<unk>", b"", "▁the".encode(), b"<0x0A>", "é".encode(), b"x" * 1000],
+    [b"a", b"nul\0inside", b"b"],  # a NUL: the split would cut there
+    [b"a", b"\xff\xfe", b"half \xe2\x96", b"b"],  # not UTF-8: replaced string by string
+])
+def test_strings_at_once_match_the_loop(monkeypatch, texts):
+    from engine import gguf_file
+
+    texts = texts * 50
+    buf = _records(texts)
+    monkeypatch.setattr(gguf_file, "MANY_STRINGS", 10**9)
+    loop = gguf_file._Cursor(buf, "f")
+    want = loop.strings(len(texts), "tokens")
+    monkeypatch.setattr(gguf_file, "MANY_STRINGS", 1)
+    fast = gguf_file._Cursor(buf, "f")
+    assert fast.strings(len(texts), "tokens") == want
+    assert fast.pos == loop.pos == len(buf) - 4
+    assert want[:3] == [t.decode("utf-8", "replace") for t in texts[:3]]
+
+
+def test_strings_at_once_report_as_the_loop(monkeypatch):
+    from engine import gguf_file
+
+    buf = _records([b"abc"] * 10)
+    monkeypatch.setattr(gguf_file, "MANY_STRINGS", 1)
+    with pytest.raises(GGUFError, match=r"truncated: tokens\[10\] has no length"):
+        gguf_file._Cursor(buf, "f").strings(11, "tokens")
+    with pytest.raises(GGUFError, match=r"tokens\[0\] is 3 bytes long \(at most 2"):
+        monkeypatch.setattr(gguf_file, "MAX_STRING", 2)
+        gguf_file._Cursor(buf, "f").strings(10, "tokens")
