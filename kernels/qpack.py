@@ -58,7 +58,7 @@ Q = GGMLQuantizationType
 # The version of the packed layout below (group size, block records, the (u, d, m) of each
 # format). engine/repack_cache.py keeps repacked weights on disk under this number: bump it
 # whenever `pack` or a `_split_*` writes different bytes, or old caches would be trusted.
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2  # 2: 5-bit formats as nibbles + a 5th-bit plane; Q8_0 without m
 GROUP = 16  # rows per interleaved group = int32 lanes of a 512-bit register
 # codes passed to the kernels: nibble, byte, byte16 and nibble+hi of the module docstring
 LAYOUT_NIBBLE32, LAYOUT_BYTE32, LAYOUT_BYTE16, LAYOUT_NIBBLE32_HI = 0, 1, 2, 3
