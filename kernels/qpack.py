@@ -4,45 +4,44 @@ Every integer format we run fast is first written as `W[r, e] = d[r, b] * u[r, e
 with `u` an unsigned byte (0..255), and `d`, `m` one scale and one offset per block `b` of
 `blk` (32 or 16) elements of a row:
 
-| GGUF type | u                 | blk | d            | m              | layout    | B/weight |
-|-----------|-------------------|-----|--------------|----------------|-----------|----------|
-| Q4_0      | q (0..15)         | 32  | d            | -8 d           | nibble    | 0.625    |
-| Q4_1      | q (0..15)         | 32  | d            | m              | nibble    | 0.625    |
-| Q4_K      | q (0..15)         | 32  | d * sc       | -dmin * m      | nibble    | 0.625    |
-| Q5_0      | q (0..31)         | 32  | d            | -16 d          | nibble+hi | 0.75     |
-| Q5_1      | q (0..31)         | 32  | d            | m              | nibble+hi | 0.75     |
-| Q5_K      | q (0..31)         | 32  | d * sc       | -dmin * m      | nibble+hi | 0.75     |
-| Q8_0      | q + 128 (0..255)  | 32  | d            | -128 d (implied) | byte    | 1.0625   |
-| Q6_K      | q (0..63)         | 16  | d * sc       | -32 d * sc     | byte16    | 1.25     |
-| Q3_K      | q + 4 (0..7)      | 16  | d * (sc-32)  | -4 d (sc-32)   | byte16    | 1.25     |
-| Q2_K      | q (0..3)          | 16  | d * sc       | -dmin * m      | byte16    | 1.25     |
+| type | u                | blk | d           | m               | LAYOUT_     | B/w    | file   |
+|------|------------------|-----|-------------|-----------------|-------------|--------|--------|
+| Q4_0 | q (0..15)        | 32  | d           | -8 d            | NIBBLE32    | 0.625  | 0.5625 |
+| Q4_1 | q (0..15)        | 32  | d           | m               | NIBBLE32    | 0.625  | 0.625  |
+| Q4_K | q (0..15)        | 32  | d * sc      | -dmin * m       | NIBBLE32    | 0.625  | 0.5625 |
+| Q5_0 | q (0..31)        | 32  | d           | -16 d           | NIBBLE32_HI | 0.75   | 0.6875 |
+| Q5_1 | q (0..31)        | 32  | d           | m               | NIBBLE32_HI | 0.75   | 0.75   |
+| Q5_K | q (0..31)        | 32  | d * sc      | -dmin * m       | NIBBLE32_HI | 0.75   | 0.6875 |
+| Q8_0 | q + 128 (0..255) | 32  | d           | -128 d, implied | BYTE32      | 1.0625 | 1.0625 |
+| Q6_K | q (0..63)        | 16  | d * sc      | -32 d * sc      | BYTE16      | 1.25   | 0.82   |
+| Q3_K | q + 4 (0..7)     | 16  | d * (sc-32) | -4 d (sc-32)    | BYTE16      | 1.25   | 0.43   |
+| Q2_K | q (0..3)         | 16  | d * sc      | -dmin * m       | BYTE16      | 1.25   | 0.33   |
 
-(the file's bytes per weight, for comparison: Q4_0 0.5625, Q4_1 0.625, Q4_K 0.5625, Q5_0
-0.6875, Q5_1 0.75, Q5_K 0.6875, Q8_0 1.0625, Q6_K 0.82, Q3_K 0.43, Q2_K 0.33), so one kernel
-serves them all. Rows are taken 16 at a time (a *group*; the last group is padded with zero
-rows). A group is stored block after block; one block record is
+so one kernel serves them all (B/w: bytes a weight as packed, scales included, which is what
+decode reads a token; file: the GGUF's). Rows are taken 16 at a time (a *group*; the last group
+is padded with zero rows). A group is stored block after block; one block record is
 
     quants  : 64-byte chunks. Chunk k holds, for row r = 0..15, 4 bytes at 4r..4r+3:
-              byte layouts  u[r, 4k + i]                                (i = 0..3, k < blk/4)
-              nibble layouts (u[r, 4k + i] & 15) | (u[r, 16 + 4k + i] & 15) << 4   (k < 4)
-    hi      : nibble+hi only: 64 bytes, the 5th bits (u >> 4) of the nibbles above, as 8
+              BYTE32, BYTE16    u[r, 4k + i]                             (i = 0..3, k < blk/4)
+              NIBBLE32(_HI)     (u[r, 4k + i] & 15) | (u[r, 16 + 4k + i] & 15) << 4   (k < 4)
+    hi      : NIBBLE32_HI only: 64 bytes, the 5th bits (u >> 4) of the nibbles above, as 8
               little-endian uint64, one per 64-lane vector in the order the kernel takes them,
               (chunk 0, low nibbles), (chunk 0, high nibbles), (chunk 1, low), ...: bit j of
               uint64 2k + h is bit 4 of u[r, 16h + 4k + i] for lane j = 4r + i
     d       : 16 x float16 (one per row)
-    m       : 16 x float16; not stored by the byte layout, whose m is always -128 d (Q8_0)
+    m       : 16 x float16; not stored by BYTE32, whose m is always -128 d (Q8_0)
 
 so a 64-byte load is the same 4 elements of 16 rows: the int8 dot product `vpdpbusd` then adds
 4 products into each of 16 int32 lanes, one lane per output row, and no horizontal sum is needed.
-A nibble+hi record is 384 bytes per 16 x 32 weights (256 nibbles, 64 hi, 64 scales), against
-576 for a byte a weight; a byte record 544 (512 + 32: d only).
+A NIBBLE32_HI record is 384 bytes per 16 x 32 weights (256 nibbles, 64 hi, 64 scales), where a
+byte a weight took 576; a BYTE32 record is 544 (512 + 32: d only).
 The K-quant products `d * sc` are rounded to float16 here (relative error <= 2^-11, far below
 the activation-quantization error of the matmul); the other formats are stored exactly.
 
-The byte layout keeps no m because Q8_0, its one format, has m = -128 d. A format that needed
-a byte a weight with a free m (none does today) would get a layout code of its own with
-`LAYOUT_SCALE_BYTES` 64, read as the nibble and 16-element layouts read theirs; `pack` refuses
-an m the byte layout cannot represent.
+BYTE32 keeps no m because Q8_0, its one format, has m = -128 d. A format that needed a byte a
+weight in blocks of 32 with a free m (none does today) would get a layout code of its own with
+`LAYOUT_SCALE_BYTES` 64, its m read as the other layouts read theirs; `pack` refuses an m that
+BYTE32 cannot represent.
 """
 
 from __future__ import annotations

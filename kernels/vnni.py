@@ -7,7 +7,10 @@ plain Numba in `qmatmul_vnni`. Per block of one group and one token:
     acc_i32[r] = sum_e u[r, e] * xq[e]             vpdpbusd: unsigned weight x signed activation
     acc_f32[r] += d[r] * xd * acc_i32[r] + m[r] * xsum
 
-which is `sum_e (d u + m)[r, e] * (xd xq)[e]` exactly, with `xsum = xd * sum_e xq[e]`. With two
+which is `sum_e (d u + m)[r, e] * (xd xq)[e]` exactly, with `xsum = xd * sum_e xq[e]`. The
+5-bit layout (NIBBLE32_HI) ors each lane's 5th bit into its nibble first: the plane's uint64 is
+bitcast to a <64 x i1> mask, a `select` of 16 or 0 (kmovq and a masked vmovdqu8, no scalar
+loop); BYTE32 (Q8_0) stores no m and adds `d * (-128 xsum)` instead. With two
 activation terms (`kernels.qmatmul`: x = xd / 128 * (128 q1 + q2)) the integer sum becomes
 `(sum u q1) << 7 + sum u q2` (two independent vpdpbusd chains; |sum| < 2^28 per block, no
 overflow) and the scale `xd / 128`, so only the integer work doubles. Three terms (traced
