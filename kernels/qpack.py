@@ -273,7 +273,8 @@ def pack(u: np.ndarray, d: np.ndarray, m: np.ndarray, layout: int) -> np.ndarray
     if layout != LAYOUT_BYTE32:
         m16 = _to_f16(m).reshape(n_groups, GROUP, nb).transpose(0, 2, 1)
         parts.append(np.ascontiguousarray(m16).view(np.uint8))
-    records = np.concatenate(parts, axis=2)  # (g, b, record_bytes(layout))
+    records = np.concatenate(parts, axis=2)  # (g, b, record bytes)
+    assert records.shape[2] == record_bytes(layout)
     return np.ascontiguousarray(records).reshape(-1)
 
 
