@@ -225,22 +225,6 @@ def _half(lo, hi):
     return np.float32(-v if bits & 0x8000 else v)
 
 
-@jit.njit
-def _quant(w, base, n_chunks, nibble, hi, k, r, i):
-    """u of row r at element 4k + i of a block record at `base` (kernels.qpack), and (nibble
-    layouts) u at element 16 + 4k + i; the 5th bits from the hi plane after the nibbles."""
-    byte = np.int32(w[base + 64 * k + 4 * r + i])
-    if not nibble:
-        return byte, np.int32(0)
-    lo, up = byte & 15, byte >> 4
-    if hi:
-        lane = 4 * r + i  # bit `lane` of little-endian uint64 2k (low nibbles) and 2k + 1
-        plane = base + 64 * n_chunks + lane // 8
-        lo |= ((np.int32(w[plane + 16 * k]) >> (lane % 8)) & 1) << 4
-        up |= ((np.int32(w[plane + 16 * k + 8]) >> (lane % 8)) & 1) << 4
-    return np.int32(lo), np.int32(up)
-
-
 @jit.pnjit
 def qmatmul_generic(w, layout, block_bytes, xq, xd, xs, n_out, out):
     """Same contract as `kernels.vnni.qmatmul_vnni`, in plain Numba: one group per iteration."""
@@ -275,10 +259,21 @@ def qmatmul_generic(w, layout, block_bytes, xq, xd, xs, n_out, out):
                     for k in range(n_chunks):
                         for r in range(GROUP):
                             for i in range(4):
-                                lo, up = _quant(w, base, n_chunks, nibble, hi, k, r, i)
-                                into[r] += lo * np.int32(xq[row, e0 + 4 * k + i])
+                                byte = np.int32(w[base + 64 * k + 4 * r + i])
                                 if nibble:
-                                    into[r] += up * np.int32(xq[row, e0 + 16 + 4 * k + i])
+                                    into[r] += (byte & 15) * np.int32(xq[row, e0 + 4 * k + i])
+                                    into[r] += (byte >> 4) * np.int32(xq[row, e0 + 16 + 4 * k + i])
+                                else:
+                                    into[r] += byte * np.int32(xq[row, e0 + 4 * k + i])
+                    if hi:  # u += 16 where the 5th bit is set: bit 4r + i of uint64 2k + h
+                        for v in range(2 * n_chunks):
+                            plane = base + 64 * n_chunks + 8 * v
+                            e = e0 + 16 * (v % 2) + 4 * (v // 2)  # element of lane 0
+                            for r in range(GROUP):
+                                for i in range(4):
+                                    lane = 4 * r + i
+                                    bit = (np.int32(w[plane + lane // 8]) >> (lane % 8)) & 1
+                                    into[r] += (bit << 4) * np.int32(xq[row, e + i])
                 xd_t = xd[t, e0 // 32] * unit
                 xsum = xs[t, e0 // 16] + (xs[t, e0 // 16 + 1] if blk == 32 else np.float32(0))
                 for r in range(GROUP):
