@@ -63,10 +63,13 @@ from numba import prange
 
 from kernels import jit
 from kernels.qpack import (
+    BYTE32_M,
     GROUP,
     LAYOUT_BLK,
+    LAYOUT_BYTE32,
     LAYOUT_NIBBLE32,
-    SCALE_BYTES,
+    LAYOUT_NIBBLE32_HI,
+    LAYOUT_SCALE_BYTES,
     PackedWeight,
     decompose,
     pack,
@@ -250,8 +253,10 @@ def qmatmul_generic(w, layout, block_bytes, xq, xd, xs, n_out, out):
     terms = xq.shape[0] // n_tok
     unit = np.float32(1.0 / FINE) if terms >= 2 else np.float32(1)  # of the first two terms
     blk = LAYOUT_BLK[layout]
-    nibble = layout == LAYOUT_NIBBLE32
-    n_chunks = (block_bytes - SCALE_BYTES) // 64  # 64-byte chunks of quants per block
+    hi = layout == LAYOUT_NIBBLE32_HI
+    nibble = layout == LAYOUT_NIBBLE32 or hi
+    n_chunks = blk // 8 if nibble else blk // 4  # 64-byte chunks of quants per block
+    sbase0 = block_bytes - LAYOUT_SCALE_BYTES[layout]  # the scales' offset in a record
     nb = n_in // blk
     n_groups = (n_out + GROUP - 1) // GROUP
     for g in prange(n_groups):
@@ -260,7 +265,7 @@ def qmatmul_generic(w, layout, block_bytes, xq, xd, xs, n_out, out):
         isum_lo = np.zeros(GROUP, np.int32)  # the third term's, at scale xd / FINE^2
         for b in range(nb):
             base = (g * nb + b) * block_bytes
-            sbase = base + 64 * n_chunks
+            sbase = base + sbase0
             e0 = b * blk
             for t in range(n_tok):
                 isum[:] = 0
@@ -280,11 +285,23 @@ def qmatmul_generic(w, layout, block_bytes, xq, xd, xs, n_out, out):
                                     into[r] += (byte >> 4) * np.int32(xq[row, e0 + 16 + 4 * k + i])
                                 else:
                                     into[r] += byte * np.int32(xq[row, e0 + 4 * k + i])
+                    if hi:  # u += 16 where the 5th bit is set: bit 4r + i of uint64 2k + h
+                        for v in range(2 * n_chunks):
+                            plane = base + 64 * n_chunks + 8 * v
+                            e = e0 + 16 * (v % 2) + 4 * (v // 2)  # element of lane 0
+                            for r in range(GROUP):
+                                for i in range(4):
+                                    lane = 4 * r + i
+                                    bit = (np.int32(w[plane + lane // 8]) >> (lane % 8)) & 1
+                                    into[r] += (bit << 4) * np.int32(xq[row, e + i])
                 xd_t = xd[t, e0 // 32] * unit
                 xsum = xs[t, e0 // 16] + (xs[t, e0 // 16 + 1] if blk == 32 else np.float32(0))
                 for r in range(GROUP):
                     d = _half(w[sbase + 2 * r], w[sbase + 2 * r + 1])
-                    m = _half(w[sbase + 32 + 2 * r], w[sbase + 33 + 2 * r])
+                    if layout == LAYOUT_BYTE32:  # m implied (kernels.qpack)
+                        m = d * np.float32(BYTE32_M)
+                    else:
+                        m = _half(w[sbase + 32 + 2 * r], w[sbase + 33 + 2 * r])
                     acc[t, r] += d * xd_t * np.float32(isum[r]) + m * xsum
                     if terms == 3:
                         acc[t, r] += d * (xd_t * unit) * np.float32(isum_lo[r])

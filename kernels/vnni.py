@@ -7,7 +7,10 @@ plain Numba in `qmatmul_vnni`. Per block of one group and one token:
     acc_i32[r] = sum_e u[r, e] * xq[e]             vpdpbusd: unsigned weight x signed activation
     acc_f32[r] += d[r] * xd * acc_i32[r] + m[r] * xsum
 
-which is `sum_e (d u + m)[r, e] * (xd xq)[e]` exactly, with `xsum = xd * sum_e xq[e]`. With two
+which is `sum_e (d u + m)[r, e] * (xd xq)[e]` exactly, with `xsum = xd * sum_e xq[e]`. The
+5-bit layout (NIBBLE32_HI) ors each lane's 5th bit into its nibble first: the plane's uint64 is
+bitcast to a <64 x i1> mask, a `select` of 16 or 0 (kmovq and a masked vmovdqu8, no scalar
+loop); BYTE32 (Q8_0) stores no m and adds `d * (-128 xsum)` instead. With two
 activation terms (`kernels.qmatmul`: x = xd / 128 * (128 q1 + q2)) the integer sum becomes
 `(sum u q1) << 7 + sum u q2` (two independent vpdpbusd chains; |sum| < 2^28 per block, no
 overflow) and the scale `xd / 128`, so only the integer work doubles. Three terms (traced
@@ -30,13 +33,17 @@ from numba.extending import intrinsic
 from kernels.jit import njit, pnjit
 from kernels.qmatmul import FINE_BITS, SERIAL_BYTES, quantize_activations_auto
 from kernels.qpack import (
+    BYTE32_M,
     GROUP,
+    HI_BYTES,
     LAYOUT_BLK,
     LAYOUT_BYTE16,
     LAYOUT_BYTE32,
     LAYOUT_NIBBLE32,
-    SCALE_BYTES,
+    LAYOUT_NIBBLE32_HI,
+    is_nibble,
     quant_bytes,
+    record_bytes,
 )
 
 PREFETCH_BYTES = 4096  # how far ahead of the current block the weight stream is prefetched
@@ -78,9 +85,10 @@ def _make_group_dot(layout: int, nt: int, terms: int, groups: int = 1):
     lanes.
     """
     blk = LAYOUT_BLK[layout]
-    nibble = layout == LAYOUT_NIBBLE32
-    n_chunks = quant_bytes(layout) // 64  # 64-byte loads per block
-    block_bytes = quant_bytes(layout) + SCALE_BYTES
+    nibble = is_nibble(layout)
+    hi_bits = layout == LAYOUT_NIBBLE32_HI  # 5th bits after the nibbles
+    n_chunks = (quant_bytes(layout) - (HI_BYTES if hi_bits else 0)) // 64  # 64-byte quant loads
+    block_bytes = record_bytes(layout)
 
     @intrinsic
     def group_dot(typingctx, w, w_off, xq, xd, xs, t0, n_in, q2_off, out, out_off, n_out,
@@ -126,6 +134,16 @@ def _make_group_dot(layout: int, nt: int, terms: int, groups: int = 1):
             shift = _splat(builder, _i32(FINE_BITS), _i32x16)
             unit = _splat(builder, ir.Constant(ir.FloatType(), 2.0**-FINE_BITS), _f32x16)
             four = _splat(builder, _i8(4), _i8x64)
+            sixteen = _splat(builder, _i8(16), _i8x64)
+            no_bits = ir.Constant(_i8x64, None)
+
+            def fifth(vec, base, index):  # vec | (bit j of the plane's uint64 `index` ? 16 : 0)
+                hbase = builder.add(base, _i64(64 * n_chunks))  # the plane follows the nibbles
+                word = _invariant(builder, builder.load(
+                    _ptr(builder, wp, builder.add(hbase, _i64(8 * index)), _i64), align=1))
+                mask = builder.bitcast(word, ir.VectorType(ir.IntType(1), 64))
+                return builder.or_(vec, builder.select(mask, sixteen, no_bits))
+
             with cgutils.for_range(builder, n_blocks) as loop:
                 b = loop.index
                 bases = [builder.add(builder.add(w_off_, builder.mul(_i64(g), group_bytes)),
@@ -161,8 +179,12 @@ def _make_group_dot(layout: int, nt: int, terms: int, groups: int = 1):
                             builder, wp, builder.add(base, _i64(64 * k)), _i8x64), align=1))
                             for base in bases]
                         if nibble:  # low nibbles: elements 4k.., high nibbles: 16 + 4k..
-                            parts = [([builder.and_(c, low4) for c in chunks], 4 * k),
-                                     ([builder.lshr(c, four) for c in chunks], 16 + 4 * k)]
+                            los = [builder.and_(c, low4) for c in chunks]
+                            his = [builder.lshr(c, four) for c in chunks]
+                            if hi_bits:  # or in 16 where the lane's bit in the plane is set
+                                los = [fifth(v, base, 2 * k) for v, base in zip(los, bases)]
+                                his = [fifth(v, base, 2 * k + 1) for v, base in zip(his, bases)]
+                            parts = [(los, 4 * k), (his, 16 + 4 * k)]
                         else:
                             parts = [(chunks, 4 * k)]
                         for us, e in parts:
@@ -173,11 +195,14 @@ def _make_group_dot(layout: int, nt: int, terms: int, groups: int = 1):
                                 for g in range(groups):
                                     sums[t][g] = builder.call(dpbusd, [sums[t][g], us[g], x])
                 for g, base in enumerate(bases):
-                    sbase = builder.add(base, _i64(64 * n_chunks))
+                    sbase = builder.add(base, _i64(quant_bytes(layout)))
                     d = builder.fpext(builder.load(_ptr(builder, wp, sbase, _f16x16), align=1),
                                       _f32x16)
-                    m = builder.fpext(builder.load(_ptr(builder, wp, builder.add(
-                        sbase, _i64(32)), _f16x16), align=1), _f32x16)
+                    if layout == LAYOUT_BYTE32:  # m = -128 d, not stored: m xsum = d (-128 xsum)
+                        m = d
+                    else:
+                        m = builder.fpext(builder.load(_ptr(builder, wp, builder.add(
+                            sbase, _i64(32)), _f16x16), align=1), _f32x16)
                     for t in range(nt):
                         tok = toks[t]
                         # activation scale of this block and the sum of its dequantized
@@ -189,6 +214,8 @@ def _make_group_dot(layout: int, nt: int, terms: int, groups: int = 1):
                         if blk == 32:
                             nxt = builder.load(builder.gep(xsp, [builder.add(is16, _i64(1))]))
                             xsum = builder.fadd(xsum, nxt)
+                        if layout == LAYOUT_BYTE32:  # exact, the same per token in any tile
+                            xsum = builder.fmul(xsum, ir.Constant(ir.FloatType(), BYTE32_M))
                         scale = builder.fmul(d, _splat(builder, xd_t, _f32x16))
                         if terms >= 2:  # a power of two: exact in any order
                             scale = builder.fmul(scale, unit)
@@ -272,6 +299,18 @@ _pair_b16_t2 = _make_group_dot(LAYOUT_BYTE16, 2, 1, PAIR)
 _pair2_n32_t2 = _make_group_dot(LAYOUT_NIBBLE32, 2, 2, PAIR)
 _pair2_b32_t2 = _make_group_dot(LAYOUT_BYTE32, 2, 2, PAIR)
 _pair2_b16_t2 = _make_group_dot(LAYOUT_BYTE16, 2, 2, PAIR)
+_dot_h32_t1 = _make_group_dot(LAYOUT_NIBBLE32_HI, 1, 1)  # 5-bit formats
+_dot_h32_t4 = _make_group_dot(LAYOUT_NIBBLE32_HI, TILE, 1)
+_dot2_h32_t1 = _make_group_dot(LAYOUT_NIBBLE32_HI, 1, 2)
+_dot2_h32_t4 = _make_group_dot(LAYOUT_NIBBLE32_HI, TILE, 2)
+_dot3_h32_t1 = _make_group_dot(LAYOUT_NIBBLE32_HI, 1, 3)
+_dot3_h32_t4 = _make_group_dot(LAYOUT_NIBBLE32_HI, TILE, 3)
+_pair_h32_t1 = _make_group_dot(LAYOUT_NIBBLE32_HI, 1, 1, PAIR)
+_pair_h32_t2 = _make_group_dot(LAYOUT_NIBBLE32_HI, 2, 1, PAIR)
+_pair_h32_t4 = _make_group_dot(LAYOUT_NIBBLE32_HI, TILE, 1, PAIR)
+_pair2_h32_t1 = _make_group_dot(LAYOUT_NIBBLE32_HI, 1, 2, PAIR)
+_pair2_h32_t2 = _make_group_dot(LAYOUT_NIBBLE32_HI, 2, 2, PAIR)
+_pair2_h32_t4 = _make_group_dot(LAYOUT_NIBBLE32_HI, TILE, 2, PAIR)
 
 
 @njit
@@ -284,12 +323,16 @@ def _dot(layout, terms, tile, w, w_off, xq, xd, xs, t, n_in, q2_off, outf, o, n_
                 _dot3_n32_t4(*a)
             elif layout == LAYOUT_BYTE32:
                 _dot3_b32_t4(*a)
+            elif layout == LAYOUT_NIBBLE32_HI:
+                _dot3_h32_t4(*a)
             else:
                 _dot3_b16_t4(*a)
         elif layout == LAYOUT_NIBBLE32:
             _dot3_n32_t1(*a)
         elif layout == LAYOUT_BYTE32:
             _dot3_b32_t1(*a)
+        elif layout == LAYOUT_NIBBLE32_HI:
+            _dot3_h32_t1(*a)
         else:
             _dot3_b16_t1(*a)
     elif terms == 1:
@@ -298,12 +341,16 @@ def _dot(layout, terms, tile, w, w_off, xq, xd, xs, t, n_in, q2_off, outf, o, n_
                 _dot_n32_t4(*a)
             elif layout == LAYOUT_BYTE32:
                 _dot_b32_t4(*a)
+            elif layout == LAYOUT_NIBBLE32_HI:
+                _dot_h32_t4(*a)
             else:
                 _dot_b16_t4(*a)
         elif layout == LAYOUT_NIBBLE32:
             _dot_n32_t1(*a)
         elif layout == LAYOUT_BYTE32:
             _dot_b32_t1(*a)
+        elif layout == LAYOUT_NIBBLE32_HI:
+            _dot_h32_t1(*a)
         else:
             _dot_b16_t1(*a)
     elif tile == TILE:
@@ -311,12 +358,16 @@ def _dot(layout, terms, tile, w, w_off, xq, xd, xs, t, n_in, q2_off, outf, o, n_
             _dot2_n32_t4(*a)
         elif layout == LAYOUT_BYTE32:
             _dot2_b32_t4(*a)
+        elif layout == LAYOUT_NIBBLE32_HI:
+            _dot2_h32_t4(*a)
         else:
             _dot2_b16_t4(*a)
     elif layout == LAYOUT_NIBBLE32:
         _dot2_n32_t1(*a)
     elif layout == LAYOUT_BYTE32:
         _dot2_b32_t1(*a)
+    elif layout == LAYOUT_NIBBLE32_HI:
+        _dot2_h32_t1(*a)
     else:
         _dot2_b16_t1(*a)
 
@@ -333,12 +384,16 @@ def _dot_pair(layout, terms, tile, w, w_off, xq, xd, xs, t, n_in, q2_off, outf, 
                 _pair_n32_t2(*a)
             elif layout == LAYOUT_BYTE32:
                 _pair_b32_t2(*a)
+            elif layout == LAYOUT_NIBBLE32_HI:
+                _pair_h32_t2(*a)
             else:
                 _pair_b16_t2(*a)
         elif layout == LAYOUT_NIBBLE32:
             _pair2_n32_t2(*a)
         elif layout == LAYOUT_BYTE32:
             _pair2_b32_t2(*a)
+        elif layout == LAYOUT_NIBBLE32_HI:
+            _pair2_h32_t2(*a)
         else:
             _pair2_b16_t2(*a)
     elif terms == 1:
@@ -347,12 +402,16 @@ def _dot_pair(layout, terms, tile, w, w_off, xq, xd, xs, t, n_in, q2_off, outf, 
                 _pair_n32_t4(*a)
             elif layout == LAYOUT_BYTE32:
                 _pair_b32_t4(*a)
+            elif layout == LAYOUT_NIBBLE32_HI:
+                _pair_h32_t4(*a)
             else:
                 _pair_b16_t4(*a)
         elif layout == LAYOUT_NIBBLE32:
             _pair_n32_t1(*a)
         elif layout == LAYOUT_BYTE32:
             _pair_b32_t1(*a)
+        elif layout == LAYOUT_NIBBLE32_HI:
+            _pair_h32_t1(*a)
         else:
             _pair_b16_t1(*a)
     elif tile == TILE:
@@ -360,12 +419,16 @@ def _dot_pair(layout, terms, tile, w, w_off, xq, xd, xs, t, n_in, q2_off, outf, 
             _pair2_n32_t4(*a)
         elif layout == LAYOUT_BYTE32:
             _pair2_b32_t4(*a)
+        elif layout == LAYOUT_NIBBLE32_HI:
+            _pair2_h32_t4(*a)
         else:
             _pair2_b16_t4(*a)
     elif layout == LAYOUT_NIBBLE32:
         _pair2_n32_t1(*a)
     elif layout == LAYOUT_BYTE32:
         _pair2_b32_t1(*a)
+    elif layout == LAYOUT_NIBBLE32_HI:
+        _pair2_h32_t1(*a)
     else:
         _pair2_b16_t1(*a)
 

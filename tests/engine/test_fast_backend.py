@@ -52,14 +52,15 @@ def test_linear(qtype, n):
 
 
 def test_linear_many_matches_linear():
-    ts = [tensor(Q.Q5_0, (64, 256), 1), tensor(Q.Q8_0, (32, 256), 2), tensor(Q.Q5_0, (40, 256), 3)]
+    ts = [tensor(Q.Q5_0, (64, 256), 1), tensor(Q.Q5_K, (32, 256), 2), tensor(Q.Q5_0, (40, 256), 3)]
     fused = FAST.prepare_many(ts)
     assert fused.stacked is not None  # same layout, first sizes multiples of 16: one kernel call
     x = randn(3, 256)
     for y, t in zip(FAST.linear_many(x, fused), ts, strict=True):
         np.testing.assert_allclose(y, FAST.linear(x, FAST.prepare(t)), rtol=1e-5, atol=1e-5)
-    mixed = FAST.prepare_many([tensor(Q.Q4_1, (32, 256)), tensor(Q.Q8_0, (32, 256))])
-    assert mixed.stacked is None and len(FAST.linear_many(x, mixed)) == 2
+    for other in (Q.Q4_1, Q.Q5_0):  # Q8_0 shares no layout (gemma3's attn_v beside Q5_0 q, k)
+        mixed = FAST.prepare_many([tensor(other, (32, 256)), tensor(Q.Q8_0, (32, 256))])
+        assert mixed.stacked is None and len(FAST.linear_many(x, mixed)) == 2
 
 
 def test_embed():

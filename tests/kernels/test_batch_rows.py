@@ -148,7 +148,7 @@ ISAS = ["generic"] + (["vnni", "vnni-serial"] if jit.HAS_AVX512_VNNI else [])
 
 
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("qtype", [Q.Q4_1, Q.Q8_0, Q.Q6_K], ids=["Q4_1", "Q8_0", "Q6_K"])
+@pytest.mark.parametrize("qtype", [Q.Q4_1, Q.Q8_0, Q.Q6_K, Q.Q5_0], ids=lambda q: q.name)
 @pytest.mark.parametrize("n", [8, 5, 6, 3])  # VNNI tiles: 4+4, 4+1, 4+2, 2+1 tokens
 def test_matmul_rows(isa, qtype, n):
     """Decode rows in one matmul (VNNI: tiles of four, two and one tokens; 80 rows = two
