@@ -8,12 +8,21 @@
 """
 
 __version__ = "0.1.0"  # the one definition (setup.cfg reads it)
-__all__ = ["load_model", "LLM"]
+__all__ = ["load_model", "LLM", "set_compute_threads"]
+
+
+def set_compute_threads(n: int) -> None:
+    """Run every forward pass of this process on `n` threads from now on (1 to the cores Numba
+    saw at import, or NUMBA_NUM_THREADS). All forward passes run on one compute thread
+    (engine/compute.py); a server with several replicas per machine gives each a share."""
+    from .compute import COMPUTE
+
+    COMPUTE.set_threads(n)
 
 
 def __getattr__(name):
     # Imported on first use so that `import engine.gguf_file` stays light.
-    if name in __all__:
+    if name in ("load_model", "LLM"):
         from . import llm
 
         return getattr(llm, name)

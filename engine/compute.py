@@ -40,6 +40,13 @@ class ComputeThread:
             self._cond.notify()
         return future.result()
 
+    def set_threads(self, n: int) -> None:
+        """Run every forward pass from now on on `n` Numba threads (1 to the cores Numba saw at
+        import). Numba's setting is per thread, so it is made on this one."""
+        from kernels import jit
+
+        self.call(jit.set_threads, n)
+
     def add(self, scheduler) -> None:
         """Step `scheduler` whenever `scheduler.has_work()`."""
         with self._cond:

@@ -248,10 +248,10 @@ def _spare_core() -> bool:
     """True when the machine has a core that Numba's forward-pass threads do not use."""
     import os
 
-    import numba
+    from kernels import jit
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return (cores or 1) > numba.get_num_threads()
+    return (cores or 1) > jit.compute_threads()
 
 
 # With a spare core, the next mask is computed in a worker thread while the model runs its

@@ -119,6 +119,33 @@ def _pick_isa() -> str:
 # The quantized-matmul path used when a caller does not ask for one (see kernels.qmatmul).
 ISA = _pick_isa()
 
+# --- threads --------------------------------------------------------------------------------
+# Numba sizes its thread pool from NUMBA_NUM_THREADS when it is imported (all cores by default);
+# setting the variable later changes nothing. `set_threads` narrows what parallel kernels use
+# below that, for the calling thread only (Numba's setting is per thread): the engine calls it
+# on its compute thread, the one thread that runs kernels (engine/compute.py).
+_threads = 0  # 0: the whole pool
+
+
+def max_threads() -> int:
+    """The size of Numba's thread pool: the most a parallel kernel can use."""
+    return numba.config.NUMBA_NUM_THREADS
+
+
+def set_threads(n: int) -> None:
+    """Parallel kernels called from this thread use `n` threads (1..max_threads())."""
+    global _threads
+    if not 1 <= n <= max_threads():
+        raise ValueError(f"threads must be 1 to {max_threads()} (NUMBA_NUM_THREADS), got {n}")
+    numba.set_num_threads(n)
+    _threads = n
+
+
+def compute_threads() -> int:
+    """Threads a forward pass runs on, asked from any thread."""
+    return _threads or max_threads()
+
+
 GOOD_LAYERS = ("omp", "tbb")
 
 
@@ -135,7 +162,7 @@ def check_threading_layer() -> str:
             layer,
         )
     else:
-        log.info("Numba threading layer: %s, %d threads", layer, numba.get_num_threads())
+        log.info("Numba threading layer: %s, %d threads", layer, compute_threads())
     return layer
 
 

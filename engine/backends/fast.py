@@ -24,7 +24,6 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
-import numba
 import numpy as np
 
 from kernels import attention as attn_kernels
@@ -354,8 +353,8 @@ class FastBackend:
 
     def encoder_workers(self) -> int:
         """Threads an encoder may split a batch of sentences over (each runs single-threaded
-        kernels and one-thread BLAS, without the GIL): Numba's thread count."""
-        return numba.get_num_threads()
+        kernels and one-thread BLAS, without the GIL): as many as a forward pass uses."""
+        return jit.compute_threads()
 
 
 def _rows(t: TensorInfo) -> int:

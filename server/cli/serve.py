@@ -13,6 +13,7 @@ import sys
 import tempfile
 import threading
 
+import engine
 from engine.backends import BACKENDS, DEFAULT_BACKEND
 from engine.registry import DEFAULT_MODEL
 from server import create_app
@@ -150,11 +151,11 @@ def serve_command(args) -> int:
         config = config_from_args(args)
         check_jit_cache()
         setup_logging(config.log_level, config.log_format)
+        if config.compute_threads:
+            engine.set_compute_threads(config.compute_threads)
     except (ConfigError, ValueError) as e:
         print(f"numbalm serve: {e}", file=sys.stderr)
         return 2
-    if config.compute_threads:
-        os.environ["NUMBA_NUM_THREADS"] = str(config.compute_threads)
     app = create_app(config, load=False)
     rt = app.extensions["numbalm"]
     if getattr(args, "warmup_only", False):

@@ -25,7 +25,7 @@ class ServerConfig:
     aliases: dict[str, str] = field(default_factory=dict)  # request name -> served model name
     backend: str = DEFAULT_BACKEND                         # engine backend: fast | reference
     threads: int = 0                     # waitress worker threads; 0: max_concurrent + queue + 4
-    compute_threads: int = 0             # Numba threads (NUMBA_NUM_THREADS); 0: Numba's default
+    compute_threads: int = 0             # threads of a forward pass; 0: every core Numba has
     max_concurrent: int = 8              # requests generating at once, batched together
     kv_cache_mb: float = 1024.0          # KV cache per model, shared by its generations
     step_tokens: int = 128               # prompt tokens one batched step may prefill

@@ -280,14 +280,13 @@ def test_stop_sequences_still_apply(smollm2_fast):
 def test_mask_overlaps_the_forward_pass_only_with_a_spare_core(monkeypatch, smollm2_fast):
     import os
 
-    import numba
-
     from engine import constrain
+    from kernels import jit
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
-    monkeypatch.setattr(numba, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(jit, "compute_threads", lambda: 2)
     assert not constrain._spare_core()  # 2 cores, both running the forward pass
-    monkeypatch.setattr(numba, "get_num_threads", lambda: 1)
+    monkeypatch.setattr(jit, "compute_threads", lambda: 1)
     assert constrain._spare_core()
     monkeypatch.setattr(constrain, "OVERLAP_MASK", None)  # decided on first use
     assert Grammar.json_object().start(smollm2_fast.tokenizer)._overlap is True

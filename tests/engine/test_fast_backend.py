@@ -116,3 +116,23 @@ def test_a_broken_numba_is_an_error_not_a_silent_fallback(monkeypatch):
     assert get_backend("reference").name == "reference"
     with pytest.raises(EngineError, match="choose from fast, reference"):
         get_backend("fastest")
+
+
+def test_compute_threads_narrow_the_forward_pass_on_the_compute_thread():
+    """`numbalm serve --compute-threads 1` (a replica per core): Numba's pool is sized at import,
+    so the setting must reach the thread that runs the kernels, not the environment."""
+    import numba
+
+    import engine
+    from engine.compute import COMPUTE
+    from kernels import jit
+
+    try:
+        engine.set_compute_threads(1)
+        assert COMPUTE.call(numba.get_num_threads) == 1 and jit.compute_threads() == 1
+        with pytest.raises(ValueError, match="threads must be 1 to"):
+            engine.set_compute_threads(jit.max_threads() + 1)
+        assert jit.compute_threads() == 1  # a refused setting changes nothing
+    finally:
+        engine.set_compute_threads(jit.max_threads())
+    assert COMPUTE.call(numba.get_num_threads) == jit.compute_threads() == jit.max_threads()

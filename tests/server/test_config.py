@@ -91,3 +91,9 @@ def test_embeddings_options_from_env_and_cli():
     assert (c.embeddings_max_batch, c.embeddings_cache_bytes) == (16, 0)
     with pytest.raises(ConfigError, match="embeddings_max_batch"):
         build_config({"embeddings_max_batch": 0}, {})
+
+
+def test_serve_command_reports_more_compute_threads_than_cores(capsys):
+    args = parse(["--compute-threads", "999"])
+    assert args.func(args) == 2
+    assert "threads must be 1 to" in capsys.readouterr().err
