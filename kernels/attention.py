@@ -149,6 +149,106 @@ def _exp(x):
 # their loops over head_dim only outside the parallel loop's body.
 
 
+def _make_block_scores(n_vec: int):
+    """An intrinsic `out[j + i] = qs . vc[slot0 + i]` for i < run <= 16: one query head's
+    scores against up to 16 consecutive keys (hd = 16 * n_vec floats each), keys in the lanes.
+
+    Per key, the products of one 16-float slice of the head sit in the 16 lanes of a register,
+    summed over the n_vec slices by fused multiply-adds; the 16 keys' registers are then summed
+    across their lanes all at once by a tree of shuffles and adds (16 keys x 16 lanes -> 16
+    sums in 15 steps), where a scalar loop would pay a horizontal sum per key. Lanes past
+    `run` are computed from key 0 again and not stored (a masked store). Each score is the
+    same sum in the same order whatever the other lanes hold, so a row's numbers do not
+    depend on the batch it is in."""
+    f32 = ir.FloatType()
+    f32x16 = ir.VectorType(f32, 16)
+    i32, i64 = ir.IntType(32), ir.IntType(64)
+
+    @intrinsic
+    def block_scores(typingctx, qs, kc, slot0, run, out, j):
+        if not all(a.layout == "C" for a in (qs, kc, out)):
+            return None  # the pointer arithmetic below needs contiguous rows
+        sig = types.void(qs, kc, slot0, run, out, j)
+
+        def codegen(context, builder, signature, args):
+            qs_, kc_, slot0_, run_, out_, j_ = args
+            tys = signature.args
+
+            def data(arr, ty):
+                return context.make_array(ty)(context, builder, arr).data
+
+            qp, kp, op = data(qs_, tys[0]), data(kc_, tys[1]), data(out_, tys[4])
+            slot0_ = context.cast(builder, slot0_, tys[2], types.int64)
+            run_ = context.cast(builder, run_, tys[3], types.int64)
+            j_ = context.cast(builder, j_, tys[5], types.int64)
+            fma = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(f32x16, [f32x16] * 3), "llvm.fma.v16f32")
+
+            def vec_at(base, index):  # <16 x float> at float index
+                ptr = builder.bitcast(builder.gep(base, [index]), f32x16.as_pointer())
+                return builder.load(ptr, align=4)
+
+            q = [vec_at(qp, i64(16 * v)) for v in range(n_vec)]
+            hd = i64(16 * n_vec)
+
+            def products(i):  # lane e: sum over v of q[16v + e] * key_i[16v + e]
+                valid = builder.icmp_signed("<", i64(i), run_)
+                row = builder.mul(builder.add(slot0_, builder.select(valid, i64(i), i64(0))), hd)
+                acc = builder.fmul(q[0], vec_at(kp, row))
+                for v in range(1, n_vec):
+                    acc = builder.call(fma, [q[v], vec_at(kp, builder.add(row, i64(16 * v))),
+                                             acc])
+                return acc
+
+            def combine(x, y, width):  # x, y: 16/width keys x width partial sums each
+                half = width // 2
+                lo, hi = [], []
+                for base in (0, 16):  # lanes of x, then of y
+                    for k in range(16 // width):
+                        lo += [base + k * width + e for e in range(half)]
+                        hi += [base + k * width + half + e for e in range(half)]
+                mask = ir.VectorType(i32, 16)
+                a = builder.shuffle_vector(x, y, ir.Constant(mask, [i32(i) for i in lo]))
+                b = builder.shuffle_vector(x, y, ir.Constant(mask, [i32(i) for i in hi]))
+                return builder.fadd(a, b)
+
+            # a binary counter of partial trees: at most one pending tree per width
+            stack = []  # (width, vector): keys in order, `width` partials per key
+            for i in range(16):
+                item = (16, products(i))
+                while stack and stack[-1][0] == item[0]:
+                    width, left = stack.pop()
+                    item = (width // 2, combine(left, item[1], width))
+                stack.append(item)
+            (_, sums), = stack  # key i's score in lane i
+            lanes = ir.Constant(ir.VectorType(i64, 16), [i64(i) for i in range(16)])
+            store_mask = builder.icmp_signed(
+                "<", lanes, builder.shuffle_vector(
+                    builder.insert_element(ir.Constant(ir.VectorType(i64, 16), ir.Undefined),
+                                           run_, i32(0)),
+                    ir.Constant(ir.VectorType(i64, 16), ir.Undefined),
+                    ir.Constant(ir.VectorType(i32, 16), None)))
+            masked_store = cgutils.get_or_insert_function(
+                builder.module,
+                ir.FunctionType(ir.VoidType(), [f32x16, f32x16.as_pointer(), i32,
+                                                ir.VectorType(ir.IntType(1), 16)]),
+                "llvm.masked.store.v16f32.p0v16f32")
+            target = builder.bitcast(builder.gep(op, [j_]), f32x16.as_pointer())
+            builder.call(masked_store, [sums, target, i32(4), store_mask])
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return block_scores
+
+
+# head sizes with a vectorized score pass (16 floats a register); others use the loops
+_block_scores_64 = _make_block_scores(4)
+_block_scores_96 = _make_block_scores(6)
+_block_scores_128 = _make_block_scores(8)
+_block_scores_256 = _make_block_scores(16)
+
+
 @njit(error_model="numpy")
 def _scores(q, kc, table, lo, n_keys, scale, scores):
     """scores (group, n_keys) = scale * q (group, hd) . the keys at positions lo.. of one
@@ -158,6 +258,7 @@ def _scores(q, kc, table, lo, n_keys, scale, scores):
     for g in range(group):
         for e in range(hd):
             qs[g, e] = q[g, e] * np.float32(scale)
+    vectorized = hd in (64, 96, 128, 256)
     j = 0
     while j < n_keys:
         pos = lo + j
@@ -165,13 +266,24 @@ def _scores(q, kc, table, lo, n_keys, scale, scores):
         first = pos - block * KV_BLOCK
         run = min(KV_BLOCK - first, n_keys - j)  # keys of this block in range
         slot0 = table[block] * KV_BLOCK + first
-        for i in range(run):
-            key = kc[slot0 + i]
+        if vectorized:
             for g in range(group):
-                s = np.float32(0)
-                for e in range(hd):
-                    s += qs[g, e] * key[e]
-                scores[g, j + i] = s
+                if hd == 64:
+                    _block_scores_64(qs[g], kc, slot0, run, scores[g], j)
+                elif hd == 128:
+                    _block_scores_128(qs[g], kc, slot0, run, scores[g], j)
+                elif hd == 256:
+                    _block_scores_256(qs[g], kc, slot0, run, scores[g], j)
+                else:
+                    _block_scores_96(qs[g], kc, slot0, run, scores[g], j)
+        else:
+            for i in range(run):
+                key = kc[slot0 + i]
+                for g in range(group):
+                    s = np.float32(0)
+                    for e in range(hd):
+                        s += qs[g, e] * key[e]
+                    scores[g, j + i] = s
         j += run
 
 

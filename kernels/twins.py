@@ -136,12 +136,14 @@ def _add_bias_cases():
 def _paged_attention_cases():
     """Packed rows of several sequences over a paged cache whose blocks are shuffled: a
     sequence decoding one token beside others prefilling chunks, with and without a window."""
-    r, hd, block, cases = np.random.default_rng(7), 64, attention.KV_BLOCK, {}
-    # (query heads, kv heads, window, [(first position, rows) per sequence])
-    shapes = [(9, 3, 0, [(0, 1)]), (9, 3, 0, [(37, 1), (0, 20), (5, 3)]),
-              (4, 1, 0, [(0, 6), (20, 5)]), (4, 1, 8, [(30, 6), (3, 1)]),
-              (4, 2, 16, [(40, 1), (0, 33)])]
-    for n_head, n_kv, window, seqs in shapes:
+    r, block, cases = np.random.default_rng(7), attention.KV_BLOCK, {}
+    # (query heads, kv heads, window, [(first position, rows) per sequence], head size):
+    # the score pass has vector code for head sizes 64, 96, 128, 256 and loops for others
+    shapes = [(9, 3, 0, [(0, 1)], 64), (9, 3, 0, [(37, 1), (0, 20), (5, 3)], 64),
+              (4, 1, 0, [(0, 6), (20, 5)], 64), (4, 1, 8, [(30, 6), (3, 1)], 64),
+              (4, 2, 16, [(40, 1), (0, 33)], 64), (4, 1, 0, [(3, 20), (50, 1)], 256),
+              (2, 1, 0, [(0, 18)], 128), (3, 1, 5, [(10, 4)], 96), (2, 1, 0, [(7, 9)], 24)]
+    for n_head, n_kv, window, seqs, hd in shapes:
         need = [-(-(p0 + rows) // block) for p0, rows in seqs]  # blocks per sequence
         order = r.permutation(sum(need) + 2)  # shuffled block ids, two never used
         tables = np.zeros((len(seqs), max(need)), np.int32)
@@ -154,7 +156,7 @@ def _paged_attention_cases():
         row_seq = np.concatenate([np.full(rows, s, np.int32) for s, (_, rows) in enumerate(seqs)])
         positions = np.concatenate([np.arange(p0, p0 + rows) for p0, rows in seqs])
         q = _randn(r, len(positions), n_head, hd)
-        cases[f"heads={n_head}/{n_kv},window={window},seqs={seqs}"] = (
+        cases[f"heads={n_head}/{n_kv},hd={hd},window={window},seqs={seqs}"] = (
             q, k, v, tables, row_seq, positions, window, 0.125)
     return cases
 
