@@ -539,21 +539,98 @@ def _make_accumulate_values(n_vec: int):
     return accumulate
 
 
-# head sizes with a register-held value pass (16 floats a register); others use the loops
-_accumulate_64 = _make_accumulate_values(4)
+def _make_accumulate_heads(n_heads: int):
+    """An intrinsic `acc[g0 + h, col:col + 64] += sum_i w[g0 + h, w_off + i] * vc[slot0 + i,
+    col:col + 64]` over i < run, for the `n_heads` query heads from g0 that read one kv head:
+    each value slice loaded once for all of them, their 4 x n_heads sums in registers (up to
+    16 independent FMA chains, where one head alone waits on 4). Key by key in order, one
+    fused multiply-add per element and key: the very roundings of `_weighted_values`."""
+    f32x16 = ir.VectorType(ir.FloatType(), 16)
+    n_vec = 4  # 64 floats of each head per call
+
+    @intrinsic
+    def accumulate(typingctx, acc, w, w_off, vc, slot0, run, g0, col):
+        if not all(a.layout == "C" for a in (acc, w, vc)):
+            return None
+        sig = types.void(acc, w, w_off, vc, slot0, run, g0, col)
+
+        def codegen(context, builder, signature, args):
+            tys = signature.args
+            acc_, w_, vc_ = args[0], args[1], args[3]
+            w_off_, slot0_, run_, g0_, col_ = (
+                context.cast(builder, args[i], tys[i], types.int64) for i in (2, 4, 5, 6, 7))
+            i64 = ir.IntType(64)
+            acc_arr = context.make_array(tys[0])(context, builder, acc_)
+            w_arr = context.make_array(tys[1])(context, builder, w_)
+            vc_arr = context.make_array(tys[3])(context, builder, vc_)
+            hd = builder.extract_value(acc_arr.shape, 1)
+            n_keys = builder.extract_value(w_arr.shape, 1)
+            accp, wp, vcp = acc_arr.data, w_arr.data, vc_arr.data
+            fma = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(f32x16, [f32x16] * 3), "llvm.fma.v16f32")
+
+            def vec_ptr(base, index):  # <16 x float>* at float index
+                return builder.bitcast(builder.gep(base, [index]), f32x16.as_pointer())
+
+            heads = [builder.add(g0_, i64(h)) for h in range(n_heads)]
+            acc_at = [[builder.add(builder.add(builder.mul(g, hd), col_), i64(16 * v))
+                       for v in range(n_vec)] for g in heads]
+            sums = []
+            for h in range(n_heads):
+                row = []
+                for v in range(n_vec):
+                    slot = cgutils.alloca_once(builder, f32x16)
+                    builder.store(builder.load(vec_ptr(accp, acc_at[h][v]), align=4), slot)
+                    row.append(slot)
+                sums.append(row)
+            w_rows = [builder.add(builder.mul(g, n_keys), w_off_) for g in heads]
+            with cgutils.for_range(builder, run_) as loop:
+                i = loop.index
+                row = builder.add(builder.mul(builder.add(slot0_, i), hd), col_)
+                values = [builder.load(vec_ptr(vcp, builder.add(row, i64(16 * v))), align=4)
+                          for v in range(n_vec)]
+                for h in range(n_heads):
+                    wi = builder.load(builder.gep(wp, [builder.add(w_rows[h], i)]))
+                    wv = builder.insert_element(ir.Constant(f32x16, ir.Undefined), wi,
+                                                ir.IntType(32)(0))
+                    wv = builder.shuffle_vector(
+                        wv, wv, ir.Constant(ir.VectorType(ir.IntType(32), 16), None))
+                    for v in range(n_vec):
+                        builder.store(builder.call(fma, [wv, values[v],
+                                                         builder.load(sums[h][v])]),
+                                      sums[h][v])
+            for h in range(n_heads):
+                for v in range(n_vec):
+                    builder.store(builder.load(sums[h][v]), vec_ptr(accp, acc_at[h][v]),
+                                  align=4)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return accumulate
+
+
+# up to 4 query heads of one kv head at a time, 64 floats of each (head sizes 64, 128, 256)
+_accumulate_heads_1 = _make_accumulate_heads(1)
+_accumulate_heads_2 = _make_accumulate_heads(2)
+_accumulate_heads_3 = _make_accumulate_heads(3)
+_accumulate_heads_4 = _make_accumulate_heads(4)
+
+
+# a head size with a register-held value pass that is not a multiple of 64 (16 floats a register)
 _accumulate_96 = _make_accumulate_values(6)
-_accumulate_128 = _make_accumulate_values(8)
-_accumulate_256 = _make_accumulate_values(16)
 
 
 @njit(error_model="numpy")
 def _weighted_values_prefill(weights, vc, table, lo, acc):
     """`_weighted_values`, bit for bit (each sum over the keys in the same order, one FMA a
-    key), with each row of acc kept in registers over a block's keys for the head sizes that
-    have an `_accumulate_*`."""
+    key), with the sums kept in registers over a block's keys: for head sizes that are a
+    multiple of 64, up to 4 query heads at a time (`_accumulate_heads_*`), else one head at
+    a time for the head sizes that have an `_accumulate_*`."""
     group, n_keys = weights.shape
     hd = acc.shape[1]
-    if hd not in (64, 96, 128, 256):
+    heads = hd % 64 == 0
+    if not heads and hd != 96:
         _weighted_values(weights, vc, table, lo, acc)
         return
     acc[:] = 0
@@ -564,15 +641,21 @@ def _weighted_values_prefill(weights, vc, table, lo, acc):
         first = pos - block * KV_BLOCK
         run = min(KV_BLOCK - first, n_keys - j)
         slot0 = table[block] * KV_BLOCK + first
-        for g in range(group):
-            if hd == 256:
-                _accumulate_256(acc[g], weights[g], j, vc, slot0, run)
-            elif hd == 128:
-                _accumulate_128(acc[g], weights[g], j, vc, slot0, run)
-            elif hd == 96:
+        if heads:
+            for col in range(0, hd, 64):
+                for g0 in range(0, group, 4):
+                    left = group - g0
+                    if left >= 4:
+                        _accumulate_heads_4(acc, weights, j, vc, slot0, run, g0, col)
+                    elif left == 3:
+                        _accumulate_heads_3(acc, weights, j, vc, slot0, run, g0, col)
+                    elif left == 2:
+                        _accumulate_heads_2(acc, weights, j, vc, slot0, run, g0, col)
+                    else:
+                        _accumulate_heads_1(acc, weights, j, vc, slot0, run, g0, col)
+        else:
+            for g in range(group):
                 _accumulate_96(acc[g], weights[g], j, vc, slot0, run)
-            else:
-                _accumulate_64(acc[g], weights[g], j, vc, slot0, run)
         j += run
 
 

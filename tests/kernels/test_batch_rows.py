@@ -50,12 +50,13 @@ def test_paged_attention_rows(window):
     np.testing.assert_allclose(batched, ref, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("hd", [256, 64, 80])  # 80: no register-held value pass, the loops
+# 80: no register-held value pass, the loops; groups of 3 and 6 (4 + 2) query heads per kv head
+@pytest.mark.parametrize("hd, group", [(256, 4), (64, 4), (80, 4), (64, 3), (128, 6)])
 @pytest.mark.parametrize("window", [0, 20])
-def test_paged_attention_prefill_is_the_decode_kernel(window, hd):
+def test_paged_attention_prefill_is_the_decode_kernel(window, hd, group):
     """The prefill kernel gives every row the very numbers of `paged_attention` (so a prompt's
     result does not depend on how it was chunked, nor on which kernel ran each chunk)."""
-    n_kv, group = 1, 4
+    n_kv = 1
     k_cache, v_cache = randn(n_kv, 24 * BLOCK, hd), randn(n_kv, 24 * BLOCK, hd)
     tables = RNG.permutation(24).astype(np.int32).reshape(2, 12)
     row_seq = np.array([0] * 40 + [1] * 3, np.int32)  # a prefill chunk, and a short one
