@@ -198,7 +198,23 @@ def test_sigkill_fails_only_the_requests_in_flight_on_it(cluster, capsys):
         f"after: {stats(started(results, t_ready))}, {len(rejoined)} of them by it"])
 
 
+def wait_rejoined(replica: Replica, load: Load, nginx: Nginx, since: float) -> float:
+    """Seconds until nginx has sent `replica` a request (started after `since`) that it
+    served; fails after REJOIN_SECONDS."""
+    port, deadline = str(replica.port), time.monotonic() + REJOIN_SECONDS
+    while time.monotonic() < deadline:
+        if any(r.ok and r.start > since and r.served_by == port
+               for r in load.attach_log(nginx)):
+            return time.monotonic() - since
+        time.sleep(0.5)
+    raise AssertionError(f"{replica.name} got no request within {REJOIN_SECONDS} s of ready")
+
+
 def test_rolling_restart_under_load_fails_no_request(cluster, capsys):
+    """One replica at a time, as deploy/k8s (maxUnavailable 0) and docs/deploy.md do it: the
+    next one drains only once nginx sends the restarted one work again. Its 503s while it
+    drained kept it out of nginx's rotation for fail_timeout (5 s) even after it was ready;
+    draining the next one sooner leaves, with three, none in rotation for a moment: a 502."""
     replicas, nginx, _ = cluster
     steps = []
     with Load(nginx.url) as load:
@@ -210,8 +226,10 @@ def test_rolling_restart_under_load_fails_no_request(cluster, capsys):
             assert replica.wait_exit(EXIT_SECONDS) == 0
             t_exit = time.monotonic()
             ready = restart(replica)
+            rejoined = wait_rejoined(replica, load, nginx, time.monotonic())
             steps.append(f"{replica.name}: drained and exited in {t_exit - t_term:.1f} s, "
-                         f"ready again {ready:.1f} s later")
+                         f"ready again {ready:.1f} s later, back in nginx's rotation "
+                         f"{rejoined:.1f} s after that")
         t_end = time.monotonic()
         time.sleep(2)
     results = load.attach_log(nginx)
