@@ -150,13 +150,16 @@ ISAS = ["generic"] + (["vnni", "vnni-serial"] if jit.HAS_AVX512_VNNI else [])
 
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("qtype", [Q.Q4_1, Q.Q8_0, Q.Q6_K, Q.Q5_0], ids=lambda q: q.name)
-@pytest.mark.parametrize("n", [8, 5, 6, 3])  # VNNI tiles: 4+4, 4+1, 4+2, 2+1 tokens
-def test_matmul_rows(isa, qtype, n):
-    """Decode rows in one matmul (VNNI: tiles of four, two and one tokens; 80 rows = two
-    pairs of groups and one group alone) give each row what a one-row matmul (a matvec)
+# VNNI tiles (a pair of groups): 8, 8+4+1, 4+1, 4+2, 2+1 tokens; a lone group: 4+4, 4+4+4+1
+@pytest.mark.parametrize("n", [8, 13, 5, 6, 3])
+@pytest.mark.parametrize("terms", [1, 2])
+def test_matmul_rows(isa, qtype, n, terms):
+    """Decode rows in one matmul (VNNI: tiles of eight, four, two and one tokens; 80 rows =
+    two pairs of groups and one group alone) give each row what a one-row matmul (a matvec)
     gives, for every layout."""
     w = repack(random_tensor(qtype, (80, 256), seed=3), qtype, (80, 256))
     x = randn(n, 256)
-    batched = qmatmul.matmul(x, w, isa=isa)
+    batched = qmatmul.matmul(x, w, isa=isa, terms=terms)
     for i in range(n):
-        np.testing.assert_array_equal(batched[i], qmatmul.matmul(x[i:i + 1], w, isa=isa)[0])
+        np.testing.assert_array_equal(batched[i],
+                                      qmatmul.matmul(x[i:i + 1], w, isa=isa, terms=terms)[0])
