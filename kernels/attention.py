@@ -145,6 +145,29 @@ def _exp(x):
     return p * _f32_from_bits((n + np.int32(127)) << np.int32(23))
 
 
+# --- LLVM IR shared by the intrinsics below (16 float32 lanes: one AVX-512 register) ---------
+
+_F32X16 = ir.VectorType(ir.FloatType(), 16)
+_I32, _I64 = ir.IntType(32), ir.IntType(64)
+
+
+def _vec_ptr(builder, base, index):
+    """`(<16 x float>*) (base + index)` for a float* base and an i64 element index."""
+    return builder.bitcast(builder.gep(base, [index]), _F32X16.as_pointer())
+
+
+def _fma16(builder):
+    """LLVM's fused multiply-add on 16 floats (one rounding per lane)."""
+    return cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(_F32X16, [_F32X16] * 3), "llvm.fma.v16f32")
+
+
+def _splat16(builder, scalar):
+    """A float broadcast to the 16 lanes."""
+    v = builder.insert_element(ir.Constant(_F32X16, ir.Undefined), scalar, _I32(0))
+    return builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, 16), None))
+
+
 # The three passes of one (row, kv head) job, as functions of their own: LLVM vectorizes
 # their loops over head_dim only outside the parallel loop's body.
 
@@ -160,9 +183,7 @@ def _make_block_scores(n_vec: int):
     `run` are computed from key 0 again and not stored (a masked store). Each score is the
     same sum in the same order whatever the other lanes hold, so a row's numbers do not
     depend on the batch it is in."""
-    f32 = ir.FloatType()
-    f32x16 = ir.VectorType(f32, 16)
-    i32, i64 = ir.IntType(32), ir.IntType(64)
+    f32x16, i32, i64 = _F32X16, _I32, _I64
 
     @intrinsic
     def block_scores(typingctx, qs, kc, slot0, run, out, j):
@@ -181,12 +202,10 @@ def _make_block_scores(n_vec: int):
             slot0_ = context.cast(builder, slot0_, tys[2], types.int64)
             run_ = context.cast(builder, run_, tys[3], types.int64)
             j_ = context.cast(builder, j_, tys[5], types.int64)
-            fma = cgutils.get_or_insert_function(
-                builder.module, ir.FunctionType(f32x16, [f32x16] * 3), "llvm.fma.v16f32")
+            fma = _fma16(builder)
 
             def vec_at(base, index):  # <16 x float> at float index
-                ptr = builder.bitcast(builder.gep(base, [index]), f32x16.as_pointer())
-                return builder.load(ptr, align=4)
+                return builder.load(_vec_ptr(builder, base, index), align=4)
 
             q = [vec_at(qp, i64(16 * v)) for v in range(n_vec)]
             hd = i64(16 * n_vec)
@@ -482,76 +501,19 @@ def encoder_attention(qkv, starts, scale, out):
 # --- prefill: the same maths per row, the value pass with its sums in registers -----------------
 
 
-def _make_accumulate_values(n_vec: int):
-    """An intrinsic `acc (16 * n_vec,) += sum_i w[w_off + i] * vc[slot0 + i]` over i < run,
-    key by key in order, one fused multiply-add per element and key: the very roundings of
-    `_weighted_values`, with the row of sums held in `n_vec` registers across the keys instead
-    of read and written back for every key (4x fewer memory operations)."""
-    f32x16 = ir.VectorType(ir.FloatType(), 16)
-
-    @intrinsic
-    def accumulate(typingctx, acc, w, w_off, vc, slot0, run):
-        if not all(a.layout == "C" for a in (acc, w, vc)):
-            return None  # the pointer arithmetic below needs contiguous rows
-        sig = types.void(acc, w, w_off, vc, slot0, run)
-
-        def codegen(context, builder, signature, args):
-            acc_, w_, w_off_, vc_, slot0_, run_ = args
-            tys = signature.args
-            i64 = ir.IntType(64)
-
-            def data(arr, ty):
-                return context.make_array(ty)(context, builder, arr).data
-
-            accp, wp, vcp = data(acc_, tys[0]), data(w_, tys[1]), data(vc_, tys[3])
-            w_off_ = context.cast(builder, w_off_, tys[2], types.int64)
-            slot0_ = context.cast(builder, slot0_, tys[4], types.int64)
-            run_ = context.cast(builder, run_, tys[5], types.int64)
-            fma = cgutils.get_or_insert_function(
-                builder.module, ir.FunctionType(f32x16, [f32x16] * 3), "llvm.fma.v16f32")
-
-            def vec_at(base, index):  # <16 x float>* at float index
-                return builder.bitcast(builder.gep(base, [index]), f32x16.as_pointer())
-
-            sums = []
-            for v in range(n_vec):
-                slot = cgutils.alloca_once(builder, f32x16)
-                builder.store(builder.load(vec_at(accp, i64(16 * v)), align=4), slot)
-                sums.append(slot)
-            hd = i64(16 * n_vec)
-            with cgutils.for_range(builder, run_) as loop:
-                i = loop.index
-                wi = builder.load(builder.gep(wp, [builder.add(w_off_, i)]))
-                wv = builder.insert_element(ir.Constant(f32x16, ir.Undefined), wi,
-                                            ir.IntType(32)(0))
-                wv = builder.shuffle_vector(wv, wv, ir.Constant(ir.VectorType(ir.IntType(32),
-                                                                              16), None))
-                row = builder.mul(builder.add(slot0_, i), hd)
-                for v in range(n_vec):
-                    value = builder.load(vec_at(vcp, builder.add(row, i64(16 * v))), align=4)
-                    builder.store(builder.call(fma, [wv, value, builder.load(sums[v])]), sums[v])
-            for v in range(n_vec):
-                builder.store(builder.load(sums[v]), vec_at(accp, i64(16 * v)), align=4)
-            return context.get_dummy_value()
-
-        return sig, codegen
-
-    return accumulate
-
-
-def _make_accumulate_heads(n_heads: int):
-    """An intrinsic `acc[g0 + h, col:col + 64] += sum_i w[g0 + h, w_off + i] * vc[slot0 + i,
-    col:col + 64]` over i < run, for the `n_heads` query heads from g0 that read one kv head:
-    each value slice loaded once for all of them, their 4 x n_heads sums in registers (up to
-    16 independent FMA chains, where one head alone waits on 4). Key by key in order, one
+def _make_accumulate_heads(n_heads: int, n_vec: int = 4):
+    """An intrinsic `acc[g0 + h, col:col + 16 n_vec] += sum_i w[g0 + h, w_off + i] *
+    vc[slot0 + i, col:col + 16 n_vec]` over i < run, for the `n_heads` query heads from g0
+    that read one kv head: each value slice loaded once for all of them, their n_vec x n_heads
+    sums held in registers across the keys (up to 16 independent FMA chains, where one head
+    alone waits on 4; and no read and write back of acc per key). Key by key in order, one
     fused multiply-add per element and key: the very roundings of `_weighted_values`."""
-    f32x16 = ir.VectorType(ir.FloatType(), 16)
-    n_vec = 4  # 64 floats of each head per call
+    f32x16, i64 = _F32X16, _I64
 
     @intrinsic
     def accumulate(typingctx, acc, w, w_off, vc, slot0, run, g0, col):
         if not all(a.layout == "C" for a in (acc, w, vc)):
-            return None
+            return None  # the pointer arithmetic below needs contiguous rows
         sig = types.void(acc, w, w_off, vc, slot0, run, g0, col)
 
         def codegen(context, builder, signature, args):
@@ -559,18 +521,13 @@ def _make_accumulate_heads(n_heads: int):
             acc_, w_, vc_ = args[0], args[1], args[3]
             w_off_, slot0_, run_, g0_, col_ = (
                 context.cast(builder, args[i], tys[i], types.int64) for i in (2, 4, 5, 6, 7))
-            i64 = ir.IntType(64)
             acc_arr = context.make_array(tys[0])(context, builder, acc_)
             w_arr = context.make_array(tys[1])(context, builder, w_)
             vc_arr = context.make_array(tys[3])(context, builder, vc_)
             hd = builder.extract_value(acc_arr.shape, 1)
             n_keys = builder.extract_value(w_arr.shape, 1)
             accp, wp, vcp = acc_arr.data, w_arr.data, vc_arr.data
-            fma = cgutils.get_or_insert_function(
-                builder.module, ir.FunctionType(f32x16, [f32x16] * 3), "llvm.fma.v16f32")
-
-            def vec_ptr(base, index):  # <16 x float>* at float index
-                return builder.bitcast(builder.gep(base, [index]), f32x16.as_pointer())
+            fma = _fma16(builder)
 
             heads = [builder.add(g0_, i64(h)) for h in range(n_heads)]
             acc_at = [[builder.add(builder.add(builder.mul(g, hd), col_), i64(16 * v))
@@ -580,29 +537,27 @@ def _make_accumulate_heads(n_heads: int):
                 row = []
                 for v in range(n_vec):
                     slot = cgutils.alloca_once(builder, f32x16)
-                    builder.store(builder.load(vec_ptr(accp, acc_at[h][v]), align=4), slot)
+                    builder.store(builder.load(_vec_ptr(builder, accp, acc_at[h][v]), align=4),
+                                  slot)
                     row.append(slot)
                 sums.append(row)
             w_rows = [builder.add(builder.mul(g, n_keys), w_off_) for g in heads]
             with cgutils.for_range(builder, run_) as loop:
                 i = loop.index
                 row = builder.add(builder.mul(builder.add(slot0_, i), hd), col_)
-                values = [builder.load(vec_ptr(vcp, builder.add(row, i64(16 * v))), align=4)
-                          for v in range(n_vec)]
+                values = [builder.load(_vec_ptr(builder, vcp, builder.add(row, i64(16 * v))),
+                                       align=4) for v in range(n_vec)]
                 for h in range(n_heads):
-                    wi = builder.load(builder.gep(wp, [builder.add(w_rows[h], i)]))
-                    wv = builder.insert_element(ir.Constant(f32x16, ir.Undefined), wi,
-                                                ir.IntType(32)(0))
-                    wv = builder.shuffle_vector(
-                        wv, wv, ir.Constant(ir.VectorType(ir.IntType(32), 16), None))
+                    wv = _splat16(builder, builder.load(builder.gep(wp, [builder.add(w_rows[h],
+                                                                                      i)])))
                     for v in range(n_vec):
                         builder.store(builder.call(fma, [wv, values[v],
                                                          builder.load(sums[h][v])]),
                                       sums[h][v])
             for h in range(n_heads):
                 for v in range(n_vec):
-                    builder.store(builder.load(sums[h][v]), vec_ptr(accp, acc_at[h][v]),
-                                  align=4)
+                    builder.store(builder.load(sums[h][v]),
+                                  _vec_ptr(builder, accp, acc_at[h][v]), align=4)
             return context.get_dummy_value()
 
         return sig, codegen
@@ -615,18 +570,16 @@ _accumulate_heads_1 = _make_accumulate_heads(1)
 _accumulate_heads_2 = _make_accumulate_heads(2)
 _accumulate_heads_3 = _make_accumulate_heads(3)
 _accumulate_heads_4 = _make_accumulate_heads(4)
-
-
-# a head size with a register-held value pass that is not a multiple of 64 (16 floats a register)
-_accumulate_96 = _make_accumulate_values(6)
+# head size 96: one head at a time, all 96 floats
+_accumulate_96 = _make_accumulate_heads(1, 6)
 
 
 @njit(error_model="numpy")
 def _weighted_values_prefill(weights, vc, table, lo, acc):
     """`_weighted_values`, bit for bit (each sum over the keys in the same order, one FMA a
     key), with the sums kept in registers over a block's keys: for head sizes that are a
-    multiple of 64, up to 4 query heads at a time (`_accumulate_heads_*`), else one head at
-    a time for the head sizes that have an `_accumulate_*`."""
+    multiple of 64, up to 4 query heads at a time (`_accumulate_heads_*`); 96, one head at a
+    time; other sizes run `_weighted_values` itself."""
     group, n_keys = weights.shape
     hd = acc.shape[1]
     heads = hd % 64 == 0
@@ -655,7 +608,7 @@ def _weighted_values_prefill(weights, vc, table, lo, acc):
                         _accumulate_heads_1(acc, weights, j, vc, slot0, run, g0, col)
         else:
             for g in range(group):
-                _accumulate_96(acc[g], weights[g], j, vc, slot0, run)
+                _accumulate_96(acc, weights, j, vc, slot0, run, g, 0)
         j += run
 
 

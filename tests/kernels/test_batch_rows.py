@@ -51,7 +51,7 @@ def test_paged_attention_rows(window):
 
 
 # 80: no register-held value pass, the loops; groups of 3 and 6 (4 + 2) query heads per kv head
-@pytest.mark.parametrize("hd, group", [(256, 4), (64, 4), (80, 4), (64, 3), (128, 6)])
+@pytest.mark.parametrize("hd, group", [(256, 4), (64, 4), (80, 4), (64, 3), (128, 6), (96, 2)])
 @pytest.mark.parametrize("window", [0, 20])
 def test_paged_attention_prefill_is_the_decode_kernel(window, hd, group):
     """The prefill kernel gives every row the very numbers of `paged_attention` (so a prompt's
