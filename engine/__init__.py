@@ -8,7 +8,8 @@
 """
 
 __version__ = "0.1.0"  # the one definition (setup.cfg reads it)
-__all__ = ["load_model", "LLM", "set_compute_threads"]
+_LAZY = ("load_model", "LLM")  # from engine.llm, imported on first use
+__all__ = [*_LAZY, "set_compute_threads"]
 
 
 def set_compute_threads(n: int) -> None:
@@ -22,7 +23,7 @@ def set_compute_threads(n: int) -> None:
 
 def __getattr__(name):
     # Imported on first use so that `import engine.gguf_file` stays light.
-    if name in ("load_model", "LLM"):
+    if name in _LAZY:
         from . import llm
 
         return getattr(llm, name)
