@@ -102,7 +102,15 @@ HAS_AVX512_VNNI = {"avx512f", "avx512bw", "avx512_vnni"} <= _FLAGS or {
     "avx512vnni",
 } <= _FLAGS
 
-ISAS = ("vnni", "generic")  # AVX-512 VNNI, or plain Numba loops that run anywhere
+# AVX2 with FMA and F16C runs the same kernels: its vpmaddubsw + vpmaddwd give vpdpbusd's sums
+HAS_AVX2_INT8 = {"avx2", "fma", "f16c"} <= _FLAGS
+# the instructions behind kernels/vnni.py's int8 dot product on this CPU (None: no such kernels)
+INT8_DOT = "vpdpbusd" if HAS_AVX512_VNNI else "avx2" if HAS_AVX2_INT8 else None
+HAS_INT8_DOT = INT8_DOT is not None
+
+# "vnni": the packed int8 kernels of kernels/vnni.py (AVX-512 VNNI, or AVX2 as above); "generic":
+# plain Numba loops that run anywhere
+ISAS = ("vnni", "generic")
 
 
 def _pick_isa() -> str:
@@ -110,10 +118,10 @@ def _pick_isa() -> str:
     if forced:
         if forced not in ISAS:
             raise ValueError(f"NUMBALM_ISA must be {' or '.join(ISAS)}, not {forced!r}")
-        if forced == "vnni" and not HAS_AVX512_VNNI:
-            raise ValueError("NUMBALM_ISA=vnni but this CPU has no AVX-512 VNNI")
+        if forced == "vnni" and not HAS_INT8_DOT:
+            raise ValueError("NUMBALM_ISA=vnni but this CPU has neither AVX-512 VNNI nor AVX2")
         return forced
-    return "vnni" if HAS_AVX512_VNNI else "generic"
+    return "vnni" if HAS_INT8_DOT else "generic"
 
 
 # The quantized-matmul path used when a caller does not ask for one (see kernels.qmatmul).

@@ -47,7 +47,7 @@ in float16's normal range), and `matmul_exact` adds `2^-k x @ R.T`: W = W16 + 2^
 2^-11 of a residual, float32-like. It costs a second product and, for K-quant matrices, a second
 copy of their packed bytes (built on first use).
 
-Paths (chosen by `isa`, default `kernels.jit.ISA`): `vnni` (AVX-512 VNNI, `kernels.vnni`;
+Paths (chosen by `isa`, default `kernels.jit.ISA`): `vnni` (AVX-512 VNNI or AVX2, `kernels.vnni`;
 `vnni-serial` runs it on one thread, chosen by default for small products) and `generic` (plain
 Numba integer loops over the same layout, portable and slow).
 Dense float weights (F32, F16 and formats without a packed layout) use NumPy's BLAS matmul.

@@ -16,7 +16,7 @@ activation terms (`kernels.qmatmul`: x = xd / 128 * (128 q1 + q2)) the integer s
 overflow) and the scale `xd / 128`, so only the integer work doubles. Three terms (traced
 passes) add a third chain, kept as its own int32 sum (another << 7 would overflow) and added in
 float32 at the scale `xd / 128^2`. A tile of `nt` tokens shares each 64-byte weight load.
-Only call these when `jit.HAS_AVX512_VNNI`.
+Only call these when `jit.HAS_INT8_DOT` (AVX-512 VNNI, or AVX2: `_int8_dot`).
 
 The driver lives in this module too: Numba's `cache=True` would not notice an edit of the IR
 generator if it sat in another file.
@@ -30,6 +30,7 @@ from numba import prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from kernels import jit
 from kernels.jit import njit, pnjit
 from kernels.qmatmul import FINE_BITS, SERIAL_BYTES, quantize_activations_auto
 from kernels.qpack import (
@@ -73,6 +74,53 @@ def _invariant(builder, load):
     return load
 
 
+def _int8_dot(builder, wide: bool):
+    """`dot(acc, u, x)`: acc (16 x int32) plus, in lane r, sum_{k<4} u[4r+k] * x[4r+k] for u
+    (64 x uint8) and x (64 x int8), exactly.
+
+    With AVX-512 VNNI that is one vpdpbusd. On AVX2 (`jit.INT8_DOT == "avx2"`) each 32-byte
+    half takes vpmaddubsw (pairs of products summed to int16, saturating) then vpmaddwd by ones
+    (pairs of those to int32): the same integers while a pair of products fits int16, which it
+    does for u < 128. For `wide` weights (u up to 255, LAYOUT_BYTE32) the top bit goes through a
+    second vpmaddubsw of its own: 2 * 127 * 128 and 2 * 128 * 128 both fit.
+    """
+    mod = builder.module
+    if jit.INT8_DOT == "vpdpbusd":
+        vpdpbusd = cgutils.get_or_insert_function(
+            mod, ir.FunctionType(_i32x16, [_i32x16, _i8x64, _i8x64]),
+            "llvm.x86.avx512.vpdpbusd.512")
+        return lambda acc, u, x: builder.call(vpdpbusd, [acc, u, x])
+    i8x32, i16x16, i32x8 = (ir.VectorType(_i8, 32), ir.VectorType(ir.IntType(16), 16),
+                            ir.VectorType(_i32, 8))
+    maddubs = cgutils.get_or_insert_function(
+        mod, ir.FunctionType(i16x16, [i8x32, i8x32]), "llvm.x86.avx2.pmadd.ub.sw")
+    maddwd = cgutils.get_or_insert_function(
+        mod, ir.FunctionType(i32x8, [i16x16, i16x16]), "llvm.x86.avx2.pmadd.wd")
+    ones = _splat(builder, ir.IntType(16)(1), i16x16)
+    low7, top = _splat(builder, _i8(0x7F), _i8x64), _splat(builder, _i8(0x80), _i8x64)
+
+    def half(v, h, n):  # lanes h*n .. h*n + n-1 of v
+        return builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_i32, n),
+                                                        list(range(h * n, h * n + n))))
+
+    def dot(acc, u, x):
+        parts = [u] if not wide else [builder.and_(u, low7), builder.and_(u, top)]
+        sums = []
+        for h in range(2):  # the two 32-byte halves: int32 lanes 8h .. 8h + 7
+            xh = half(x, h, 32)
+            s = None
+            for p in parts:
+                pair = builder.call(maddubs, [half(p, h, 32), xh])
+                quad = builder.call(maddwd, [pair, ones])
+                s = quad if s is None else builder.add(s, quad)
+            sums.append(s)
+        whole = builder.shuffle_vector(sums[0], sums[1], ir.Constant(
+            ir.VectorType(_i32, 16), list(range(16))))
+        return builder.add(acc, whole)
+
+    return dot
+
+
 def _make_group_dot(layout: int, nt: int, terms: int, groups: int = 1):
     """An intrinsic computing `groups` x 16 output rows x `nt` tokens (see module doc).
 
@@ -110,11 +158,7 @@ def _make_group_dot(layout: int, nt: int, terms: int, groups: int = 1):
             xdp, xsp = data(xd_, tys[3], ir.FloatType()), data(xs_, tys[4], ir.FloatType())
             outp = data(out_, tys[8], ir.FloatType())
             mod = builder.module
-            dpbusd = cgutils.get_or_insert_function(
-                mod,
-                ir.FunctionType(_i32x16, [_i32x16, _i8x64, _i8x64]),
-                "llvm.x86.avx512.vpdpbusd.512",
-            )
+            int8_dot = _int8_dot(builder, wide=layout == LAYOUT_BYTE32)
             prefetch = cgutils.get_or_insert_function(
                 mod,
                 ir.FunctionType(ir.VoidType(), [_i8.as_pointer(), _i32, _i32, _i32]),
@@ -193,7 +237,7 @@ def _make_group_dot(layout: int, nt: int, terms: int, groups: int = 1):
                                     rows[t], builder.mul(q2_off_, _i64(j))))
                                 x = xdword(row, e)
                                 for g in range(groups):
-                                    sums[t][g] = builder.call(dpbusd, [sums[t][g], us[g], x])
+                                    sums[t][g] = int8_dot(sums[t][g], us[g], x)
                 for g, base in enumerate(bases):
                     sbase = builder.add(base, _i64(quant_bytes(layout)))
                     d = builder.fpext(builder.load(_ptr(builder, wp, sbase, _f16x16), align=1),

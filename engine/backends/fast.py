@@ -271,12 +271,12 @@ class FastBackend:
                batch.positions, int(window), float(scale), out)
         return out
 
-    # -- a layer per call (kernels/decode_layer.py, AVX-512 VNNI only) ---------------------
+    # -- a layer per call (kernels/decode_layer.py, int8-dot CPUs only) ---------------------
 
     def fuse_layer(self, spec) -> FusedLayer | None:
         """`spec` (engine.models.llama.LayerSpec) ready for `decoder_layer`, or None where
         this CPU or these weights have no fused path (the model then runs op by op)."""
-        if not jit.HAS_AVX512_VNNI:
+        if not jit.HAS_INT8_DOT:
             return None
         try:
             return FusedLayer(spec)

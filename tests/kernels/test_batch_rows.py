@@ -145,7 +145,7 @@ def test_quantize_rows(n, terms):
         np.testing.assert_array_equal(xs[i], a_s[0])
 
 
-ISAS = ["generic"] + (["vnni", "vnni-serial"] if jit.HAS_AVX512_VNNI else [])
+ISAS = ["generic"] + (["vnni", "vnni-serial"] if jit.HAS_INT8_DOT else [])
 
 
 @pytest.mark.parametrize("isa", ISAS)

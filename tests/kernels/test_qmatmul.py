@@ -23,7 +23,7 @@ from kernels.testing import random_tensor
 PACKED = [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q6_K, Q.Q5_K, Q.Q2_K, Q.Q3_K]
 DENSE = [Q.F32, Q.F16]
 K_QUANTS = (Q.Q4_K, Q.Q6_K, Q.Q5_K, Q.Q2_K, Q.Q3_K)  # scales d * sc rounded to float16
-ISAS = ["generic"] + (["vnni", "vnni-serial"] if jit.HAS_AVX512_VNNI else [])
+ISAS = ["generic"] + (["vnni", "vnni-serial"] if jit.HAS_INT8_DOT else [])
 
 
 def oracle(raw, qtype, shape):
@@ -120,7 +120,7 @@ def test_scale_residual_of_stacked_parts():
     np.testing.assert_array_less(np.abs(got - x @ W.T), 1e-6 * (np.abs(x) @ np.abs(W).T))
 
 
-@pytest.mark.skipif(not jit.HAS_AVX512_VNNI, reason="needs AVX-512 VNNI")
+@pytest.mark.skipif(not jit.HAS_INT8_DOT, reason="needs AVX-512 VNNI or AVX2")
 @pytest.mark.parametrize("terms", [1, 2, 3])
 @pytest.mark.parametrize("qtype", PACKED, ids=lambda q: q.name)
 def test_vnni_equals_generic(qtype, terms):

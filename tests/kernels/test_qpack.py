@@ -27,7 +27,7 @@ from kernels.qpack import (
 from kernels.testing import random_tensor
 
 FIVE_BIT = [Q.Q5_0, Q.Q5_1, Q.Q5_K]
-ISAS = ["generic"] + (["vnni", "vnni-serial"] if jit.HAS_AVX512_VNNI else [])
+ISAS = ["generic"] + (["vnni", "vnni-serial"] if jit.HAS_INT8_DOT else [])
 
 # bytes a weight, scales included, as the module docstring's table has them
 BYTES_PER_WEIGHT = {Q.Q4_0: 0.625, Q.Q4_1: 0.625, Q.Q4_K: 0.625, Q.Q5_0: 0.75, Q.Q5_1: 0.75,
