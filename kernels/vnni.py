@@ -16,7 +16,8 @@ activation terms (`kernels.qmatmul`: x = xd / 128 * (128 q1 + q2)) the integer s
 overflow) and the scale `xd / 128`, so only the integer work doubles. Three terms (traced
 passes) add a third chain, kept as its own int32 sum (another << 7 would overflow) and added in
 float32 at the scale `xd / 128^2`. A tile of `nt` tokens shares each 64-byte weight load.
-Only call these when `jit.HAS_INT8_DOT` (AVX-512 VNNI, or AVX2: `_int8_dot`).
+Only call these when `jit.HAS_INT8_DOT`: AVX-512 VNNI, or AVX2, where `_Int8Dot` gets the
+same integer sums from vpmaddubsw + vpmaddwd (Q8_0's as sums of q, see there).
 
 The driver lives in this module too: Numba's `cache=True` would not notice an edit of the IR
 generator if it sat in another file.
@@ -74,51 +75,81 @@ def _invariant(builder, load):
     return load
 
 
-def _int8_dot(builder, wide: bool):
-    """`dot(acc, u, x)`: acc (16 x int32) plus, in lane r, sum_{k<4} u[4r+k] * x[4r+k] for u
-    (64 x uint8) and x (64 x int8), exactly.
+# The largest |activation| of any term (kernels.qmatmul: the first term is within +-127, the
+# finer ones within +-64); what bounds the int16 sums of the AVX2 dot product below.
+X_PEAK = 128
+_U_PEAK = {LAYOUT_NIBBLE32: 15, LAYOUT_NIBBLE32_HI: 31, LAYOUT_BYTE16: 63, LAYOUT_BYTE32: 128}
 
-    With AVX-512 VNNI that is one vpdpbusd. On AVX2 (`jit.INT8_DOT == "avx2"`) each 32-byte
-    half takes vpmaddubsw (pairs of products summed to int16, saturating) then vpmaddwd by ones
-    (pairs of those to int32): the same integers while a pair of products fits int16, which it
-    does for u < 128. For `wide` weights (u up to 255, LAYOUT_BYTE32) the top bit goes through a
-    second vpmaddubsw of its own: 2 * 127 * 128 and 2 * 128 * 128 both fit.
+
+class _Int8Dot:
+    """The integer sums `sum_{k<4} u[4r+k] * x[4r+k]` added to lane r of an int32 accumulator,
+    for u (64 x uint8) weights and x (64 x int8) activations, on this CPU.
+
+    With AVX-512 VNNI, `acc = add(acc, u, x)` is one vpdpbusd. On AVX2
+    (`jit.INT8_DOT == "avx2"`) each 32-byte half takes vpmaddubsw (pairs of products summed to
+    int16): `p = add(p, u, x)` from `zero16` is exact for up to `limit` parts (8 for 4-bit
+    weights), then `acc = end(acc, p)` widens the sums with one vpmaddwd by ones (pairs of int16
+    to int32). Q8_0's bytes (u = q + 128, up to 255) would saturate a pair: there `signed` is set
+    and the sums are of q itself, as vpmaddubsw(|q|, x * sign(q)), so that the kernel leaves out
+    its `m = -128 d` term (the same value, with less cancellation).
     """
-    mod = builder.module
-    if jit.INT8_DOT == "vpdpbusd":
-        vpdpbusd = cgutils.get_or_insert_function(
-            mod, ir.FunctionType(_i32x16, [_i32x16, _i8x64, _i8x64]),
-            "llvm.x86.avx512.vpdpbusd.512")
-        return lambda acc, u, x: builder.call(vpdpbusd, [acc, u, x])
-    i8x32, i16x16, i32x8 = (ir.VectorType(_i8, 32), ir.VectorType(ir.IntType(16), 16),
-                            ir.VectorType(_i32, 8))
-    maddubs = cgutils.get_or_insert_function(
-        mod, ir.FunctionType(i16x16, [i8x32, i8x32]), "llvm.x86.avx2.pmadd.ub.sw")
-    maddwd = cgutils.get_or_insert_function(
-        mod, ir.FunctionType(i32x8, [i16x16, i16x16]), "llvm.x86.avx2.pmadd.wd")
-    ones = _splat(builder, ir.IntType(16)(1), i16x16)
-    low7, top = _splat(builder, _i8(0x7F), _i8x64), _splat(builder, _i8(0x80), _i8x64)
 
-    def half(v, h, n):  # lanes h*n .. h*n + n-1 of v
-        return builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_i32, n),
-                                                        list(range(h * n, h * n + n))))
+    def __init__(self, builder, layout: int):
+        self.builder = builder
+        mod = builder.module
+        self.vnni = jit.INT8_DOT == "vpdpbusd"
+        self.signed = not self.vnni and layout == LAYOUT_BYTE32
+        if self.vnni:
+            self.limit = None  # no limit: vpdpbusd accumulates in int32
+            self.vpdpbusd = cgutils.get_or_insert_function(
+                mod, ir.FunctionType(_i32x16, [_i32x16, _i8x64, _i8x64]),
+                "llvm.x86.avx512.vpdpbusd.512")
+            return
+        i8x32, i16x16 = ir.VectorType(_i8, 32), ir.VectorType(ir.IntType(16), 16)
+        # a vpmaddubsw lane sums two products; int16 holds 32767
+        self.limit = 32767 // (2 * _U_PEAK[layout] * X_PEAK)
+        self.maddubs = cgutils.get_or_insert_function(
+            mod, ir.FunctionType(i16x16, [i8x32, i8x32]), "llvm.x86.avx2.pmadd.ub.sw")
+        self.maddwd = cgutils.get_or_insert_function(
+            mod, ir.FunctionType(ir.VectorType(_i32, 8), [i16x16, i16x16]),
+            "llvm.x86.avx2.pmadd.wd")
+        self.psign = cgutils.get_or_insert_function(
+            mod, ir.FunctionType(i8x32, [i8x32, i8x32]), "llvm.x86.avx2.psign.b")
+        self.ones = _splat(builder, ir.IntType(16)(1), i16x16)
+        self.flip = _splat(builder, _i8(0x80), _i8x64)
+        self.zero16 = ir.Constant(ir.VectorType(ir.IntType(16), 32), None)
 
-    def dot(acc, u, x):
-        parts = [u] if not wide else [builder.and_(u, low7), builder.and_(u, top)]
-        sums = []
-        for h in range(2):  # the two 32-byte halves: int32 lanes 8h .. 8h + 7
-            xh = half(x, h, 32)
-            s = None
-            for p in parts:
-                pair = builder.call(maddubs, [half(p, h, 32), xh])
-                quad = builder.call(maddwd, [pair, ones])
-                s = quad if s is None else builder.add(s, quad)
-            sums.append(s)
-        whole = builder.shuffle_vector(sums[0], sums[1], ir.Constant(
-            ir.VectorType(_i32, 16), list(range(16))))
-        return builder.add(acc, whole)
+    def _half(self, v, h):  # elements h*n/2 .. (h+1)*n/2 - 1 of v (n lanes)
+        n = v.type.count // 2
+        return self.builder.shuffle_vector(
+            v, v, ir.Constant(ir.VectorType(_i32, n), list(range(h * n, h * n + n))))
 
-    return dot
+    def _join(self, lo, hi):  # the two halves back as one vector
+        n = lo.type.count * 2
+        return self.builder.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(_i32, n),
+                                                               list(range(n))))
+
+    def add(self, p, u, x):
+        b = self.builder
+        if self.vnni:
+            return b.call(self.vpdpbusd, [p, u, x])
+        if self.signed:  # q = u - 128 as int8: |q| (up to 128, unsigned) by x with q's sign
+            q = b.xor(u, self.flip)
+            u = b.select(b.icmp_signed("<", q, ir.Constant(q.type, None)), b.neg(q), q)
+        halves = []
+        for h in range(2):
+            xh = self._half(x, h)
+            if self.signed:
+                xh = b.call(self.psign, [xh, self._half(q, h)])
+            halves.append(b.call(self.maddubs, [self._half(u, h), xh]))
+        return b.add(p, self._join(*halves))
+
+    def end(self, acc, p):
+        if self.vnni:
+            return p
+        b = self.builder
+        quads = [b.call(self.maddwd, [self._half(p, h), self.ones]) for h in range(2)]
+        return b.add(acc, self._join(*quads))
 
 
 def _make_group_dot(layout: int, nt: int, terms: int, groups: int = 1):
@@ -158,7 +189,7 @@ def _make_group_dot(layout: int, nt: int, terms: int, groups: int = 1):
             xdp, xsp = data(xd_, tys[3], ir.FloatType()), data(xs_, tys[4], ir.FloatType())
             outp = data(out_, tys[8], ir.FloatType())
             mod = builder.module
-            int8_dot = _int8_dot(builder, wide=layout == LAYOUT_BYTE32)
+            dot = _Int8Dot(builder, layout)
             prefetch = cgutils.get_or_insert_function(
                 mod,
                 ir.FunctionType(ir.VoidType(), [_i8.as_pointer(), _i32, _i32, _i32]),
@@ -205,44 +236,84 @@ def _make_group_dot(layout: int, nt: int, terms: int, groups: int = 1):
                     v = builder.load(_ptr(builder, xqp, builder.add(row, _i64(e)), _i32), align=1)
                     return builder.bitcast(_splat(builder, v, _i32x16), _i8x64)
 
+                def x_of(t, j, e):  # token t's term j, elements e..e+3 broadcast
+                    row = rows[t] if j == 0 else builder.add(rows[t],
+                                                             builder.mul(q2_off_, _i64(j)))
+                    return xdword(row, e)
+
+                def unpack(k):  # [(u of each group, first element)] of the 64-byte chunk k
+                    chunks = [_invariant(builder, builder.load(_ptr(
+                        builder, wp, builder.add(base, _i64(64 * k)), _i8x64), align=1))
+                        for base in bases]
+                    if not nibble:
+                        return [(chunks, 4 * k)]
+                    # low nibbles: elements 4k.., high nibbles: 16 + 4k..
+                    los = [builder.and_(c, low4) for c in chunks]
+                    his = [builder.lshr(c, four) for c in chunks]
+                    if hi_bits:  # or in 16 where the lane's bit in the plane is set
+                        los = [fifth(v, base, 2 * k) for v, base in zip(los, bases)]
+                        his = [fifth(v, base, 2 * k + 1) for v, base in zip(his, bases)]
+                    return [(los, 4 * k), (his, 16 + 4 * k)]
+
                 # sums[t][g] = sum_e u[r, e] * x[t, e] over the block, in units of the last
-                # term: term by term, (sum u q1) * 128 + sum u q2 as one chain that starts the
-                # second term from the first one shifted. Each 4-activation broadcast serves
-                # the `groups` weight chunks beside it (a broadcast load per vpdpbusd would
-                # hold vpdpbusd to ~1 per cycle instead of ~2), each weight chunk the nt tokens.
+                # term, (sum u q1) * 128 + sum u q2 (the third term, if any, apart in `finer`).
+                # Each 4-activation broadcast serves the `groups` weight chunks beside it (a
+                # broadcast load per vpdpbusd would hold vpdpbusd to ~1 per cycle instead of
+                # ~2), each weight chunk the nt tokens.
                 zero = ir.Constant(_i32x16, None)
-                sums = [[zero] * groups for _ in range(nt)]
-                finer = None  # terms == 3: sum u q3, at 1/128 of the scale of sums
-                for j in range(terms):
-                    if j == 1:
-                        sums = [[builder.shl(a, shift) for a in row] for row in sums]
-                    if j == 2:
-                        finer, sums = sums, [[zero] * groups for _ in range(nt)]
-                    for k in range(n_chunks):
-                        chunks = [_invariant(builder, builder.load(_ptr(
-                            builder, wp, builder.add(base, _i64(64 * k)), _i8x64), align=1))
-                            for base in bases]
-                        if nibble:  # low nibbles: elements 4k.., high nibbles: 16 + 4k..
-                            los = [builder.and_(c, low4) for c in chunks]
-                            his = [builder.lshr(c, four) for c in chunks]
-                            if hi_bits:  # or in 16 where the lane's bit in the plane is set
-                                los = [fifth(v, base, 2 * k) for v, base in zip(los, bases)]
-                                his = [fifth(v, base, 2 * k + 1) for v, base in zip(his, bases)]
-                            parts = [(los, 4 * k), (his, 16 + 4 * k)]
-                        else:
-                            parts = [(chunks, 4 * k)]
-                        for us, e in parts:
+                finer = None  # terms == 3: sum u q1 * 128 + sum u q2, at 128x sums' scale
+                if dot.vnni:  # term by term: one chain, the second term's from the first shifted
+                    sums = [[zero] * groups for _ in range(nt)]
+                    for j in range(terms):
+                        if j == 1:
+                            sums = [[builder.shl(a, shift) for a in row] for row in sums]
+                        if j == 2:
+                            finer, sums = sums, [[zero] * groups for _ in range(nt)]
+                        for k in range(n_chunks):
+                            for us, e in unpack(k):
+                                for t in range(nt):
+                                    x = x_of(t, j, e)
+                                    for g in range(groups):
+                                        sums[t][g] = dot.add(sums[t][g], us[g], x)
+                else:  # chunk by chunk, every term of it (its unpacked weights used at once,
+                    # not kept in registers for the next term): int16 sums per term, widened
+                    # into int32 every `limit` parts
+                    wide = [[[zero] * groups for _ in range(nt)] for _ in range(terms)]
+                    partial = [[[dot.zero16] * groups for _ in range(nt)] for _ in range(terms)]
+
+                    def widen():
+                        for j in range(terms):
                             for t in range(nt):
-                                row = (rows[t] if j == 0 else builder.add(
-                                    rows[t], builder.mul(q2_off_, _i64(j))))
-                                x = xdword(row, e)
                                 for g in range(groups):
-                                    sums[t][g] = int8_dot(sums[t][g], us[g], x)
+                                    wide[j][t][g] = dot.end(wide[j][t][g], partial[j][t][g])
+                                    partial[j][t][g] = dot.zero16
+
+                    parts_in = 0
+                    for k in range(n_chunks):
+                        for us, e in unpack(k):
+                            if parts_in == dot.limit:
+                                widen()
+                                parts_in = 0
+                            for j in range(terms):
+                                for t in range(nt):
+                                    x = x_of(t, j, e)
+                                    for g in range(groups):
+                                        partial[j][t][g] = dot.add(partial[j][t][g], us[g], x)
+                            parts_in += 1
+                    widen()
+                    sums = wide[0]
+                    if terms >= 2:
+                        sums = [[builder.add(builder.shl(a, shift), b2) for a, b2 in zip(
+                            ra, rb, strict=True)] for ra, rb in zip(sums, wide[1], strict=True)]
+                    if terms == 3:
+                        finer, sums = sums, wide[2]
                 for g, base in enumerate(bases):
                     sbase = builder.add(base, _i64(quant_bytes(layout)))
                     d = builder.fpext(builder.load(_ptr(builder, wp, sbase, _f16x16), align=1),
                                       _f32x16)
-                    if layout == LAYOUT_BYTE32:  # m = -128 d, not stored: m xsum = d (-128 xsum)
+                    if dot.signed:  # sums of q, not of u = q + 128: no m term
+                        m = None
+                    elif layout == LAYOUT_BYTE32:  # m = -128 d, not stored: m xsum = d (-128 xsum)
                         m = d
                     else:
                         m = builder.fpext(builder.load(_ptr(builder, wp, builder.add(
@@ -275,7 +346,8 @@ def _make_group_dot(layout: int, nt: int, terms: int, groups: int = 1):
                         else:
                             total = builder.call(fma, [builder.sitofp(sums[t][g], _f32x16),
                                                        scale, total])
-                        total = builder.call(fma, [m, _splat(builder, xsum, _f32x16), total])
+                        if m is not None:
+                            total = builder.call(fma, [m, _splat(builder, xsum, _f32x16), total])
                         builder.store(total, accs[t][g])
             # masked store of the first n_valid lanes
             mstore = cgutils.get_or_insert_function(
@@ -305,6 +377,10 @@ def _make_group_dot(layout: int, nt: int, terms: int, groups: int = 1):
 
 TILE = 4  # tokens per weight load in the prefill kernel
 TILE8 = 8  # tokens per weight load for a pair of groups, from 8 rows
+# Pairs of groups (and their tiles of 2 and TILE8 tokens) only with AVX-512's 32 registers: with
+# AVX2's 16 (of half the width) their sums spill, and one group at a time is faster (8 rows of
+# SmolLM2's ffn_up: 0.26 -> 0.18 ms; the Q8_0 head: 11.0 -> 8.7 ms)
+PAIRS = jit.INT8_DOT == "vpdpbusd"
 PAIR = 2  # groups per call: each activation broadcast serves two weight chunks
 # one intrinsic per (layout, tile of 1 or TILE tokens, activation terms, 1 or PAIR groups)
 _dot_n32_t1 = _make_group_dot(LAYOUT_NIBBLE32, 1, 1)
@@ -518,7 +594,7 @@ def _group(w, layout, group_bytes, xq, xd, xs, n_out, outf, g, n_groups):
     q2_off = n_tok * n_in  # first element of the second term's rows
     w_off = g * group_bytes
     n_valid = min(n_groups * GROUP, n_out - g * GROUP)
-    pair = n_groups == PAIR and terms < 3
+    pair = PAIRS and n_groups == PAIR and terms < 3
     t = 0
     while t < n_tok:
         if pair and t + TILE8 <= n_tok:
