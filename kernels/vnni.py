@@ -76,8 +76,9 @@ def _invariant(builder, load):
 
 
 # The largest |activation| of any term (kernels.qmatmul: the first term is within +-127, the
-# finer ones within +-64); what bounds the int16 sums of the AVX2 dot product below.
-X_PEAK = 128
+# finer ones within +-64) and the largest weight byte of each layout (Q8_0's: |q| <= 128):
+# what bounds the int16 sums of the AVX2 dot product below.
+X_PEAK = 127
 _U_PEAK = {LAYOUT_NIBBLE32: 15, LAYOUT_NIBBLE32_HI: 31, LAYOUT_BYTE16: 63, LAYOUT_BYTE32: 128}
 
 
@@ -107,7 +108,8 @@ class _Int8Dot:
             return
         i8x32, i16x16 = ir.VectorType(_i8, 32), ir.VectorType(ir.IntType(16), 16)
         # a vpmaddubsw lane sums two products; int16 holds 32767
-        self.limit = 32767 // (2 * _U_PEAK[layout] * X_PEAK)
+        self.limit = 32767 // (2 * _U_PEAK[layout] * X_PEAK)  # 8, 4, 2 and 1
+        assert self.limit >= 1, "a single vpmaddubsw would saturate"
         self.maddubs = cgutils.get_or_insert_function(
             mod, ir.FunctionType(i16x16, [i8x32, i8x32]), "llvm.x86.avx2.pmadd.ub.sw")
         self.maddwd = cgutils.get_or_insert_function(

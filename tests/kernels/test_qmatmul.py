@@ -17,7 +17,19 @@ from gguf.constants import GGMLQuantizationType as Q
 from gguf.quants import dequantize
 
 from kernels import jit, qmatmul
-from kernels.qpack import SPLIT, repack, unpack_ref
+from kernels.qpack import (
+    BYTE32_M,
+    LAYOUT_BLK,
+    LAYOUT_BYTE16,
+    LAYOUT_BYTE32,
+    LAYOUT_NIBBLE32,
+    LAYOUT_NIBBLE32_HI,
+    SPLIT,
+    PackedWeight,
+    pack,
+    repack,
+    unpack_ref,
+)
 from kernels.testing import random_tensor
 
 PACKED = [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q6_K, Q.Q5_K, Q.Q2_K, Q.Q3_K]
@@ -206,3 +218,28 @@ def test_threading_layer_reported(monkeypatch, caplog):
         with caplog.at_level(logging.WARNING, logger=jit.log.name):
             assert jit.check_threading_layer() == layer
         assert ("4x slower" in caplog.text) == warns, layer
+
+
+# Every weight byte at its layout's peak, every activation at +-127 (and Q8_0's q = -128): where
+# the AVX2 dot product's int16 sums (kernels.vnni._Int8Dot) are nearest to overflowing.
+PEAKS = [(Q.Q4_1, LAYOUT_NIBBLE32, 15), (Q.Q5_1, LAYOUT_NIBBLE32_HI, 31),
+         (Q.Q6_K, LAYOUT_BYTE16, 63), (Q.Q8_0, LAYOUT_BYTE32, 255), (Q.Q8_0, LAYOUT_BYTE32, 0)]
+
+
+@pytest.mark.parametrize("terms", [1, 2, 3])
+@pytest.mark.parametrize("sign", [1, -1])
+@pytest.mark.parametrize("qtype, layout, u_peak", PEAKS, ids=lambda v: str(v))
+@pytest.mark.parametrize("isa", ISAS)
+def test_matmul_at_the_peaks_does_not_overflow(isa, qtype, layout, u_peak, sign, terms):
+    n_out, n_in, n_tok = 32, 256, 5  # a tile of 4 and a single token
+    nb = n_in // LAYOUT_BLK[layout]
+    u = np.full((n_out, n_in), u_peak, np.uint8)
+    d = np.ones((n_out, nb), np.float32)
+    m = BYTE32_M * d if layout == LAYOUT_BYTE32 else np.zeros_like(d)
+    w = PackedWeight(qtype, n_out, n_in, layout, data=pack(u, d, m, layout))
+    x = np.full((n_tok, n_in), sign * 0.5, np.float32)  # every q1 at sign * 127
+    x[:, 1::2] *= 1 - 2 ** -9  # and finer terms that are not all 0
+    got = qmatmul.matmul(x, w, isa=isa, terms=terms)
+    want = qmatmul.matmul_ref(x, w, terms=terms)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    assert abs(want[0, 0]) > 0.4 * n_in * abs(unpack_ref(w)[0, 0])  # the sums are at their peak
