@@ -59,8 +59,8 @@ def test_a_packed_batch_computes_each_sequence_as_alone(tmp_path, arch, backend)
     want = np.concatenate([alone[0][9:], alone[1], alone[2]])
     if backend == "fast":
         np.testing.assert_array_equal(together, want)
-    else:
-        np.testing.assert_allclose(together, want, rtol=1e-5, atol=1e-5)
+    else:  # BLAS's float32 sums depend on the matrix shape: 2e-5 apart on an AMD EPYC (AVX2)
+        np.testing.assert_allclose(together, want, rtol=1e-5, atol=1e-4)
 
 
 def test_tiny_gemma_sliding_window_changes_only_later_positions(tmp_path):
