@@ -25,7 +25,8 @@ FASTMATH = {"contract", "reassoc", "nsz", "arcp"}
 # kernels of other files (kernels/decode_layer.py; kernels/vnni.py's `linear` and constants)
 # would keep its compiled copy of them after they change, and run stale (seen here: a segfault
 # after an edit of kernels/vnni.py). A module listed in CACHE_DEPENDS is stamped with every
-# kernels/*.py file as well, so that any change there recompiles it.
+# kernels/*.py file as well, so that any change there recompiles it, and is cached apart for
+# each INT8_DOT (below).
 CACHE_DEPENDS = {"kernels.decode_layer", "kernels.vnni"}
 
 
@@ -42,7 +43,8 @@ class _DependentSourceLocator(numba.core.caching._CacheLocator):
         return self._inner.get_cache_path()
 
     def get_disambiguator(self):
-        return self._inner.get_disambiguator()
+        # the int8 dot's instructions are compiled in as constants: one cache entry per choice
+        return f"{self._inner.get_disambiguator()}-{INT8_DOT}"
 
     def get_source_stamp(self):
         here = os.path.dirname(os.path.abspath(__file__))
@@ -104,8 +106,26 @@ HAS_AVX512_VNNI = {"avx512f", "avx512bw", "avx512_vnni"} <= _FLAGS or {
 
 # AVX2 with FMA and F16C runs the same kernels: its vpmaddubsw + vpmaddwd give vpdpbusd's sums
 HAS_AVX2_INT8 = {"avx2", "fma", "f16c"} <= _FLAGS
-# the instructions behind kernels/vnni.py's int8 dot product on this CPU (None: no such kernels)
-INT8_DOT = "vpdpbusd" if HAS_AVX512_VNNI else "avx2" if HAS_AVX2_INT8 else None
+INT8_DOTS = ("vpdpbusd", "avx2")
+
+
+def _pick_int8_dot() -> str | None:
+    """The instructions behind kernels/vnni.py's int8 dot product (None: no such kernels).
+
+    The best the CPU has, unless NUMBALM_INT8_DOT names a slower one it also has: an AVX-512
+    machine runs the AVX2 path with NUMBALM_INT8_DOT=avx2, so tests check it there too."""
+    best = "vpdpbusd" if HAS_AVX512_VNNI else "avx2" if HAS_AVX2_INT8 else None
+    forced = os.environ.get("NUMBALM_INT8_DOT", "").strip().lower()
+    if not forced:
+        return best
+    if forced not in INT8_DOTS:
+        raise ValueError(f"NUMBALM_INT8_DOT must be {' or '.join(INT8_DOTS)}, not {forced!r}")
+    if best is None or INT8_DOTS.index(forced) < INT8_DOTS.index(best):
+        raise ValueError(f"NUMBALM_INT8_DOT={forced} but this CPU lacks its instructions")
+    return forced
+
+
+INT8_DOT = _pick_int8_dot()
 HAS_INT8_DOT = INT8_DOT is not None
 
 # "vnni": the packed int8 kernels of kernels/vnni.py (AVX-512 VNNI, or AVX2 as above); "generic":

@@ -276,7 +276,15 @@ def _linear_run(kernel, args, want):
 
 def _decoder_layer_cases():
     """A llama layer (SiLU, no extra norms) and a gemma3 one (GELU, per-head and post norms,
-    NeoX RoPE, a window of 4): 3 sequences of 1, 2 and 5 rows over their cached positions."""
+    NeoX RoPE, a window of 4): 3 sequences of 1, 2 and 5 rows over their cached positions.
+
+    Three activation terms (22 bits), not the passes' two: the two sides differ by float
+    rounding (the order of attention's sums; AVX2 computes Q8_0 as d·q, the reference as
+    d·u + m), and an activation that lands on the other side of a rounding step of the next
+    matmul moves its outputs by that step times a weight. At 15 bits that is ~1e-3 here, the
+    tolerance itself (seen on AVX2: one flipped low byte in row 7 moved O by 1e-3 and the
+    layer by 7e-3); at 22 bits it is 256 times smaller. tests/kernels/test_decode_layer.py
+    checks two terms on the real models."""
     from gguf.constants import GGMLQuantizationType as Q
 
     rng = np.random.default_rng(5)
@@ -304,7 +312,7 @@ def _decoder_layer_cases():
                        _randn(rng, dim), _randn(rng, dim), hd_norm, hd_norm * 0.5, dim_norm,
                        dim_norm * 2, np.array([n_heads, n_kv, hd, ffn], np.int64), 1e-6, gelu,
                        neox, table, *caches, slots, tables, row_seq, positions.astype(np.int64),
-                       window, 0.25, 2)
+                       window, 0.25, 3)
     return cases
 
 
@@ -389,8 +397,5 @@ TWINS: dict[Callable, Twin] = {
     decode_layer.decoder_layer: Twin(decode_layer.decoder_layer_ref, _decoder_layer_cases,
                                      rtol=1e-3, atol=1e-3, run=_layer_after,
                                      run_ref=_layer_after,
-                                     # KNOWN BUG, open: on AVX2 the llama case's last row is off
-                                     # by up to 7e-3 in 3 of 64 outputs (random Q8_0 weights);
-                                     # not found yet, see the 2026-12-02 closing note
-                                     available=jit.INT8_DOT == "vpdpbusd"),
+                                     available=jit.HAS_INT8_DOT),
 }

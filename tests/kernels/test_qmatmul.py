@@ -9,6 +9,9 @@ xd / 2 per element), two (15 bits, xd / 256) and three (22 bits, xd / 32768, tra
 """
 
 import logging
+import os
+import subprocess
+import sys
 
 import numba
 import numpy as np
@@ -208,6 +211,39 @@ def test_isa_override(monkeypatch):
     w = repack(random_tensor(Q.Q4_0, (16, 64)), Q.Q4_0, (16, 64))
     with pytest.raises(ValueError, match="unknown isa"):
         qmatmul.matmul(np.ones((1, 64), np.float32), w, isa="avx2")
+
+
+def test_int8_dot_override(monkeypatch):
+    monkeypatch.setenv("NUMBALM_INT8_DOT", "bogus")
+    with pytest.raises(ValueError, match="vpdpbusd or avx2"):
+        jit._pick_int8_dot()
+    monkeypatch.setenv("NUMBALM_INT8_DOT", "vpdpbusd")
+    if jit.HAS_AVX512_VNNI:
+        assert jit._pick_int8_dot() == "vpdpbusd"
+    else:  # a faster path than the CPU has is refused, not faked
+        with pytest.raises(ValueError, match="lacks its instructions"):
+            jit._pick_int8_dot()
+    monkeypatch.setenv("NUMBALM_INT8_DOT", "avx2")
+    if jit.HAS_AVX2_INT8:
+        assert jit._pick_int8_dot() == "avx2"
+
+
+@pytest.mark.skipif(not (jit.INT8_DOT == "vpdpbusd" and jit.HAS_AVX2_INT8),
+                    reason="an AVX-512 VNNI CPU runs the AVX2 path here; an AVX2 one runs it "
+                           "in the whole suite")
+def test_the_avx2_path_on_an_avx512_cpu():
+    """The int8 kernels' AVX2 dot product (kernels.vnni._Int8Dot) against the same references,
+    on a CPU whose default is vpdpbusd: the matmul, linear and fused-layer twins, the batched
+    rows, the peaks and the oracle, in a child process (INT8_DOT is fixed when kernels.jit is
+    imported)."""
+    env = dict(os.environ, NUMBALM_INT8_DOT="avx2")
+    tests = ["tests/kernels/test_twins.py", "tests/kernels/test_qmatmul.py",
+             "tests/kernels/test_batch_rows.py"]
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           "-k", "vnni or decode_layer or peaks or oracle", *tests],
+                          env=env, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    assert " passed" in done.stdout
 
 
 def test_threading_layer_reported(monkeypatch, caplog):
