@@ -10,8 +10,13 @@ given, for each client count N, N clients at once, each streaming `--requests` c
 completions one after another (distinct prompts, greedy, `--max-tokens` tokens). Reported per
 server and N: aggregate completion tokens/s over the wave (tokens from the stream's `usage`,
 so early end-of-turn is counted honestly), tokens/s per request, and time to first token
-p50/p99. The servers run one at a time, so they never share the 2 cores; every wave is
-bounded by `--time-limit`.
+p50/p99. Both servers are up at once but serve one wave at a time, so they never share the
+2 cores; every wave is bounded by `--time-limit`. `--rounds` repeats every wave on every
+server, interleaved (round 1: 1 client on numbalm, on llama-server, 2 clients on each, ...),
+and the table gives medians: this machine's speed drifts by tens of percent over minutes
+(seen here: the same 1-client wave at 160 and 212 tok/s), so a figure and its peer's are
+measured close in time, and each ratio ("x peer"; "x own 1", to the same server's 1-client
+figure) is the median of the rounds' own ratios.
 
 A base model (gemma3-270m has no chat template) needs `--chat-template NAME|FILE`; both servers
 get the same one (numbalm's built-ins chatml and gemma are llama-server's names too).
@@ -65,6 +70,9 @@ class Wave:
     clients: int
     results: list[Result] = field(default_factory=list)
     wall: float = 0.0
+
+    def ttfts(self) -> list[float]:
+        return [r.ttft for r in self.results if r.ok and r.ttft is not None]
 
 
 def free_port() -> int:
@@ -142,7 +150,7 @@ def percentile(values: list[float], q: float) -> float:
 
 def summary(wave: Wave) -> dict:
     ok = [r for r in wave.results if r.ok]
-    ttfts = [r.ttft for r in ok if r.ttft is not None]
+    ttfts = wave.ttfts()
     tokens = sum(r.tokens for r in ok)
     per_request = [r.tokens / (r.seconds - r.ttft) for r in ok if r.ttft and r.seconds > r.ttft]
     return {"clients": wave.clients, "requests": len(wave.results), "failed": len(wave.results)
@@ -199,38 +207,82 @@ def start_llama_server(model_path: str, args) -> tuple[subprocess.Popen, int, st
     return proc, port, "bench"
 
 
-def measure(name: str, start, model_path: str, args) -> list[dict]:
-    proc, port, model = start(model_path, args)
-    try:
-        run_wave(port, model, 1, 1, 16, 60, 10_000)  # warm up (JIT, caches)
-        rows = []
-        for n in args.clients:
-            wave = run_wave(port, model, n, args.requests, args.max_tokens, args.time_limit,
-                            first_prompt=100 * n)
-            row = {"server": name, **summary(wave)}
-            print(json.dumps(row), file=sys.stderr, flush=True)
-            rows.append(row)
-        return rows
-    finally:
-        proc.terminate()
+@dataclass
+class Server:
+    name: str
+    proc: subprocess.Popen
+    port: int
+    model: str
+
+    def stop(self) -> None:
+        self.proc.terminate()
         try:
-            proc.wait(timeout=30)
+            self.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            self.proc.kill()
+
+
+def measure(servers: list[Server], args) -> list[dict]:
+    """Every round runs each client count on each server in turn, so that a server's waves and
+    its peer's lie close in time (this machine's speed drifts by tens of percent over minutes):
+    one row per (round, server, clients)."""
+    for s in servers:
+        run_wave(s.port, s.model, 1, 1, 16, 60, 10_000)  # warm up (JIT, caches)
+    rows = []
+    for rnd in range(args.rounds):
+        for n in args.clients:
+            for s in servers:  # distinct prompts in every wave: no prefix cache across them
+                wave = run_wave(s.port, s.model, n, args.requests, args.max_tokens,
+                                args.time_limit, first_prompt=1000 * rnd + 100 * n)
+                row = {"server": s.name, "round": rnd, **summary(wave), "ttfts": wave.ttfts()}
+                print(json.dumps({k: v for k, v in row.items() if k != "ttfts"}),
+                      file=sys.stderr, flush=True)
+                rows.append(row)
+    return rows
+
+
+def combine(rows: list[dict]) -> list[dict]:
+    """Per (server, clients) over the rounds: the median aggregate tok/s and per-stream tok/s,
+    the median of each round's ratios (to the peer's wave of that round; to the same server's
+    1-client wave of that round), TTFT percentiles over every request of every round."""
+    def nan_median(values):
+        values = [v for v in values if v == v]
+        return statistics.median(values) if values else float("nan")
+
+    at = {(r["round"], r["server"], r["clients"]): r for r in rows}
+    out = []
+    for server, n in dict.fromkeys((r["server"], r["clients"]) for r in rows):
+        mine = [r for r in rows if r["server"] == server and r["clients"] == n]
+        peer = [r["agg_tok_s"] / at[k]["agg_tok_s"] for r in mine
+                if (k := (r["round"], "llama-server", n)) in at and at[k]["agg_tok_s"]]
+        own = [r["agg_tok_s"] / at[k]["agg_tok_s"] for r in mine
+               if (k := (r["round"], server, 1)) in at and at[k]["agg_tok_s"]]
+        ttfts = [t for r in mine for t in r["ttfts"]]
+        out.append({"server": server, "clients": n, "rounds": len(mine),
+                    "agg_tok_s": nan_median([r["agg_tok_s"] for r in mine]),
+                    "agg_range": (min(r["agg_tok_s"] for r in mine),
+                                  max(r["agg_tok_s"] for r in mine)),
+                    "x_peer": nan_median(peer), "x_own_1": nan_median(own),
+                    "stream_tok_s": nan_median([r["stream_tok_s"] for r in mine]),
+                    "ttft_p50": percentile(ttfts, 50), "ttft_p99": percentile(ttfts, 99),
+                    "requests": sum(r["requests"] for r in mine),
+                    "failed": sum(r["failed"] for r in mine)})
+    return out
 
 
 def print_table(model: str, rows: list[dict]) -> None:
-    print(f"\n{model}: streaming chat, {rows[0]['clients'] if rows else 0}.. clients, "
-          f"greedy, loopback")
-    head = (f"{'clients':>7} {'server':14} {'agg tok/s':>10} {'x peer':>7} {'per-stream':>10} "
-            f"{'TTFT p50':>9} {'TTFT p99':>9} {'reqs':>5} {'failed':>6}")
+    rounds = max((r["rounds"] for r in rows), default=0)
+    print(f"\n{model}: streaming chat, greedy, loopback; medians of {rounds} interleaved "
+          f"round(s)")
+    head = (f"{'clients':>7} {'server':14} {'agg tok/s':>10} {'(min-max)':>13} {'x peer':>7} "
+            f"{'x own 1':>7} {'per-stream':>10} {'TTFT p50':>9} {'TTFT p99':>9} {'reqs':>5} "
+            f"{'failed':>6}")
     print(head)
     print("-" * len(head))
-    peer = {r["clients"]: r for r in rows if r["server"] == "llama-server"}
     for r in sorted(rows, key=lambda r: (r["clients"], r["server"] != "numbalm")):
-        base = peer.get(r["clients"])
-        ratio = r["agg_tok_s"] / base["agg_tok_s"] if base and base["agg_tok_s"] else float("nan")
-        print(f"{r['clients']:7d} {r['server']:14} {r['agg_tok_s']:10.1f} {ratio:7.2f} "
+        lo, hi = r["agg_range"]
+        print(f"{r['clients']:7d} {r['server']:14} {r['agg_tok_s']:10.1f} "
+              f"{f'({lo:.0f}-{hi:.0f})':>13} {r['x_peer']:7.2f} {r['x_own_1']:7.2f} "
               f"{r['stream_tok_s']:10.1f} {r['ttft_p50']:9.2f} {r['ttft_p99']:9.2f} "
               f"{r['requests']:5d} {r['failed']:6d}")
 
@@ -240,6 +292,8 @@ def main(argv=None) -> None:
     ap.add_argument("--model", default="smollm2-135m-instruct", help="registry id or .gguf path")
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 2, 4, 8])
     ap.add_argument("--requests", type=int, default=2, help="per client, one after another")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="interleaved repetitions of every wave on every server")
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--slots", type=int, default=8, help="sequences batched (both servers)")
     ap.add_argument("--threads", type=int, default=2)
@@ -253,14 +307,22 @@ def main(argv=None) -> None:
     from engine.registry import resolve_model_path
 
     model_path = resolve_model_path(args.model)
-    rows = measure("numbalm", start_numbalm, model_path, args)
+    starts = [("numbalm", start_numbalm)]
     if not args.numbalm_only:
         if not args.llama_server:
             print("llama-server not measured: pass --llama-server PATH (or --numbalm-only)",
                   file=sys.stderr)
         else:
-            rows += measure("llama-server", start_llama_server, model_path, args)
-    print_table(args.model, rows)
+            starts.append(("llama-server", start_llama_server))
+    servers = []
+    try:
+        for name, start in starts:  # both up at once; an idle server waits without spinning
+            servers.append(Server(name, *start(model_path, args)))
+        rows = measure(servers, args)
+    finally:
+        for s in servers:
+            s.stop()
+    print_table(args.model, combine(rows))
 
 
 if __name__ == "__main__":
