@@ -396,6 +396,5 @@ TWINS: dict[Callable, Twin] = {
                       scale=_matmul_scale, run=_linear_run, available=jit.HAS_INT8_DOT),
     decode_layer.decoder_layer: Twin(decode_layer.decoder_layer_ref, _decoder_layer_cases,
                                      rtol=1e-3, atol=1e-3, run=_layer_after,
-                                     run_ref=_layer_after,
-                                     available=jit.HAS_INT8_DOT),
+                                     run_ref=_layer_after, available=jit.HAS_INT8_DOT),
 }
